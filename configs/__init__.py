@@ -1,0 +1,1 @@
+"""Configs: every module has get_config(arg) (ml_collections)."""

@@ -1,0 +1,52 @@
+"""Helpers for ``configs/*.py``: big_vision-style argument strings and validation errors that name the key."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value that breaks a rule; the message names the key, its value and the rule."""
+
+
+def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
+    """Parses ``"N=128,g=8,smoke"`` against defaults ``spec`` (big_vision semantics).
+
+    ``key=value`` is cast to the default's type; a bare ``key`` sets a bool default to True. Unknown keys are errors
+    unless ``lazy``. A bare word that is not a bool key is kept as ``variant`` when ``spec`` has a ``variant``.
+    """
+    out = ml_collections.ConfigDict(dict(spec))
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        if "=" in part:
+            key, value = (s.strip() for s in part.split("=", 1))
+            if key not in spec:
+                if not lazy:
+                    raise ConfigError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(spec)}")
+                out[key] = value
+                continue
+            default = spec[key]
+            try:
+                if isinstance(default, bool):
+                    if value.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(value)
+                    out[key] = value.lower() in ("true", "1")
+                elif default is None:
+                    out[key] = value
+                else:
+                    out[key] = type(default)(value)
+            except ValueError:
+                raise ConfigError(
+                    f"config argument {key}={value!r} in {arg!r}: expected a {type(default).__name__}") from None
+        elif isinstance(spec.get(part), bool):
+            out[part] = True
+        elif "variant" in spec:
+            out.variant = part
+        else:
+            raise ConfigError(f"unknown config flag {part!r} in {arg!r}; known: {sorted(spec)}")
+    return out
+
+
+def require(condition: bool, key: str, value, rule: str) -> None:
+    """Raises ConfigError("<key>=<value>: <rule>") when ``condition`` is false."""
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {rule}")

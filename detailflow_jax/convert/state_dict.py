@@ -1,0 +1,159 @@
+"""Reading PyTorch-style state dicts (.pt / .npz / .safetensors) and mapping them onto Flax trees.
+
+Every converter in this package follows the same pattern:
+
+    state = load_state_dict(path)                      # {torch_key: np.ndarray}
+    reader = StateDictReader(state, skip_prefixes=...)  # tracks which keys were used
+    flat = {("encoder", "layer_0", "kernel"): reader.linear_kernel("encoder.fc.weight"), ...}
+    reader.finish()                                     # unexpected keys -> ConversionError
+    params = assign_to_tree(flat, abstract_params)      # missing leaves / shape mismatches -> ConversionError
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the model: the message names every offending key and both shapes."""
+
+
+def load_state_dict(path: str | os.PathLike, entry: str | None = None,
+                    wrappers: Iterable[str] = ("model", "state_dict")) -> dict[str, np.ndarray]:
+    """Loads ``{key: float32/int array}`` from a .pt/.pth/.bin, .npz or .safetensors file.
+
+    Args:
+      path: the checkpoint file.
+      entry: the top-level entry to read from a wrapped checkpoint (e.g. ``"ema"`` for GPT checkpoints). When None,
+        the first of ``wrappers`` present is used, or the file itself when it is a flat state dict.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            raw: Mapping[str, Any] = {k: data[k] for k in data.files}
+    elif suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        raw = load_file(path)
+    elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ConversionError(
+                f"{path!r} is a PyTorch file and reading it needs torch, which is not installed. Either "
+                "`pip install torch` (CPU is enough), or convert it elsewhere to .npz/.safetensors with "
+                "`numpy.savez(out, **{k: v.float().numpy() for k, v in sd.items()})`.") from e
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        raise ConversionError(f"{path!r}: unknown checkpoint format {suffix!r}; use .pt, .npz or .safetensors")
+
+    raw = _unwrap(raw, entry, tuple(wrappers), path)
+    out = {}
+    for key, value in raw.items():
+        if hasattr(value, "detach"):  # torch tensor
+            value = value.detach().cpu()
+            value = value.float().numpy() if value.is_floating_point() else value.numpy()
+        out[key] = np.asarray(value)
+    return out
+
+
+def _unwrap(raw: Mapping[str, Any], entry: str | None, wrappers: tuple[str, ...], path: str) -> Mapping[str, Any]:
+    if entry is not None:
+        if entry not in raw or not isinstance(raw[entry], Mapping):
+            raise ConversionError(f"{path!r} has no entry {entry!r}; top-level keys: {sorted(raw)[:20]}")
+        return raw[entry]
+    for w in wrappers:
+        if w in raw and isinstance(raw[w], Mapping):
+            return raw[w]
+    return raw
+
+
+class StateDictReader:
+    """Hands out state-dict tensors and remembers which were used, so leftovers can be reported."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], skip_prefixes: Iterable[str] = (), name: str = "checkpoint"):
+        self.state = dict(state)
+        self.name = name
+        self.skip_prefixes = tuple(skip_prefixes)
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def take(self, key: str) -> np.ndarray:
+        if key not in self.state:
+            self.missing.append(key)
+            return None  # reported all together by finish()
+        self.used.add(key)
+        return self.state[key]
+
+    def linear_kernel(self, key: str) -> np.ndarray:
+        """PyTorch Linear.weight [out, in] -> Flax Dense kernel [in, out]."""
+        w = self.take(key)
+        return None if w is None else np.ascontiguousarray(w.T)
+
+    def skipped(self) -> list[str]:
+        return sorted(k for k in self.state if k not in self.used and k.startswith(self.skip_prefixes))
+
+    def finish(self) -> list[str]:
+        """Raises on missing or unexpected keys; returns the keys skipped on purpose."""
+        unexpected = sorted(k for k in self.state if k not in self.used and not k.startswith(self.skip_prefixes))
+        problems = []
+        if self.missing:
+            problems.append(f"missing keys ({len(self.missing)}): " + ", ".join(self.missing[:20]))
+        if unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(
+                f"{k} {tuple(self.state[k].shape)}" for k in unexpected[:20]))
+        if problems:
+            raise ConversionError(f"{self.name} does not match the model:\n  " + "\n  ".join(problems))
+        return self.skipped()
+
+
+def assign_to_tree(flat: Mapping[tuple[str, ...], np.ndarray], abstract: Any, name: str = "checkpoint",
+                   dtype=np.float32) -> Any:
+    """Builds a params tree shaped like ``abstract`` (e.g. from ``jax.eval_shape(model.init, ...)``).
+
+    Every leaf of ``abstract`` must be provided, with the same shape; extra entries of ``flat`` are errors too.
+    """
+    abstract = nn.unbox(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out, missing, mismatched = [], [], []
+    expected = set()
+    for path, leaf in leaves:
+        key = tuple(_key_name(p) for p in path)
+        expected.add(key)
+        value = flat.get(key)
+        if value is None:
+            missing.append("/".join(key))
+            out.append(None)
+            continue
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(leaf.shape):
+            mismatched.append(f"{'/'.join(key)}: checkpoint {tuple(value.shape)} vs model {tuple(leaf.shape)}")
+        out.append(value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value)
+    extra = sorted("/".join(k) for k in flat if k not in expected)
+    problems = []
+    if missing:
+        problems.append(f"model parameters with no checkpoint value ({len(missing)}): " + ", ".join(missing[:20]))
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
+    if extra:
+        problems.append(f"mapped values the model has no parameter for ({len(extra)}): " + ", ".join(extra[:20]))
+    if problems:
+        raise ConversionError(f"{name} does not match the model:\n  " + "\n  ".join(problems))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)

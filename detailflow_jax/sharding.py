@@ -1,0 +1,113 @@
+"""Device mesh, logical-axis rules and born-sharded initialisation.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``); ``DEFAULT_RULES`` maps them onto the
+mesh axes ``(data, fsdp, tensor)``. Activations are left to the compiler (Auto axes), as in MaxText.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axes. Names not listed here are replicated.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("qkv", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("patch", None),
+    ("codebook", None),
+    ("code_dim", None),
+    ("pixels", None),
+    ("cache_batch", BATCH_AXES),
+    ("cache_heads", "tensor"),
+)
+
+
+class MeshError(ValueError):
+    """A mesh that cannot be built on the devices at hand, or that does not divide a sharded dimension."""
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills one ``-1`` entry with "the rest" and checks that the product is the device count."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise MeshError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise MeshError(f"mesh shape {shape}: at most one axis may be -1 ('the rest')")
+    if any(s == 0 or s < -1 for s in shape):
+        raise MeshError(f"mesh shape {shape}: sizes must be positive or -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise MeshError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise MeshError(
+            f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but {num_devices} are available; "
+            "set one axis to -1 to take the rest")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh over ``(data, fsdp, tensor)`` with Auto axes (so logical constraints are hints, not assertions)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of ``nn.LogicallyPartitioned`` (or plain) leaves, e.g. from ``jax.eval_shape``."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract_tree: Any, shardings: Any) -> None:
+    """Raises MeshError naming the parameter and dimension when a sharded dimension does not divide evenly."""
+    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_tree))
+    shard_leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(leaves, shard_leaves):
+        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+        for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            parts = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % parts:
+                raise MeshError(
+                    f"{jax.tree_util.keystr(path)}: dimension {dim} has size {size}, which mesh axes {axes} "
+                    f"({parts} devices) do not divide; change the mesh or the model size")
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=DEFAULT_RULES) -> tuple[Any, Any]:
+    """Runs ``init_fn(*args)`` so each device materialises only its shard. Returns (unboxed tree, shardings)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_to_shardings(abstract, mesh, rules)
+    check_divisible(abstract, shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        tree = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return nn.unbox(tree), shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over the data axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,34 @@
+"""detailflow_jax: DetailFlow (arXiv 2505.21473) in JAX/Flax Linen."""
+
+import setuptools
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "numpy",
+    "pillow",
+    "tqdm",
+    "safetensors",
+    "tensorboardX",
+]
+
+setuptools.setup(
+    name="detailflow_jax",
+    version="0.1.0",
+    description="DetailFlow coarse-to-fine 1D tokenizer and group-parallel GPT in JAX/Flax",
+    packages=setuptools.find_packages(include=["detailflow_jax", "detailflow_jax.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require={
+        "dev": ["pytest", "pytest-xdist", "chex"],
+        # Reading official `.pt` checkpoints; `.npz`/`.safetensors` need no torch.
+        "torch": ["torch"],
+    },
+    entry_points={"console_scripts": ["detailflow=detailflow_jax.main:run"]},
+)
