@@ -1,0 +1,133 @@
+"""Pre-LN ViT blocks in the SigLIP2 layout (shared by the tokenizer encoder/decoder and the DINO discriminator).
+
+Layout and parameter names follow HF ``SiglipEncoderLayer`` so PyTorch checkpoints map one-to-one:
+
+    x = x + out_proj(attn(q_proj(LN1(x)), k_proj(.), v_proj(.)))      layer_norm1, q/k/v/out_proj (all biased)
+    x = x + fc2(gelu_tanh(fc1(LN2(x))))                                 layer_norm2, fc1, fc2
+
+``ViTStack`` names its blocks ``layers_0 … layers_{depth-1}`` (not scanned): the stacks here are 12 layers deep, so
+compile time is fine, and per-layer names keep weight import and partial loading (e.g. the first 12 of 27 SigLIP2
+layers) trivial.
+
+Logical axes: q/k/v kernels ("embed", "qkv"), out_proj ("qkv", "embed"), fc1 ("embed", "mlp"), fc2 ("mlp", "embed");
+biases and LayerNorm parameters carry their dimension's name. Norms and the softmax run in float32; the Dense layers
+compute in ``dtype`` with ``param_dtype`` parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detailflow_jax.nn.attention import dot_product_attention
+
+# HF SigLIP init (`Siglip2PreTrainedModel._init_weights`): xavier-uniform projections, zero attention biases,
+# N(0, 1e-6) MLP biases.
+_XAVIER = nn.initializers.xavier_uniform()
+_ZEROS = nn.initializers.zeros_init()
+_MLP_BIAS = nn.initializers.normal(stddev=1e-6)
+
+
+def dense(features: int, names: tuple[str | None, str | None], name: str, dtype: Any, param_dtype: Any,
+          kernel_init=_XAVIER, bias_init=_ZEROS) -> nn.Dense:
+    """Biased Dense whose kernel is named ``names`` and whose bias is named after the output dimension."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, names),
+                    bias_init=nn.with_logical_partitioning(bias_init, (names[1],)))
+
+
+def layer_norm(name: str, eps: float, param_dtype: Any) -> nn.LayerNorm:
+    """LayerNorm computed in float32 (its output stays float32)."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=nn.with_logical_partitioning(_ZEROS, ("embed",)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate biased q/k/v/out projections (scale head_dim^-0.5)."""
+
+    width: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if self.width % self.heads:
+            raise ValueError(f"attention width {self.width} is not divisible by heads {self.heads}")
+        b, length, _ = x.shape
+        head_dim = self.width // self.heads
+
+        def project(name):
+            y = dense(self.width, ("embed", "qkv"), name, self.dtype, self.param_dtype)(x)
+            return y.reshape(b, length, self.heads, head_dim)
+
+        out = dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), mask)
+        out = out.reshape(b, length, self.width)
+        return dense(self.width, ("qkv", "embed"), "out_proj", self.dtype, self.param_dtype)(out)
+
+
+class MLP(nn.Module):
+    """fc1 -> tanh-approximate GELU (``gelu_pytorch_tanh``) -> fc2."""
+
+    width: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = dense(self.mlp_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype, bias_init=_MLP_BIAS)(x)
+        h = jax.nn.gelu(h, approximate=True)
+        return dense(self.width, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype, bias_init=_MLP_BIAS)(h)
+
+
+class ViTBlock(nn.Module):
+    """One pre-LN transformer block: x += Attn(LN1(x)); x += MLP(LN2(x)).
+
+    Call with ``(x, mask)``: x (B, L, width); mask boolean (True = may attend) broadcastable to (B, heads, L, L), or
+    None for full attention. The residual stream keeps x's dtype (float32 in practice).
+    """
+
+    width: int
+    heads: int
+    mlp_dim: int
+    ln_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        h = layer_norm("layer_norm1", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
+        h = SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, name="self_attn")(h, mask)
+        x = x + h.astype(x.dtype)
+        h = layer_norm("layer_norm2", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
+        h = MLP(self.width, self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
+        return x + h.astype(x.dtype)
+
+
+class ViTStack(nn.Module):
+    """``depth`` ViTBlocks named ``layers_0 … layers_{depth-1}``, all with the same mask.
+
+    ``remat=True`` recomputes each block's activations in the backward pass (saves memory for training at 256²).
+    """
+
+    depth: int
+    width: int
+    heads: int
+    mlp_dim: int
+    ln_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        block_cls = nn.remat(ViTBlock) if self.remat else ViTBlock
+        for i in range(self.depth):
+            x = block_cls(self.width, self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.param_dtype,
+                          name=f"layers_{i}")(x, mask)
+        return x

@@ -1,0 +1,43 @@
+"""Per-step random choices of coarse-to-fine training (spec §1.6, §1.7), drawn on the host.
+
+The token count t picks the decoder canvas, which is a static shape, so it is drawn on the host and selects one of
+the compiled train steps; the noise position is passed into that step as a traced integer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+
+class NoiseSpan(NamedTuple):
+    """Positions [noise_idx, noise_end) are replaced by random top-k codes in the self-correction pass."""
+
+    noise_idx: int
+    noise_end: int
+
+
+def sample_token_count(rng: np.random.Generator, num_tokens: int, group_size: int, causal_num: int,
+                       degradation_prob: float) -> int:
+    """t = N with probability 1 - p; otherwise t ~ U{1..N-g}, rounded up to a whole group past the causal prefix."""
+    if rng.random() >= degradation_prob:
+        return num_tokens
+    t = int(rng.integers(1, num_tokens - group_size + 1))
+    if t > causal_num:
+        t = math.ceil(t / group_size) * group_size
+    return t
+
+
+def sample_noise_span(rng: np.random.Generator, t: int, group_size: int, causal_num: int) -> NoiseSpan | None:
+    """The official ``get_noise_token_idx``: one token inside the causal prefix, else one whole group that is
+    never the last group the decoder sees. None for t = 1 (nothing to perturb)."""
+    if t <= 1:
+        return None
+    if t <= causal_num:
+        noise_idx = int(rng.integers(0, t))
+    else:
+        u = int(rng.integers(0, t - group_size))
+        noise_idx = u if u < causal_num else (u // group_size) * group_size
+    return NoiseSpan(noise_idx, noise_idx + (1 if noise_idx < causal_num else group_size))
