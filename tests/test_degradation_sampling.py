@@ -1,11 +1,14 @@
 """The host-side draws of t and of the self-correction span follow the official distributions."""
 
 import collections
+import json
 
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from detailflow_jax.tokenizer.degradation import sample_noise_span, sample_token_count
-from detailflow_jax.tokenizer.resolution import admissible_token_counts
+from detailflow_jax.tokenizer.degradation import degradation_matrix, degrade, sample_noise_span, sample_token_count
+from detailflow_jax.tokenizer.resolution import ResolutionTables, admissible_token_counts
 
 
 def test_token_count_distribution():
@@ -34,3 +37,21 @@ def test_noise_span_rules():
             assert end == idx + 1
         else:
             assert idx % g == 0 and end == idx + g and end <= t - g  # never the last group the decoder sees
+
+
+@pytest.mark.parity
+def test_degradation_matrices_reproduce_official_targets(parity_folder):
+    cfg = json.loads((parity_folder / "config.json").read_text())
+    io = np.load(parity_folder / "degradation_io.npz")
+    to_nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
+    tables = ResolutionTables(cfg["image_size"], cfg["num_latent_tokens"], cfg["group_size"], cfg["causal_num"])
+    images = jnp.asarray(to_nhwc(io["image"]))
+    for t in tables.token_counts:
+        got = degrade(images, jnp.asarray(degradation_matrix(t, tables)))
+        np.testing.assert_allclose(got, to_nhwc(io[f"target_t{t}"]), atol=1e-5, err_msg=f"t={t}")
+    released = ResolutionTables(256, 128, 8, 8)
+    image_256 = jnp.asarray(to_nhwc(io["image_256"]))
+    for key in (k for k in io.files if k.startswith("target256_N128_t")):
+        t = int(key.rsplit("t", 1)[1])
+        got = degrade(image_256, jnp.asarray(degradation_matrix(t, released)))
+        np.testing.assert_allclose(got, to_nhwc(io[key]), atol=1e-5, err_msg=key)

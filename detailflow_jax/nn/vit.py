@@ -5,6 +5,8 @@ Layout and parameter names follow HF ``SiglipEncoderLayer`` so PyTorch checkpoin
     x = x + out_proj(attn(q_proj(LN1(x)), k_proj(.), v_proj(.)))      layer_norm1, q/k/v/out_proj (all biased)
     x = x + fc2(gelu_tanh(fc1(LN2(x))))                                 layer_norm2, fc1, fc2
 
+Parameter paths of one block: ``layer_norm1/{scale,bias}``, ``self_attn/{q_proj,k_proj,v_proj,out_proj}/{kernel,bias}``,
+``layer_norm2/{scale,bias}``, ``mlp/{fc1,fc2}/{kernel,bias}`` (kernels are [in, out], i.e. torch weights transposed).
 ``ViTStack`` names its blocks ``layers_0 … layers_{depth-1}`` (not scanned): the stacks here are 12 layers deep, so
 compile time is fine, and per-layer names keep weight import and partial loading (e.g. the first 12 of 27 SigLIP2
 layers) trivial.
@@ -29,6 +31,16 @@ from detailflow_jax.nn.attention import dot_product_attention
 _XAVIER = nn.initializers.xavier_uniform()
 _ZEROS = nn.initializers.zeros_init()
 _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
+
+
+def torch_default_inits(fan_in: int):
+    """(kernel_init, bias_init) of a freshly built torch ``nn.Linear``: both U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in ** -0.5
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
 
 
 def dense(features: int, names: tuple[str | None, str | None], name: str, dtype: Any, param_dtype: Any,

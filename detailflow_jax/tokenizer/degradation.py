@@ -9,7 +9,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import numpy as np
+
+from detailflow_jax.nn import resample
+from detailflow_jax.tokenizer.resolution import ResolutionTables
 
 
 class NoiseSpan(NamedTuple):
@@ -41,3 +45,19 @@ def sample_noise_span(rng: np.random.Generator, t: int, group_size: int, causal_
         u = int(rng.integers(0, t - group_size))
         noise_idx = u if u < causal_num else (u // group_size) * group_size
     return NoiseSpan(noise_idx, noise_idx + (1 if noise_idx < causal_num else group_size))
+
+
+def degradation_matrix(t: int, tables: ResolutionTables) -> np.ndarray:
+    """(canvas[t], R) weights of the official target: area down-sampling to R(t), then bicubic up to the canvas.
+
+    Both steps are linear along each axis, so their product is one static matrix per t; all t that share a canvas
+    share its shape, which keeps one compiled train step per canvas.
+    """
+    s, c = tables.content_res[t], tables.canvas[t]
+    return (resample.bicubic_matrix(s, c).astype(np.float64) @
+            resample.area_matrix(tables.image_size, s).astype(np.float64)).astype(np.float32)
+
+
+def degrade(images: jax.Array, matrix: jax.Array) -> jax.Array:
+    """Applies a ``degradation_matrix`` to both spatial axes of an NHWC batch."""
+    return resample.apply_separable(images, matrix, matrix)

@@ -52,7 +52,7 @@ class ResolutionTables:
     causal_num: int
     patch_size: int = 16
     alpha: float = 1.5
-    min_canvas: int = 16
+    min_canvas: int | None = None  # None: one patch (16 in the official code)
     rounding: Rounding = "ceil"
 
     @property
@@ -67,7 +67,8 @@ class ResolutionTables:
     @property
     def canvas(self) -> dict[int, int]:
         """token2dec_out_res: t -> decoder canvas."""
-        return {t: canvas_size(s, self.image_size, self.patch_size, self.min_canvas, self.rounding)
+        min_canvas = self.patch_size if self.min_canvas is None else self.min_canvas
+        return {t: canvas_size(s, self.image_size, self.patch_size, min_canvas, self.rounding)
                 for t, s in self.content_res.items()}
 
     @property

@@ -1,0 +1,54 @@
+"""Measured matmul peak of the current device: the denominator for model-FLOPs utilisation.
+
+    python benchmarks/peak_flops.py [--dtype bf16|fp32] [--size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+def measure_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of a square (size x size) @ (size x size) matmul chain on the default device.
+
+    The default size is 8192 on accelerators and 2048 on CPU (large enough to be compute bound, small enough to
+    finish in about a second).
+    """
+    if size is None:
+        size = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    chain = 4  # several matmuls per call amortise the dispatch overhead
+
+    @jax.jit
+    def run(a, b):
+        for _ in range(chain):
+            a = (a @ b) * jnp.asarray(1.0 / size, dtype)  # rescale so values stay finite
+        return a
+
+    run(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return chain * 2 * size ** 3 / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--size", type=int, default=None)
+    args = parser.parse_args()
+    flops = measure_peak_flops(DTYPES[args.dtype], args.size)
+    print(f"{jax.devices()[0].device_kind}: {flops / 1e12:.3f} TFLOP/s ({args.dtype} matmul)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""KV-cache sampler vs the no-cache reference sampler (the official algorithm), same model, same run.
+
+    python benchmarks/sampling.py --variant GPT-B --num_tokens 128 --group_size 8 --causal_num 8 --batch 4 \
+        --cfg_scale 1.5 [--dtype bf16|fp32] [--decode] [--no_reference] [--repeats 3]
+
+Random-init parameters (nothing is downloaded). Both samplers are timed after a warm-up call; the warm-up of the
+cached sampler is its compilation (reported as compile_s), the reference is compiled once per prefix length in its
+warm-up pass (the official sampler uses torch.compile the same way). With --decode, decoding all N tokens with a small
+random tokenizer is inside the timer for both (as in the paper's timing). The last line printed is one JSON object.
+
+FLOPs are analytic "useful" model FLOPs of the cached sampler per image: every matmul of every step (the CFG
+doubling included) plus attention over the keys each query may see; achieved = FLOPs per image x images per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.peak_flops import measure_peak_flops  # noqa: E402
+from detailflow_jax.ar.masks import group_causal_mask  # noqa: E402
+from detailflow_jax.ar.model import GPT, GPTConfig, init_params  # noqa: E402
+from detailflow_jax.ar.reference import ReferenceSampler  # noqa: E402
+from detailflow_jax.ar.sampling import Sampler, SamplingSettings  # noqa: E402
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def sampler_flops_per_image(cfg: GPTConfig, guided: bool) -> float:
+    """Useful FLOPs of one image's cached sampling: matmuls of every processed position + visible-key attention."""
+    d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    visible = group_causal_mask(cfg.num_tokens, cfg.group_size, cfg.causal_num).sum(axis=1)  # keys per position
+    positions = cfg.num_tokens  # every sequence position 0..N-1 is processed exactly once
+    dense = 2 * positions * (cfg.n_layer * (4 * d * d + 3 * d * f) + d * v)
+    attention = cfg.n_layer * 2 * 2 * d * float(visible.sum())
+    return (dense + attention) * (2 if guided else 1)
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def make_decoder(cfg: GPTConfig, key):
+    """A small random tokenizer with the GPT's (N, g, C, vocab) and a jitted full decode."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs.tokenizer import model_config
+    from detailflow_jax.tokenizer.model import DetailFlowTokenizer, init_params as init_tokenizer
+    tok_cfg = model_config("small")
+    tok_cfg.update(num_latent_tokens=cfg.num_tokens, group_size=cfg.group_size, causal_num=cfg.causal_num,
+                   codebook_size=cfg.vocab_size, image_size=256)
+    tok_params = init_tokenizer(tok_cfg, key)
+    model = DetailFlowTokenizer(tok_cfg)
+    return jax.jit(lambda codes: model.apply({"params": tok_params}, codes, method="decode_code"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default="GPT-B", help="GPT-B, GPT-L, GPT-XL, ... (official LlamaGen sizes)")
+    p.add_argument("--num_tokens", type=int, default=128)
+    p.add_argument("--group_size", type=int, default=8)
+    p.add_argument("--causal_num", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--cfg_scale", type=float, default=1.5, help="1 disables CFG (no doubled batch)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of the cached sampler")
+    p.add_argument("--reference_repeats", type=int, default=1, help="timed calls of the reference sampler")
+    p.add_argument("--decode", action="store_true", help="include decoding with a small random tokenizer")
+    p.add_argument("--no_reference", action="store_true", help="skip the slow no-cache baseline")
+    p.add_argument("--no_scan", action="store_true", help="unrolled layers (slower compiles)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    name = args.variant.removeprefix("GPT-")
+    cfg = GPTConfig.from_variant(name, num_tokens=args.num_tokens, group_size=args.group_size,
+                                 causal_num=args.causal_num, dtype=DTYPES[args.dtype],
+                                 scan_layers=not args.no_scan).validate()
+    key = jax.random.key(args.seed)
+    model = GPT(cfg)
+    params = jax.jit(lambda k: init_params(model, k))(key)
+    params = nn.unbox(params)
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (args.batch,), 0, cfg.num_classes)
+    settings = SamplingSettings.create(cfg_scale=args.cfg_scale)
+    decode = make_decoder(cfg, jax.random.fold_in(key, 2)) if args.decode else (lambda tokens: tokens)
+
+    print(f"{args.variant} N={cfg.num_tokens} g={cfg.group_size} C={cfg.causal_num} batch={args.batch} "
+          f"cfg={args.cfg_scale} dtype={args.dtype} steps={cfg.num_steps} device={jax.devices()[0].device_kind} "
+          f"params={sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.1f}M", flush=True)
+
+    cached = Sampler(model)
+    run_cached = lambda: decode(cached(params, labels, jax.random.fold_in(key, 3), settings))  # noqa: E731
+    first = time_calls(run_cached, 1)[0]
+    cached_times = time_calls(run_cached, args.repeats)
+    cached_s = float(np.median(cached_times))
+    compile_s = max(first - cached_s, 0.0)
+    print(f"cached:    first call {first:.2f}s (compile ~{compile_s:.2f}s), steady {cached_s:.3f}s per batch "
+          f"(runs: {', '.join(f'{t:.3f}' for t in cached_times)})", flush=True)
+
+    nocache_s = ref_compile_s = None
+    if not args.no_reference:
+        reference = ReferenceSampler(model)
+        run_ref = lambda: decode(reference(params, labels, jax.random.fold_in(key, 3), settings))  # noqa: E731
+        ref_first = time_calls(run_ref, 1)[0]
+        ref_times = time_calls(run_ref, args.reference_repeats)
+        nocache_s = float(np.median(ref_times))
+        ref_compile_s = max(ref_first - nocache_s, 0.0)
+        print(f"reference: first pass {ref_first:.2f}s (compile ~{ref_compile_s:.2f}s over {cfg.num_steps} "
+              f"lengths), steady {nocache_s:.3f}s per batch", flush=True)
+
+    peak = measure_peak_flops(jnp.dtype(cfg.dtype))
+    flops = sampler_flops_per_image(cfg, settings.guidance)
+    result = {
+        "variant": args.variant, "num_tokens": cfg.num_tokens, "group_size": cfg.group_size,
+        "causal_num": cfg.causal_num, "batch": args.batch, "cfg_scale": args.cfg_scale, "dtype": args.dtype,
+        "decode": args.decode, "steps": cfg.num_steps, "device": jax.devices()[0].device_kind,
+        "cache_s_per_batch": cached_s, "cache_images_per_s": args.batch / cached_s,
+        "nocache_s_per_batch": nocache_s,
+        "nocache_images_per_s": None if nocache_s is None else args.batch / nocache_s,
+        "speedup": None if nocache_s is None else nocache_s / cached_s,
+        "compile_s": compile_s, "nocache_compile_s": ref_compile_s,
+        "model_flops_per_image": flops, "achieved_flops_per_s": flops * args.batch / cached_s,
+        "peak_flops_per_s": peak,
+    }
+    print()
+    print(f"{'sampler':<10}{'s/batch':>10}{'img/s':>10}{'compile s':>11}")
+    print(f"{'kv-cache':<10}{cached_s:>10.3f}{args.batch / cached_s:>10.3f}{compile_s:>11.2f}")
+    if nocache_s is not None:
+        print(f"{'no-cache':<10}{nocache_s:>10.3f}{args.batch / nocache_s:>10.3f}{ref_compile_s:>11.2f}")
+        print(f"speedup {nocache_s / cached_s:.1f}x")
+    print(f"model FLOPs/image {flops / 1e9:.1f} G, achieved {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+          f"measured matmul peak {peak / 1e9:.1f} GFLOP/s ({result['achieved_flops_per_s'] / peak:.1%})")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

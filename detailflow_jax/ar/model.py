@@ -1,0 +1,280 @@
+"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, spec §3.1–3.3).
+
+Sequence layout for a prefix of T tokens (the official training / `basic_group_inference` branch):
+
+    T <  C:  [cls, t_0 .. t_{T-1}]                                          length 1 + T
+    T >= C:  [cls, t_0 .. t_{C-1}, s_0 .. s_{g-2}, t_C .. t_{T-1}]          length T + g
+
+where s are the g - 1 learned special tokens. Training uses T = N - g, so the length is N and output position i
+predicts t_i. Attention uses the group-causal mask (`masks.py`) and 2D RoPE over (group, slot) (`rope.py`).
+
+Two entry points share every parameter:
+  * ``GPT.__call__(tokens, labels, train)``: the teacher-forced forward above (training, reference sampler).
+  * ``GPT.decode(h, positions, cache, write_index)``: runs embedded inputs at given sequence positions against an
+    explicit KV cache of length N and writes their keys/values at ``write_index`` (the cached sampler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detailflow_jax import config_lib
+from detailflow_jax.ar.layers import DEFAULT_INIT, RMSNorm, SwiGLU, swiglu_hidden_dim
+from detailflow_jax.ar.masks import group_causal_mask
+from detailflow_jax.ar.rope import apply_rope, rope_table_2d
+from detailflow_jax.nn.attention import dot_product_attention
+
+# LlamaGen class-conditional sizes (official gpt.py): name -> (n_layer, n_head, dim).
+VARIANTS: dict[str, tuple[int, int, int]] = {
+    "B": (12, 12, 768),
+    "L": (24, 16, 1024),
+    "XL": (36, 20, 1280),
+    "XLPlus": (42, 22, 1408),
+    "XXL": (48, 24, 1536),
+    "XXLPlus": (48, 30, 1920),
+    "XXXL": (48, 40, 2560),
+}
+
+CACHE_AXES = ("layers", "cache_batch", "length", "cache_heads", "kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Every size of the GPT. Defaults are the released DetailFlow-16 GPT-L settings."""
+    dim: int = 1024
+    n_layer: int = 24
+    n_head: int = 16
+    num_tokens: int = 128          # N
+    group_size: int = 8            # g
+    causal_num: int = 8            # C: length of the token-causal prefix, a multiple of g
+    vocab_size: int = 8192         # tokenizer codebook size
+    num_classes: int = 1000        # the class table has num_classes + 1 rows; the last is the CFG null class
+    multiple_of: int = 256         # SwiGLU hidden-size rounding
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1
+    dtype: str = "float32"         # compute dtype ("bfloat16" for speed); params stay param_dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False      # nn.scan over layers (params get a leading "layers" axis)
+    remat: bool = False            # rematerialise each block in the backward pass
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides) -> "GPTConfig":
+        if variant not in VARIANTS:
+            raise config_lib.ConfigError(f"variant={variant!r}: unknown GPT variant; choose one of {sorted(VARIANTS)}")
+        n_layer, n_head, dim = VARIANTS[variant]
+        return cls(**{"n_layer": n_layer, "n_head": n_head, "dim": dim, **overrides})
+
+    def validate(self) -> "GPTConfig":
+        req = config_lib.require
+        for key in ("dim", "n_layer", "n_head", "num_tokens", "group_size", "causal_num", "vocab_size",
+                    "num_classes", "multiple_of"):
+            req(getattr(self, key) > 0, key, getattr(self, key), "must be positive")
+        req(self.dim % self.n_head == 0, "n_head", self.n_head, f"must divide dim={self.dim}")
+        req(self.head_dim % 4 == 0, "n_head", self.n_head,
+            f"head_dim = dim / n_head = {self.head_dim} must be a multiple of 4 for the 2D RoPE")
+        req(self.num_tokens % self.group_size == 0, "group_size", self.group_size,
+            f"must divide num_tokens={self.num_tokens}")
+        req(self.causal_num % self.group_size == 0, "causal_num", self.causal_num,
+            f"must be a multiple of group_size={self.group_size}")
+        req(self.causal_num <= self.num_tokens, "causal_num", self.causal_num,
+            f"must be at most num_tokens={self.num_tokens}")
+        for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
+            req(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
+        for key in ("dtype", "param_dtype"):
+            req(getattr(self, key) in ("float32", "bfloat16", "float16"), key, getattr(self, key),
+                "must be float32, bfloat16 or float16")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return swiglu_hidden_dim(self.dim, self.multiple_of)
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_tokens // self.group_size
+
+    @property
+    def num_steps(self) -> int:
+        """Forward passes of the sampler: C single-token steps, then one per remaining group."""
+        return self.causal_num + (self.num_tokens - self.causal_num) // self.group_size
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    def param_count(self) -> int:
+        d, f = self.dim, self.ffn_dim
+        per_layer = 3 * d * d + d * d + 3 * d * f + 2 * d
+        return (self.n_layer * per_layer + (self.num_classes + 1) * d + 2 * self.vocab_size * d
+                + (self.group_size - 1) * d + d)
+
+
+def _dense(cfg: GPTConfig, features: int, names: tuple, name: str, init=DEFAULT_INIT) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                    kernel_init=nn.with_logical_partitioning(init, names), name=name)
+
+
+class Attention(nn.Module):
+    """Fused-qkv self-attention with 2D RoPE; optionally reads/writes an explicit per-layer KV cache."""
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, kv, write_index, train: bool):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        # Official wqkv rows are [q; k; v], so the fused kernel's output columns split the same way.
+        q, k, v = jnp.split(_dense(cfg, 3 * cfg.dim, ("embed", "qkv"), "wqkv")(x), 3, axis=-1)
+        q, k, v = (t.reshape(b, s, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        new_kv = (k, v)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
+        out = dot_product_attention(q, k, v, mask).reshape(b, s, cfg.dim)
+        out = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out)
+        return nn.Dropout(cfg.resid_dropout)(out, deterministic=not train), new_kv
+
+
+class Block(nn.Module):
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Returns the new keys/values too."""
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, h, kv, rope, mask, write_index, train: bool):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name=name)  # noqa: E731
+        attn, new_kv = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, kv, write_index,
+                                                        train)
+        h = h + attn
+        h = h + SwiGLU(cfg.ffn_dim, cfg.ffn_dropout, cfg.compute_dtype, jnp.dtype(cfg.param_dtype),
+                       name="feed_forward")(norm("ffn_norm")(h), train)
+        return h, new_kv
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+
+    def setup(self):
+        cfg = self.cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.compute_dtype, param_dtype=pdt,
+                                       embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
+        self.cls_embedding = nn.Embed(cfg.num_classes + 1, cfg.dim, dtype=cfg.compute_dtype, param_dtype=pdt,
+                                      embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, (None, "embed")))
+        # Created after the official initialize_weights(), so it keeps torch's default N(0, 1) init.
+        self.spe_tok_embeddings = self.param(
+            "spe_tok_embeddings", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            (cfg.group_size - 1, cfg.dim), pdt)
+        block = Block
+        if cfg.remat:
+            block = nn.remat(block, static_argnums=(6,), prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layer)]
+        self.token_dropout = nn.Dropout(cfg.token_dropout)
+        self.norm = RMSNorm(cfg.norm_eps, pdt)
+        self.output = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "output", init=nn.initializers.zeros)
+        self.rope_table = jnp.asarray(rope_table_2d(cfg.num_groups, cfg.group_size, cfg.head_dim, cfg.rope_base))
+        self.mask_table = jnp.asarray(group_causal_mask(cfg.num_tokens, cfg.group_size, cfg.causal_num))
+
+    # ---- embeddings -------------------------------------------------------------------------------------------
+
+    def embed_class(self, labels: jax.Array, train: bool = False) -> jax.Array:
+        """(B,) labels -> (B, 1, D). In training each label becomes the null class with prob class_dropout."""
+        if train and self.cfg.class_dropout > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.cfg.class_dropout
+            labels = jnp.where(drop, self.cfg.num_classes, labels)
+        return self.cls_embedding(labels)[:, None, :]
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.tok_embeddings(tokens)
+
+    def special_tokens(self) -> jax.Array:
+        """(g - 1, D): the learned queries of the first parallel group."""
+        return self.spe_tok_embeddings.astype(self.cfg.compute_dtype)
+
+    def training_sequence(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
+        """The embedded official sequence for a prefix of T tokens (see module docstring)."""
+        cfg = self.cfg
+        parts = [self.embed_class(labels, train)]
+        emb = self.embed_tokens(tokens)
+        if tokens.shape[1] >= cfg.causal_num:
+            spe = jnp.broadcast_to(self.special_tokens()[None], (tokens.shape[0], cfg.group_size - 1, cfg.dim))
+            parts += [emb[:, :cfg.causal_num], spe, emb[:, cfg.causal_num:]]
+        else:
+            parts.append(emb)
+        return jnp.concatenate(parts, axis=1)
+
+    # ---- transformer ------------------------------------------------------------------------------------------
+
+    def _stack(self, h, kv, positions, key_positions, write_index, train):
+        rope = self.rope_table[positions]
+        mask = self.mask_table[positions][:, key_positions][None, None]
+        if self.cfg.scan_layers:
+            h, new_kv = self.layers(h, kv, rope, mask, write_index, train)
+        else:
+            outs = []
+            for i, layer in enumerate(self.layers):
+                h, layer_kv = layer(h, None if kv is None else (kv[0][i], kv[1][i]), rope, mask, write_index, train)
+                outs.append(layer_kv)
+            new_kv = tuple(jnp.stack(t) for t in zip(*outs))
+        logits = self.output(self.norm(h)).astype(jnp.float32)
+        return logits, new_kv
+
+    def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
+        """Teacher-forced forward over a token prefix (B, T); returns float32 logits (B, L, vocab)."""
+        h = self.training_sequence(tokens, labels, train)
+        h = self.token_dropout(h, deterministic=not train)
+        positions = jnp.arange(h.shape[1])
+        logits, _ = self._stack(h, None, positions, positions, 0, train)
+        return logits
+
+    def decode(self, h: jax.Array, positions: jax.Array, cache: dict, write_index: jax.Array):
+        """Runs embedded inputs h (B, S, D) at consecutive sequence `positions` (S,) starting at `write_index`.
+
+        Their keys/values are written into ``cache`` ({"k", "v"}: (layers, B, N, heads, head_dim)); queries see the
+        cached keys through the group-causal mask (never unwritten slots, which lie in the future). Returns
+        (float32 logits (B, S, vocab), updated cache).
+        """
+        key_positions = jnp.arange(self.cfg.num_tokens)
+        logits, (k_new, v_new) = self._stack(h, (cache["k"], cache["v"]), positions, key_positions, write_index,
+                                             False)
+        write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731
+            c, new.astype(c.dtype), (0, 0, write_index, 0, 0))
+        return logits, {"k": write(cache["k"], k_new), "v": write(cache["v"], v_new)}
+
+
+def init_cache(cfg: GPTConfig, batch: int, dtype: Any = None) -> dict:
+    """Zero KV cache {"k", "v"}: (layers, batch, N, heads, head_dim) in the compute dtype."""
+    shape = (cfg.n_layer, batch, cfg.num_tokens, cfg.n_head, cfg.head_dim)
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_params(model: GPT, key: jax.Array, batch: int = 1) -> Any:
+    """Boxed (logically partitioned) params from a dummy teacher-forced forward of length N."""
+    cfg = model.cfg
+    tokens = jnp.zeros((batch, max(cfg.num_tokens - cfg.group_size, 0)), jnp.int32)
+    return model.init({"params": key}, tokens, jnp.zeros((batch,), jnp.int32))["params"]
+
+
+def param_count(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))

@@ -1,0 +1,117 @@
+"""Import an official DetailFlow / LlamaGen GPT checkpoint into the Flax `GPT` params tree.
+
+    python -m detailflow_jax.convert.gpt --checkpoint GPT-L-128.pt [--entry ema] \
+        --config configs/gpt.py:L/128 --out /tmp/gpt_l_128
+
+Key map (PyTorch `Linear.weight` is [out, in], a Flax kernel [in, out]):
+
+    cls_embedding.embedding_table.weight          -> cls_embedding/embedding
+    tok_embeddings.weight                         -> tok_embeddings/embedding
+    spe_tok_embeddings.special_embeddings.weight  -> spe_tok_embeddings
+    layers.{i}.attention.wqkv.weight              -> layers_{i}/attention/wqkv/kernel     (rows [q; k; v])
+    layers.{i}.attention.wo.weight                -> layers_{i}/attention/wo/kernel
+    layers.{i}.feed_forward.w{1,2,3}.weight       -> layers_{i}/feed_forward/w{1,2,3}/kernel
+    layers.{i}.{attention,ffn}_norm.weight        -> layers_{i}/{attention,ffn}_norm/scale
+    norm.weight / output.weight                   -> norm/scale / output/kernel
+
+With `scan_layers` the per-layer arrays are stacked on a leading axis under `layers/...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
+
+_LAYER_KEYS = {
+    ("attention", "wqkv", "kernel"): ("attention.wqkv.weight", True),
+    ("attention", "wo", "kernel"): ("attention.wo.weight", True),
+    ("feed_forward", "w1", "kernel"): ("feed_forward.w1.weight", True),
+    ("feed_forward", "w2", "kernel"): ("feed_forward.w2.weight", True),
+    ("feed_forward", "w3", "kernel"): ("feed_forward.w3.weight", True),
+    ("attention_norm", "scale"): ("attention_norm.weight", False),
+    ("ffn_norm", "scale"): ("ffn_norm.weight", False),
+}
+
+
+def convert_gpt_state_dict(state: Mapping[str, np.ndarray], cfg: GPTConfig, name: str = "GPT checkpoint") -> Any:
+    """{torch key: array} -> Flax params for `GPT(cfg)`. Missing/unexpected keys and shape mismatches raise
+    ConversionError naming the key and both shapes."""
+    reader = StateDictReader(state, name=name)
+    flat: dict[tuple[str, ...], np.ndarray] = {
+        ("cls_embedding", "embedding"): reader.take("cls_embedding.embedding_table.weight"),
+        ("tok_embeddings", "embedding"): reader.take("tok_embeddings.weight"),
+        ("spe_tok_embeddings",): reader.take("spe_tok_embeddings.special_embeddings.weight"),
+        ("norm", "scale"): reader.take("norm.weight"),
+        ("output", "kernel"): reader.linear_kernel("output.weight"),
+    }
+    n_layer = _checkpoint_layers(state)
+    per_layer = {path: [] for path in _LAYER_KEYS}
+    for i in range(n_layer):
+        for path, (suffix, is_linear) in _LAYER_KEYS.items():
+            key = f"layers.{i}.{suffix}"
+            per_layer[path].append(reader.linear_kernel(key) if is_linear else reader.take(key))
+    reader.finish()
+    if n_layer != cfg.n_layer:
+        raise ConversionError(f"{name} has {n_layer} layers (layers.0 .. layers.{n_layer - 1}) but the config has "
+                              f"n_layer={cfg.n_layer}; pick the matching variant")
+    for path, arrays in per_layer.items():
+        if cfg.scan_layers:
+            flat[("layers",) + path] = np.stack(arrays)
+        else:
+            for i, a in enumerate(arrays):
+                flat[(f"layers_{i}",) + path] = a
+    abstract = jax.eval_shape(lambda: init_params(GPT(cfg), jax.random.key(0)))
+    return assign_to_tree(flat, abstract, name=name)
+
+
+def _checkpoint_layers(state: Mapping[str, np.ndarray]) -> int:
+    ids = {int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    return max(ids) + 1 if ids else 0
+
+
+def load_gpt_checkpoint(path: str, cfg: GPTConfig, entry: str | None = None) -> Any:
+    """Reads a .pt/.npz/.safetensors GPT checkpoint (the `model` entry by default, or e.g. `ema`)."""
+    return convert_gpt_state_dict(load_state_dict(path, entry), cfg, name=os.path.basename(path))
+
+
+def load_config_file(spec: str):
+    """'path/to/config.py:ARG' -> get_config(ARG) of that file."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} (from --config {spec!r}) does not exist")
+    module_spec = importlib.util.spec_from_file_location("_gpt_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="official GPT checkpoint (.pt, .npz or .safetensors)")
+    parser.add_argument("--entry", default=None, help="top-level entry to read, e.g. 'ema' (default: 'model')")
+    parser.add_argument("--config", default="configs/gpt.py:L/128", help="config file and argument, FILE:ARG")
+    parser.add_argument("--out", required=True, help="output orbax parameter directory")
+    parser.add_argument("--force", action="store_true", help="overwrite --out")
+    args = parser.parse_args(argv)
+
+    from detailflow_jax.convert.params_io import save_params
+    config = load_config_file(args.config)
+    cfg = GPTConfig(**config.model).validate()
+    params = jax.tree.map(jnp.asarray, load_gpt_checkpoint(args.checkpoint, cfg, args.entry))
+    out = save_params(args.out, params, force=args.force)
+    print(f"wrote {sum(x.size for x in jax.tree_util.tree_leaves(params)):,} GPT parameters to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

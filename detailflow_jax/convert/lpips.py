@@ -1,0 +1,72 @@
+"""Converts LPIPS-VGG16 weights (torchvision VGG16 + LPIPS linear heads) to an orbax parameter directory.
+
+    python -m detailflow_jax.convert.lpips --vgg vgg16-397923af.pth --lpips vgg.pth --out /ckpt/lpips_vgg
+
+Accepted namings (the same file may be given to both flags when it holds everything):
+  * VGG convs: torchvision ``features.{i}.weight|bias``, or LPIPS's ``net.slice{s}.{j}.weight|bias`` with j counted
+    inside the slice (DetailFlow) or over the whole stack (richzhang/PerceptualSimilarity);
+    ``classifier.*`` is ignored.
+  * heads: ``lin{k}.model.1.weight`` (taming-transformers ``vgg.pth``, LPIPS with dropout) or ``lin{k}.model.0.weight``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detailflow_jax.convert.params_io import save_params
+from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
+from detailflow_jax.losses.lpips import LPIPS
+from detailflow_jax.losses.vgg import TAPS, TORCHVISION_INDEX
+
+# First torchvision index of each LPIPS slice: features[0:4] [4:9] [9:16] [16:23] [23:30].
+SLICE_STARTS = (0, 4, 9, 16, 23, 30)
+_IGNORED = ("classifier.", "scaling_layer.")
+
+
+def _conv_key(reader: StateDictReader, index: int, kind: str) -> str:
+    """The key holding features.{index}.{kind} under whichever naming the file uses."""
+    s = next(k for k in range(5) if SLICE_STARTS[k] <= index < SLICE_STARTS[k + 1])
+    candidates = (f"features.{index}.{kind}", f"net.slice{s + 1}.{index - SLICE_STARTS[s]}.{kind}",
+                  f"net.slice{s + 1}.{index}.{kind}")
+    return next((c for c in candidates if reader.has(c)), candidates[0])
+
+
+def convert_lpips(vgg_state: dict[str, np.ndarray], lpips_state: dict[str, np.ndarray]) -> dict:
+    """State dicts -> the ``params`` tree of ``LPIPS`` (float32)."""
+    vgg = StateDictReader(vgg_state, skip_prefixes=_IGNORED + ("lin",), name="VGG16 weights (--vgg)")
+    heads = StateDictReader(lpips_state, skip_prefixes=_IGNORED + ("features.", "net."),
+                            name="LPIPS head weights (--lpips)")
+    flat = {}
+    for name, index in TORCHVISION_INDEX.items():
+        w = vgg.take(_conv_key(vgg, index, "weight"))
+        flat[("vgg", name, "kernel")] = None if w is None else np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
+        flat[("vgg", name, "bias")] = vgg.take(_conv_key(vgg, index, "bias"))
+    for k in range(len(TAPS)):
+        key = next((c for c in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight") if heads.has(c)),
+                   f"lin{k}.model.1.weight")
+        w = heads.take(key)
+        flat[(f"lin{k}",)] = None if w is None else w.reshape(-1)
+    vgg.finish()
+    heads.finish()
+    x = jnp.zeros((1, 16, 16, 3))
+    abstract = jax.eval_shape(LPIPS().init, jax.random.key(0), x, x)["params"]
+    return assign_to_tree(flat, abstract, name="LPIPS weights")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vgg", required=True, help="torchvision VGG16 state dict (.pth/.npz/.safetensors)")
+    p.add_argument("--lpips", required=True, help="LPIPS linear heads, e.g. taming-transformers vgg.pth")
+    p.add_argument("--out", required=True, help="output orbax directory (pass it as --config.losses.lpips_weights)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    args = p.parse_args(argv)
+    params = convert_lpips(load_state_dict(args.vgg), load_state_dict(args.lpips))
+    print(f"wrote LPIPS-VGG16 parameters to {save_params(args.out, params, force=args.force)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Tokenizer decoder: mask-token canvas + the first t tokens -> pixels (spec §1.5, official `SiglipDecoder`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detailflow_jax.nn.vit import ViTStack, dense, layer_norm, torch_default_inits
+from detailflow_jax.tokenizer.config import TokenizerConfig, check_canvas
+from detailflow_jax.tokenizer.encoder import token_table
+from detailflow_jax.tokenizer.masks import decoder_key_mask
+from detailflow_jax.tokenizer.patches import resized_position_table, unpatchify
+
+
+class Decoder(nn.Module):
+    """tokens (B, N, width) (post_quant_conv output) -> pixels (B, canvas, canvas, 3) float32, unclamped.
+
+    The latent length stays N; latents at index >= ``num_tokens`` are masked out as keys (spec §9.1), which is
+    exactly the official "concatenate only the first t" because a masked key gets zero attention weight.
+    ``num_tokens`` may be traced; ``canvas`` must be a static multiple of the patch size.
+    """
+
+    cfg: TokenizerConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, num_tokens: jax.Array | int, canvas: int) -> jax.Array:
+        cfg, vit = self.cfg, self.cfg.decoder
+        check_canvas(cfg, canvas)
+        n, p = cfg.num_latent_tokens, cfg.patch_size
+        grid = canvas // p
+        b = tokens.shape[0]
+
+        mask_token = self.param("mask_token", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, vit.width), cfg.params_dtype)
+        table = self.param("position_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(vit.width ** -0.5), ("length", "embed")), (cfg.pos_grid ** 2, vit.width),
+            cfg.params_dtype)
+        latent_pos_embed = token_table("latent_pos_embed", self, n, vit.width, nn.initializers.truncated_normal(0.02))
+
+        canvas_tokens = mask_token.astype(jnp.float32) + resized_position_table(table, grid)[None].astype(jnp.float32)
+        canvas_tokens = jnp.broadcast_to(canvas_tokens, (b, grid * grid, vit.width))
+        latents = tokens.astype(jnp.float32) + latent_pos_embed.astype(jnp.float32)
+        seq = jnp.concatenate([canvas_tokens, latents], axis=1)
+
+        seq = ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
+                       cfg.params_dtype, cfg.remat, name="layers")(seq, decoder_key_mask(grid * grid, n, num_tokens))
+        seq = layer_norm("post_layernorm", cfg.ln_eps, cfg.params_dtype)(seq[:, :grid * grid])
+        kernel_init, bias_init = torch_default_inits(vit.width)
+        pixels = dense(p * p * 3, ("embed", "pixels"), "to_pixel", cfg.compute_dtype, cfg.params_dtype,
+                       kernel_init=kernel_init, bias_init=bias_init)(seq)
+        return unpatchify(pixels.astype(jnp.float32), p)

@@ -1,0 +1,64 @@
+"""Tokenizer encoder: SigLIP2 ViT over [image patches | N latent queries] (spec §1.3, official `SiglipEncoder`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detailflow_jax.nn.vit import ViTStack, dense, layer_norm
+from detailflow_jax.tokenizer.config import TokenizerConfig
+from detailflow_jax.tokenizer.masks import encoder_mask
+from detailflow_jax.tokenizer.patches import patchify, resized_position_table
+
+
+def token_table(name: str, module: nn.Module, length: int, width: int, init) -> jax.Array:
+    """A learned (1, length, width) token table (queries, position embeddings, mask token)."""
+    return module.param(name, nn.with_logical_partitioning(init, (None, "length", "embed")), (1, length, width),
+                        module.cfg.params_dtype)
+
+
+class Encoder(nn.Module):
+    """images (B, H, W, 3) in [-1, 1] -> latent features (B, N, width) after post_layernorm.
+
+    Queries: ``latent_tokens`` for the normal pass. For the self-correction re-encode (spec §1.7 step 4) pass
+    ``prefix`` (B, N, width), used at positions < ``noise_end`` (refine_conv of the clean+noisy codes), with
+    ``refined_tokens`` after it; ``noise_end`` may be traced.
+    """
+
+    cfg: TokenizerConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, prefix: jax.Array | None = None,
+                 noise_end: jax.Array | int | None = None) -> jax.Array:
+        cfg, vit = self.cfg, self.cfg.encoder
+        n, p = cfg.num_latent_tokens, cfg.patch_size
+        if images.shape[1] != images.shape[2]:
+            raise ValueError(f"images must be square (B, R, R, 3), got {images.shape}")
+        grid = images.shape[1] // p
+
+        patches = patchify(images.astype(cfg.compute_dtype), p)
+        x = dense(vit.width, ("patch", "embed"), "patch_embedding", cfg.compute_dtype, cfg.params_dtype,
+                  kernel_init=nn.initializers.lecun_normal())(patches)
+        table = self.param("position_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(vit.width ** -0.5), ("length", "embed")), (cfg.pos_grid ** 2, vit.width),
+            cfg.params_dtype)
+        x = x.astype(jnp.float32) + resized_position_table(table, grid).astype(jnp.float32)
+
+        std = nn.initializers.normal(0.02)
+        latent_tokens = token_table("latent_tokens", self, n, vit.width, std)
+        refined_tokens = token_table("refined_tokens", self, n, vit.width, std)
+        latent_pos_embed = token_table("latent_pos_embed", self, n, vit.width, nn.initializers.truncated_normal(0.02))
+        if prefix is None:
+            queries = jnp.broadcast_to(latent_tokens, (x.shape[0], n, vit.width)).astype(jnp.float32)
+        else:
+            before = (jnp.arange(n) < noise_end)[None, :, None]
+            queries = jnp.where(before, prefix.astype(jnp.float32), refined_tokens.astype(jnp.float32))
+        z = queries + latent_pos_embed.astype(jnp.float32)
+
+        seq = jnp.concatenate([x, z], axis=1)
+        mask = jnp.asarray(encoder_mask(grid * grid, n, cfg.group_size, cfg.causal_num))
+        seq = ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
+                       cfg.params_dtype, cfg.remat, name="layers")(seq, mask)
+        seq = layer_norm("post_layernorm", cfg.ln_eps, cfg.params_dtype)(seq)
+        return seq[:, grid * grid:]

@@ -1,0 +1,44 @@
+"""Command-line plumbing shared by the commands: ``--config path.py:arg``, ``--config.key=value``, ``--workdir``.
+
+Unknown config keys and values of the wrong type are rejected by ml_collections with the key named; the message is
+shown without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, images); reused to resume")
+
+
+def parse(argv, doc: str):
+    """(config, workdir) after flag parsing; exits with a usage message when a required flag is missing."""
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
+    if _CONFIG.value is None or not _WORKDIR.value:
+        sys.exit(f"{doc.strip()}\n\nerror: --config and --workdir are required")
+    return _CONFIG.value, _WORKDIR.value
+
+
+def run(main) -> None:
+    """absl ``app.run`` with INFO logging and config errors shown as one line instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if "config" in str(e).lower() and "--config" in " ".join(sys.argv):
+            sys.exit(f"config error: {e}")
+        raise
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --help for the flags.")

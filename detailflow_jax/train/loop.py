@@ -1,0 +1,97 @@
+"""The host loop shared by the tokenizer and AR trainers.
+
+Per step: next batch -> jitted step. Metrics are fetched one step late so the host never waits on the step it just
+dispatched; they are checked for NaN/inf before every checkpoint, so a diverged state is never saved. SIGTERM or
+SIGINT (preemption, scancel, Ctrl-C) saves a checkpoint at the next step boundary and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+from tqdm import tqdm
+
+from detailflow_jax.distributed import is_main_process
+from detailflow_jax.train.checkpoint import Checkpointer, StopRequest
+from detailflow_jax.train.metrics import MetricWriter, check_finite
+
+StepFn = Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, step) -> (state, device metrics)
+Hook = Callable[[int, Any], None]  # (step, state) -> None, e.g. image grids
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    total_steps: int
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    hook_every: int = 0  # 0: hooks only at the end
+    batch_size: int = 1  # global batch, for images/s
+    desc: str = "train"
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, as a preemption would
+
+
+def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, start_step: int,
+             checkpointer: Checkpointer, writer: MetricWriter, hooks: tuple[Hook, ...] = (),
+             stop: StopRequest | None = None) -> tuple[Any, int]:
+    """Runs steps ``start_step .. total_steps``; returns (state, last step reached)."""
+    last_saved = checkpointer.latest_step()
+    pending: tuple[int, dict] | None = None
+    bar = tqdm(total=cfg.total_steps, initial=start_step, desc=cfg.desc, disable=not is_main_process(),
+               dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), start_step
+
+    def flush(entry):
+        step, metrics = entry
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, values, last_saved)
+        return step, values
+
+    def log(step, values):
+        nonlocal tick, tick_step
+        now = time.perf_counter()
+        rate = (step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        values = {**values, "steps_per_s": rate, "images_per_s": rate * cfg.batch_size}
+        writer.write(step, values)
+        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "rec_loss", "mse", "lpips", "ce",
+                                                                    "steps_per_s", "images_per_s")}
+        bar.set_postfix(shown, refresh=False)
+
+    step = start_step
+    with (stop or StopRequest()) as stop:
+        while step < cfg.total_steps:
+            state, metrics = step_fn(state, next(data_iter), step)
+            step += 1
+            bar.update(1)
+            if pending is not None:
+                log(*flush(pending))
+                pending = None
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                pending = (step, metrics)
+            if step == cfg.stop_at:
+                stop.request()
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop.requested:
+                # Check this step's numbers before writing: never save a diverged state.
+                entry = flush((step, metrics))
+                if pending is not None:
+                    log(*entry)
+                    pending = None
+                checkpointer.save(step, state, data_iter)
+                last_saved = step
+            if cfg.hook_every and step % cfg.hook_every == 0:
+                for hook in hooks:
+                    hook(step, state)
+            if stop.requested:
+                bar.write(f"stop requested: saved step {step} to {checkpointer.directory}")
+                break
+    if pending is not None:
+        log(*flush(pending))
+    checkpointer.wait()
+    bar.close()
+    if step == cfg.total_steps and not (cfg.hook_every and step % cfg.hook_every == 0):
+        for hook in hooks:
+            hook(step, state)
+    return state, step

@@ -1,0 +1,203 @@
+"""The tokenizer train step (spec §1.6–§1.8): generator update, then discriminator update, one jit per canvas.
+
+State (a plain pytree, checkpointed as is):
+  step        int32, number of updates done
+  rng         PRNG key; per-step keys are ``fold_in(rng, step)``
+  params      tokenizer parameters (float32)
+  opt         Adam state of the tokenizer
+  disc        {"params", "batch_stats"} of the discriminator ({} when the GAN loss is off)
+  disc_opt    Adam state of the discriminator
+  lecam       LeCAM EMAs of the discriminator logits
+
+Frozen networks (LPIPS-VGG, the DINO backbone) are arguments, not state: they are converted from user files and
+never trained. The decoder canvas is a static shape, so ``TokenizerStep.compiled(canvas)`` compiles one step per
+canvas and reuses it; t, the degradation matrix and the noise span are traced inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from detailflow_jax import sharding
+from detailflow_jax.losses import diffaug, gan
+from detailflow_jax.losses.discriminator import DinoDiscriminator, load_dino_params
+from detailflow_jax.losses.lpips import LPIPS, load_lpips_params
+from detailflow_jax.losses.patchgan import PatchGANDiscriminator
+from detailflow_jax.nn.resample import bicubic_resize
+from detailflow_jax.tokenizer.config import validate
+from detailflow_jax.tokenizer.degradation import degrade
+from detailflow_jax.tokenizer.model import DetailFlowTokenizer, init_variables
+from detailflow_jax.train import optim
+
+DISC_TYPES = ("none", "patchgan", "dino")
+
+
+def _weighted_mean(per_sample: jax.Array, weight: jax.Array) -> jax.Array:
+    """Mean over the samples that count (the self-corrected half has weight 0 when t = 1)."""
+    return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+@dataclasses.dataclass
+class TokenizerStep:
+    """Builds the state, its shardings and the per-canvas compiled steps from a training config."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        cfg = self.config
+        self.model_cfg = validate(cfg.model)
+        self.model = DetailFlowTokenizer(self.model_cfg)
+        losses = cfg.losses
+        if losses.disc_type not in DISC_TYPES:
+            raise ValueError(f"losses.disc_type={losses.disc_type!r}: must be one of {DISC_TYPES}")
+        self.schedule = gan.GANSchedule(
+            disc_start=losses.disc_start, disc_weight=losses.disc_weight, perceptual_weight=losses.lpips_weight,
+            perceptual_warmup=losses.lpips_warmup, lecam_weight=losses.lecam_weight, cr_weight=losses.cr_weight)
+        lr = optim.tokenizer_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.total_steps,
+                                      cfg.optim.warmup_lr, cfg.optim.min_lr)
+        self.lr = lr
+        self.tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
+        self.disc_tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
+        self.disc = {"none": None, "patchgan": PatchGANDiscriminator(losses.patchgan_width, losses.patchgan_layers),
+                     "dino": DinoDiscriminator()}[losses.disc_type]
+        self.lpips = LPIPS() if losses.lpips_weight > 0 else None
+        self._compiled: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ frozen networks
+
+    def load_frozen(self) -> dict:
+        """The user-supplied frozen weights the enabled losses need (a clear error names any that are missing)."""
+        frozen = {}
+        if self.lpips is not None:
+            frozen["lpips"] = load_lpips_params(self.config.losses.lpips_weights)
+        if self.config.losses.disc_type == "dino":
+            frozen["dino"], heads = load_dino_params(self.config.losses.dino_weights)
+            frozen["dino_heads"] = heads
+        return frozen
+
+    # ------------------------------------------------------------------ state
+
+    def _init_state(self, rng: jax.Array, dino_backbone=None) -> dict:
+        k_model, k_disc, k_state = jax.random.split(rng, 3)
+        params = init_variables(self.model_cfg, k_model)["params"]
+        state = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state), params=params,
+                     opt=self.tx.init(params), disc={}, disc_opt=optax.EmptyState(), lecam=gan.lecam_init())
+        if self.disc is not None:
+            size = self.model_cfg.image_size
+            dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+            args = (dummy, dino_backbone, False) if dino_backbone is not None else (dummy, False)
+            disc = dict(self.disc.init(k_disc, *args))
+            state["disc"] = disc
+            state["disc_opt"] = self.disc_tx.init(disc["params"])
+        return state
+
+    def init(self, seed: int, frozen: dict) -> tuple[dict, Any]:
+        """The initial state, born sharded on the mesh, and its shardings."""
+        backbone = frozen.get("dino")
+        state, shardings = sharding.init_sharded(lambda r: self._init_state(r, backbone), self.mesh,
+                                                 jax.random.key(seed))
+        if frozen.get("dino_heads") is not None:  # official heads given: start from them
+            state["disc"] = jax.device_put(frozen["dino_heads"], shardings["disc"])
+        return state, shardings
+
+    def abstract_state(self, seed: int, frozen: dict) -> Any:
+        """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
+        backbone = frozen.get("dino")
+        boxed = jax.eval_shape(lambda r: self._init_state(r, backbone), jax.random.key(seed))
+        shardings = sharding.logical_to_shardings(boxed, self.mesh)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+                            shardings)
+
+    # ------------------------------------------------------------------ the step
+
+    def _disc_logits(self, variables: dict, images: jax.Array, frozen: dict, key: jax.Array):
+        """Discriminator logits in train mode (batch statistics) and the updated batch_stats."""
+        if self.config.losses.disc_type == "dino":
+            return self.disc.apply(variables, images, frozen["dino"], True, key, mutable=["batch_stats"])
+        size = self.model_cfg.image_size
+        if images.shape[1] != size:  # PatchGAN sees every canvas at full size, as DINO sees 224.
+            images = bicubic_resize(images, (size, size))
+        return self.disc.apply(variables, images, True, mutable=["batch_stats"])
+
+    def step(self, state: dict, frozen: dict, images: jax.Array, t: jax.Array, matrix: jax.Array,
+             noise_idx: jax.Array, noise_end: jax.Array, *, canvas: int) -> tuple[dict, dict]:
+        losses = self.config.losses
+        step1 = state["step"] + 1  # the official code counts from 1
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d = jax.random.split(key, 7)
+        target = degrade(images, matrix)
+        target2 = jnp.concatenate([target, target])
+
+        def generator_loss(params):
+            out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
+            recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
+            mse = _weighted_mean(jnp.mean((recon - target2) ** 2, axis=(1, 2, 3)), weight)
+            loss = losses.mse_weight * mse + out["vq_loss"] + out["commit_loss"]
+            metrics = dict(mse=mse, vq_loss=out["vq_loss"], commit_loss=out["commit_loss"],
+                           codebook_usage=out["codebook_usage"], fea_cosine_sim=out["fea_cosine_sim"])
+            if self.lpips is not None:
+                lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon), weight)
+                loss = loss + self.schedule.perceptual(step1) * lp
+                metrics["lpips"] = lp
+            if self.disc is not None:
+                fake = diffaug.diff_augment(k_gen_aug, recon, losses.diffaug_policy, losses.diffaug_prob)
+                logits, _ = self._disc_logits(state["disc"], fake, frozen, k_gen_d)
+                g_adv = -_weighted_mean(jnp.mean(logits, axis=1), weight)
+                loss = loss + self.schedule.adversarial(step1) * g_adv
+                metrics["g_adv"] = g_adv
+            metrics["loss"] = loss
+            return loss, (metrics, recon)
+
+        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state["params"])
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        new = dict(state, params=optax.apply_updates(state["params"], updates), opt=opt, step=step1)
+        metrics["lr"] = self.lr(state["step"])
+        metrics["grad_norm"] = optax.global_norm(grads)
+
+        if self.disc is not None:
+            fake = jax.lax.stop_gradient(recon)
+
+            def discriminator_loss(disc_params):
+                variables = dict(state["disc"], params=disc_params)
+                aug = lambda k, x: diffaug.diff_augment(k, x, losses.diffaug_policy, losses.diffaug_prob)
+                real_logits, mut = self._disc_logits(variables, aug(k_real, target2), frozen, k_d)
+                variables = dict(variables, **mut)
+                fake_logits, mut = self._disc_logits(variables, aug(k_fake, fake), frozen, k_d)
+                variables = dict(variables, **mut)
+                strong = {}
+                if losses.cr_weight > 0:
+                    k_sr, k_sf = jax.random.split(k_strong)
+                    strong_aug = lambda k, x: diffaug.diff_augment(k, x, losses.cr_policy, 1.0)
+                    strong["strong_real"], _ = self._disc_logits(variables, strong_aug(k_sr, target2), frozen, k_d)
+                    strong["strong_fake"], _ = self._disc_logits(variables, strong_aug(k_sf, fake), frozen, k_d)
+                loss, lecam, m = gan.discriminator_loss(self.schedule, step1, state["lecam"], real_logits,
+                                                        fake_logits, **strong)
+                return loss, (lecam, variables, m)
+
+            (d_loss, (lecam, variables, d_metrics)), d_grads = jax.value_and_grad(
+                discriminator_loss, has_aux=True)(state["disc"]["params"])
+            d_updates, disc_opt = self.disc_tx.update(d_grads, state["disc_opt"], state["disc"]["params"])
+            variables["params"] = optax.apply_updates(state["disc"]["params"], d_updates)
+            new.update(disc=variables, disc_opt=disc_opt, lecam=lecam)
+            metrics.update(d_loss=d_loss, **d_metrics)
+        return new, metrics
+
+    def compiled(self, canvas: int, state_shardings: Any, frozen: dict):
+        """The jitted step for one decoder canvas (compiled on first use, then reused)."""
+        if canvas not in self._compiled:
+            repl = sharding.replicated(self.mesh)
+            images = sharding.batch_sharding(self.mesh, 4)
+            frozen_sh = jax.tree.map(lambda _: repl, frozen)
+            fn = lambda state, frozen, *args: self.step(state, frozen, *args, canvas=canvas)
+            self._compiled[canvas] = jax.jit(
+                fn, in_shardings=(state_shardings, frozen_sh, images, repl, repl, repl, repl),
+                out_shardings=(state_shardings, repl), donate_argnums=0)
+        return self._compiled[canvas]

@@ -1,0 +1,39 @@
+"""Tokens -> images through the tokenizer: full decode, coarse-to-fine previews, PNG grid."""
+
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from detailflow_jax.ar.images import TokenDecoder, preview_strip, to_uint8
+from detailflow_jax.tokenizer.model import init_params
+
+
+@pytest.fixture(autouse=True)
+def fast_compile():
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_previews_and_png_strip(tmp_path):
+    sys.path.insert(0, ".")
+    from configs.tokenizer import model_config
+    cfg = model_config("tiny")  # N = 32, g = C = 4, 64 px
+    decoder = TokenDecoder(cfg, jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0)))
+    codes = np.random.default_rng(0).integers(0, cfg.codebook_size, (2, cfg.num_latent_tokens))
+    full = decoder.decode(codes)
+    assert full.shape == (2, cfg.image_size, cfg.image_size, 3)
+    counts = [1, 32]
+    previews = decoder.previews(codes, counts)
+    assert [t for t, _ in previews] == counts
+    assert [p.shape[1] for _, p in previews] == [decoder.tables.canvas[t] for t in counts]
+    np.testing.assert_array_equal(previews[-1][1], to_uint8(full))
+    assert to_uint8(np.array([-2.0, -1.0, 0.0, 1.0])).tolist() == [0, 0, 128, 255]
+    strip = preview_strip(previews)
+    strip.save(tmp_path / "strip.png")
+    w, h = Image.open(tmp_path / "strip.png").size
+    assert (w, h) == (2 * (64 + 2) + 2, 2 * (64 + 2) + 2)

@@ -1,0 +1,111 @@
+"""Training forward of the tokenizer: self-correction sampling, loss weighting and gradient routing (spec §1.7)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detailflow_jax.convert.state_dict import load_state_dict
+from detailflow_jax.convert.tokenizer import convert_tokenizer_state_dict
+from detailflow_jax.tokenizer.config import from_fixture_config
+from detailflow_jax.tokenizer.model import DetailFlowTokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(fixtures_dir):
+    """Official-fixture weights (non-trivial everywhere) and images; no random init needed."""
+    folder = fixtures_dir / "official_parity" / "tiny_a"
+    cfg = from_fixture_config(json.loads((folder / "config.json").read_text()))
+    params = convert_tokenizer_state_dict(load_state_dict(folder / "tokenizer_state_dict.npz"), cfg).params
+    images = jnp.asarray(np.load(folder / "tokenizer_io.npz")["image"].transpose(0, 2, 3, 1))
+    return cfg, DetailFlowTokenizer(cfg), jax.tree.map(jnp.asarray, params), images
+
+
+def _normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _masked_losses(pre_quant, codes, codebook, start):
+    z = _normalize(np.asarray(pre_quant))[:, start:]
+    hard = _normalize(np.asarray(codebook))[np.asarray(codes)][:, start:]
+    return np.mean((hard - z) ** 2)
+
+
+def test_forward_losses_and_recon_weights(setup):
+    cfg, model, params, images = setup
+    n, b, canvas = cfg.num_latent_tokens, images.shape[0], 32
+    forward = jax.jit(lambda ni, ne, t, train: model.apply(
+        {"params": params}, images, t, canvas, ni, ne, jax.random.key(3), train=train), static_argnums=3)
+    sc = jax.jit(lambda ni, ne: model.apply({"params": params}, images, ni, ne, rng=jax.random.key(3),
+                                            method=DetailFlowTokenizer.self_correct))
+    codebook = params["quantizer"]["codebook"]
+
+    # t = 1 convention: noise_idx = -1 -> the corrected half has zero weight; losses are the clean-only ones.
+    out = forward(jnp.int32(-1), jnp.int32(1), jnp.int32(1), True)
+    assert out["recon"].shape == (2 * b, canvas, canvas, 3)
+    np.testing.assert_array_equal(out["recon_weight"], [1.0] * b + [0.0] * b)
+    clean = _masked_losses(sc(jnp.int32(-1), jnp.int32(1))["pre_quant"], out["indices"][..., 0], codebook, 0)
+    np.testing.assert_allclose(out["vq_loss"], clean, rtol=1e-5)
+    np.testing.assert_allclose(out["commit_loss"], cfg.commit_beta * clean, rtol=1e-5)
+
+    # A perturbed group [8, 12): clean and corrected losses weighted N/(2N-12) and (N-12)/(2N-12).
+    out = forward(jnp.int32(8), jnp.int32(12), jnp.int32(16), True)
+    ref = sc(jnp.int32(8), jnp.int32(12))
+    np.testing.assert_array_equal(out["recon_weight"], [1.0] * (2 * b))
+    l_clean = _masked_losses(ref["pre_quant"], ref["clean"], codebook, 0)
+    l_sc = _masked_losses(ref["pre_quant_sc"], ref["label"], codebook, 12)
+    expected = (n * l_clean + (n - 12) * l_sc) / (2 * n - 12)
+    np.testing.assert_allclose(out["vq_loss"], expected, rtol=1e-5)
+    idx = np.asarray(out["indices"])
+    np.testing.assert_array_equal(idx[:, :12, 2], idx[:, :12, 0])      # label = clean up to noise_end
+    np.testing.assert_array_equal(idx[:, :8, 1], idx[:, :8, 0])        # input = clean before noise_idx
+    np.testing.assert_array_equal(idx[:, 12:, 1], idx[:, 12:, 2])      # input = label after noise_end
+    # The decoded corrected half is the codebook vectors of `input`.
+    np.testing.assert_allclose(out["quant"][b:], _normalize(np.asarray(codebook))[idx[..., 1]], atol=1e-6)
+
+    # Eval: one batch, the corrected sequence (the clean one when noise_idx < 0).
+    decode_code = jax.jit(lambda c: model.apply({"params": params}, c, 16, canvas,
+                                                method=DetailFlowTokenizer.decode_code))
+    out = forward(jnp.int32(8), jnp.int32(12), jnp.int32(16), False)
+    np.testing.assert_allclose(out["recon"], decode_code(out["indices"][..., 1]), atol=1e-4)
+    out = forward(jnp.int32(-1), jnp.int32(1), jnp.int32(16), False)
+    np.testing.assert_allclose(out["recon"], decode_code(out["indices"][..., 0]), atol=1e-4)
+
+
+def test_sampled_noise_comes_from_top_k(setup):
+    cfg, model, params, images = setup
+    out = jax.jit(lambda key: model.apply({"params": params}, images, 0, 4, rng=key,
+                                          method=DetailFlowTokenizer.self_correct))(jax.random.key(0))
+    z = _normalize(np.asarray(out["pre_quant"]))
+    book = _normalize(np.asarray(params["quantizer"]["codebook"]))
+    nearest = np.argsort(-(z @ book.T), axis=-1)[..., :cfg.noise_top_k]
+    noisy = np.asarray(out["input"])[:, :4]
+    assert all(noisy[b, i] in nearest[b, i] for b in range(noisy.shape[0]) for i in range(4))
+    assert (noisy != np.asarray(out["clean"])[:, :4]).any()
+
+
+def test_gradient_routing(setup):
+    """Straight-through to the encoder, codebook trained by vq_loss, refine path silent when noise_idx < 0."""
+    cfg, model, params, images = setup
+
+    @jax.jit
+    def grads(p, noise_idx, noise_end):
+        def loss(p):
+            out = model.apply({"params": p}, images, 16, 32, noise_idx, noise_end, jax.random.key(1))
+            target = jnp.concatenate([images[:, ::2, ::2]] * 2)
+            per_sample = jnp.mean((out["recon"] - target) ** 2, axis=(1, 2, 3))
+            w = out["recon_weight"]
+            return jnp.sum(w * per_sample) / jnp.sum(w) + out["vq_loss"] + out["commit_loss"]
+        return jax.grad(loss)(p)
+
+    def norm(tree):
+        return float(sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(tree)))
+
+    g = grads(params, jnp.int32(-1), jnp.int32(1))
+    assert norm(g["refine_conv"]) == 0.0 and norm(g["encoder"]["refined_tokens"]) == 0.0
+    assert norm(g["encoder"]["latent_tokens"]) > 0 and norm(g["quantizer"]) > 0
+    assert norm(g["decoder"]) > 0 and norm(g["post_quant_conv"]) > 0
+    g = grads(params, jnp.int32(8), jnp.int32(12))
+    assert norm(g["refine_conv"]) > 0 and norm(g["encoder"]["refined_tokens"]) > 0

@@ -1,0 +1,127 @@
+"""Tokenizer training: the loss goes down, the sharded step equals the one-device step, resume is exact, and bad
+inputs give clear errors."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tokenizer_fashion_mnist
+from detailflow_jax import sharding
+from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.losses.weights import MissingWeightsError
+from detailflow_jax.tokenizer.degradation import degradation_matrix
+from detailflow_jax.tokenizer.resolution import ResolutionTables
+from detailflow_jax.train import tokenizer as tokenizer_train
+from detailflow_jax.train.tokenizer_step import TokenizerStep
+
+
+def tiny_config(**overrides):
+    config = tokenizer_fashion_mnist.get_config("smoke")
+    config.degradation_prob = 0.0  # one canvas: one compile
+    config.eval_images = 8
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def _batch(config, seed=0):
+    size = config.model.image_size
+    return jax.random.uniform(jax.random.key(seed), (config.batch_size, size, size, 3), minval=-1, maxval=1)
+
+
+def _run_steps(trainer, state, shardings, images, num_steps, t=None, noise=(1, 2)):
+    tables = ResolutionTables.from_model_config(trainer.model_cfg)
+    t = tables.num_tokens if t is None else t
+    fn = trainer.compiled(tables.canvas[t], shardings, {})
+    matrix = jnp.asarray(degradation_matrix(t, tables))
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = fn(state, {}, images, np.int32(t), matrix, np.int32(noise[0]), np.int32(noise[1]))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_a_few_steps_lower_the_loss():
+    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr": 3e-3})
+    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    state, shardings = trainer.init(0, {})
+    images = jax.device_put(_batch(config), sharding.batch_sharding(trainer.mesh, 4))
+    _, losses = _run_steps(trainer, state, shardings, images, 12)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("disc_type", ["none", "patchgan"])
+def test_sharded_step_equals_single_device_step(disc_type):
+    config = tiny_config(**{"losses.disc_type": disc_type, "losses.disc_start": 0, "batch_size": 8})
+    results = []
+    for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
+        trainer = TokenizerStep(config, sharding.make_mesh(shape, devices))
+        state, shardings = trainer.init(0, {})
+        images = jax.device_put(_batch(config), sharding.batch_sharding(trainer.mesh, 4))
+        state, losses = _run_steps(trainer, state, shardings, images, 2, t=8, noise=(4, 8))
+        results.append((jax.device_get(state), losses))
+    (single, loss_1), (multi, loss_8) = results
+    np.testing.assert_allclose(loss_1, loss_8, rtol=2e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), single["params"],
+                 multi["params"])
+    if disc_type == "patchgan":
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), single["disc"],
+                     multi["disc"])
+
+
+def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
+    config = tiny_config(**{"degradation_prob": 0.5, "total_steps": 6, "checkpoint_every": 100})
+    uninterrupted, _ = tokenizer_train.train(config, str(tmp_path / "a"))
+    stopped, curve = tokenizer_train.train(config, str(tmp_path / "b"), stop_at=3)
+    assert curve == {} and int(stopped["step"]) == 3
+    resumed, curve = tokenizer_train.train(config, str(tmp_path / "b"))
+    assert int(resumed["step"]) == 6 and len(curve) == len(ResolutionTables.from_model_config(config.model).canvas)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 jax.device_get(uninterrupted), jax.device_get(resumed))
+    assert (tmp_path / "b" / "images" / "coarse_to_fine_6.png").is_file()
+    assert (tmp_path / "b" / "reconstruction_psnr.json").is_file()
+
+
+def test_bad_config_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size=6"):
+        tokenizer_train.train(tiny_config(batch_size=6), str(tmp_path))  # 8 devices do not divide 6
+    with pytest.raises(ConfigError, match="data.image_size"):
+        tokenizer_train.train(tiny_config(**{"data.image_size": 16}), str(tmp_path))
+    with pytest.raises(ConfigError, match="num_latent_tokens"):
+        tokenizer_train.train(tiny_config(**{"model.num_latent_tokens": 30}), str(tmp_path))
+
+
+def test_missing_weights_say_which_file_to_pass(tmp_path):
+    with pytest.raises(MissingWeightsError, match="lpips_weights"):
+        tokenizer_train.train(tiny_config(**{"losses.lpips_weight": 1.0}), str(tmp_path))
+    with pytest.raises(MissingWeightsError, match="dino_weights"):
+        tokenizer_train.train(tiny_config(**{"losses.disc_type": "dino"}), str(tmp_path))
+
+
+def test_missing_fashion_mnist_data_is_a_clear_error(tmp_path):
+    config = tiny_config(**{"data.name": "fashion_mnist", "data.data_dir": str(tmp_path / "nowhere"),
+                            "data.pad_to": 32})
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        tokenizer_train.train(config, str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.no_such_key=1", "no_such_key"),
+    ("--config.batch_size=big", "batch_size"),
+])
+def test_command_line_rejects_unknown_keys_and_wrong_types(tmp_path, override, message):
+    cmd = [sys.executable, "-m", "detailflow_jax.train.tokenizer",
+           "--config", "configs/tokenizer_fashion_mnist.py:smoke", "--workdir", str(tmp_path), override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
