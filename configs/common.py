@@ -1,30 +1,53 @@
-"""Shared config pieces: mesh recipes for common slices.
+"""Shared config pieces: the device mesh and its recipes for common slices.
 
-``mesh`` is ``(data, fsdp, tensor)``; -1 means "the rest of the devices". Use a recipe with
-``--config.mesh=v5e-256``-style names through ``mesh_for(name)`` or set the three sizes directly.
+``config.mesh`` holds the sizes of the mesh axes ``(data, fsdp, tensor)``; -1 means "the rest of the devices". The
+trainers resolve it against the device count and check every sharded dimension (parameters, batch) before anything is
+allocated. Three ways to set it:
+
+    config.mesh = mesh_config(mesh_for("8xH100"))            # in a config file, from a recipe
+    --config.mesh.data=2 --config.mesh.fsdp=8                # on the command line, sizes
+    launch/run_on_host.sh --recipe 2x8xH100 -- ...           # a launcher recipe (adds the three overrides below)
+
+``python -m configs.common mesh-flags NAME`` prints the command-line overrides of recipe NAME (used by launch/).
 """
+
+import sys
 
 import ml_collections
 
-# Recipes: data-parallel across hosts/slices, FSDP inside; tensor parallelism stays 1 at these model sizes.
+# Recipes: data parallel across hosts or slices, FSDP inside the fast interconnect (NVLink, one TPU slice's ICI);
+# tensor parallelism stays 1 at DetailFlow's model sizes (GPT-L: 24 layers x 1024). Sizes are devices as JAX
+# counts them: TPU v4 and v5p devices are chips (2 TensorCores each, "v4-128" = 64 chips on 16 hosts); v5e/v6e
+# slices are named by chips; a GPU is one device.
 MESH_RECIPES = {
-    "cpu": (-1, 1, 1),         # one host, pure data parallel
+    "cpu": (-1, 1, 1),         # one host (or FAKE_DEVICES), pure data parallel
     "1xgpu": (1, 1, 1),
-    "8xH100": (1, 8, 1),       # one node: FSDP over NVLink
-    "2x8xH100": (2, 8, 1),     # two nodes: data across nodes, FSDP inside
-    "v4-128": (4, 16, 1),      # 64 chips (v4 counts TensorCores): 16 hosts x 4 chips
-    "v5e-256": (16, 16, 1),    # 256 chips
+    "8xH100": (1, 8, 1),       # one node, 8 GPUs: FSDP over NVLink
+    "2x8xH100": (2, 8, 1),     # two nodes: data across nodes (InfiniBand), FSDP inside each
+    "v4-8": (1, 4, 1),         # 4 chips, one host
+    "v4-128": (4, 16, 1),      # 64 chips, 16 hosts x 4
+    "v5e-8": (1, 8, 1),        # 8 chips, one host
+    "v5e-256": (16, 16, 1),    # 256 chips, 64 hosts x 4
+    "v5p-128": (4, 16, 1),     # 64 chips, 16 hosts x 4
 }
 
 
 def mesh_for(name: str) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes of recipe ``name``."""
     if name not in MESH_RECIPES:
         raise KeyError(f"unknown mesh recipe {name!r}; known: {sorted(MESH_RECIPES)}")
     return MESH_RECIPES[name]
 
 
-def mesh_config(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"data": shape[0], "fsdp": shape[1], "tensor": shape[2]})
+def mesh_config(shape: str | tuple[int, int, int] = (-1, 1, 1)) -> ml_collections.ConfigDict:
+    """``config.mesh`` from (data, fsdp, tensor) sizes or a recipe name."""
+    data, fsdp, tensor = mesh_for(shape) if isinstance(shape, str) else shape
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def mesh_overrides(name: str) -> list[str]:
+    """Command-line overrides that set ``config.mesh`` to recipe ``name``."""
+    return [f"--config.mesh.{axis}={size}" for axis, size in mesh_config(name).items()]
 
 
 def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -54,3 +77,12 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.image_every = 5_000
     c.eval_images = 64           # held-out images for the final PSNR curve and the PNG grids
     return c
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "mesh-flags":
+        sys.exit(f"usage: python -m configs.common mesh-flags NAME   (NAME: {', '.join(MESH_RECIPES)})")
+    try:
+        print(" ".join(mesh_overrides(sys.argv[2])))
+    except KeyError as e:
+        sys.exit(f"error: {e.args[0]}")

@@ -2,12 +2,21 @@
 
 import os
 import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests use tiny models: XLA's optimisation passes cost more compile time than they save at run time.
+jax.config.update("jax_disable_most_optimizations", True)
+# Several tests compile the same programs (e.g. a run and its resumed twin): share them through the disk cache.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "DETAILFLOW_TEST_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "detailflow_jax_test_compile_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("DETAILFLOW_SHARED_DIR", ROOT.parent / "shared"))

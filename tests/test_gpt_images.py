@@ -4,19 +4,11 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from detailflow_jax.ar.images import TokenDecoder, preview_strip, to_uint8
 from detailflow_jax.tokenizer.model import init_params
 
-
-@pytest.fixture(autouse=True)
-def fast_compile():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def test_previews_and_png_strip(tmp_path):

@@ -21,13 +21,6 @@ TINY = dict(dim=32, n_layer=2, n_head=2, num_tokens=16, group_size=4, causal_num
             multiple_of=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
 
 def test_group_causal_mask_matches_spec_table():
     m = group_causal_mask(32, 8, 8)

@@ -15,14 +15,6 @@ from detailflow_jax.convert.gpt import load_gpt_checkpoint
 pytestmark = pytest.mark.parity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Tiny models: XLA's optimisation passes cost more than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
 
 def fixture_gpt(folder):
     """(GPTConfig, params, gpt_io arrays, fixture config) of one parity folder; every size from config.json."""

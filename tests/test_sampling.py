@@ -16,14 +16,6 @@ from detailflow_jax.ar.reference import ReferenceSampler
 from detailflow_jax.ar.sampling import Sampler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Tiny models: XLA's optimisation passes cost more than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
 
 def random_model(seed=0, noise=0.3, **sizes):
     """GPT with N(0, noise) added to every initialised parameter (so logits are far from uniform)."""

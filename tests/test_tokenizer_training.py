@@ -22,6 +22,8 @@ from detailflow_jax.train.tokenizer_step import TokenizerStep
 def tiny_config(**overrides):
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.degradation_prob = 0.0  # one canvas: one compile
+    config.model.patch_size = 8  # canvases 8, 16, 24, 32: few compiles when t varies
+    config.model.pos_grid = 4
     config.eval_images = 8
     for key, value in overrides.items():
         target = config

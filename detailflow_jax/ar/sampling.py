@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from detailflow_jax import sharding as shd
 from detailflow_jax.ar.logits import SamplingSettings, select_tokens

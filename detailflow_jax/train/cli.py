@@ -29,12 +29,7 @@ def parse(argv, doc: str):
 def run(main) -> None:
     """absl ``app.run`` with INFO logging and config errors shown as one line instead of a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        app.run(main, flags_parser=_parse_flags)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        if "config" in str(e).lower() and "--config" in " ".join(sys.argv):
-            sys.exit(f"config error: {e}")
-        raise
+    app.run(main, flags_parser=_parse_flags)
 
 
 def _parse_flags(argv):
@@ -42,3 +37,8 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {e}\nPass --help for the flags.")
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        # ml_collections raises these for an override of a key that does not exist or of the wrong type.
+        overrides = [a for a in argv if a.startswith("--config.")]
+        sys.exit(f"config error: {e} (in {' '.join(overrides) or 'the --config file'}); check the key against the "
+                 "config file's fields and the value's type")

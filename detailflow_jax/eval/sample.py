@@ -1,0 +1,239 @@
+"""Class-conditional samples from a trained (or converted) GPT + tokenizer: PNG grids and an ADM ``.npz``.
+
+    python -m detailflow_jax.eval.sample --gpt workdir/ar --out workdir/samples
+    python -m detailflow_jax.eval.sample --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 \
+        --gpt /ckpt/gpt_l_128 --gpt_config configs/gpt.py:L/128 --out samples/ --cfg_scale 1.45 \
+        --num_samples 50000 --npz
+
+``--gpt`` and ``--tokenizer`` take training work directories (latest checkpoint; the GPT's EMA weights unless
+``--no_ema``) or converted orbax parameter directories (then ``--gpt_config`` / ``--tokenizer_config``). With an AR
+work directory the tokenizer defaults to the one its codes were extracted with, and the sampling settings to its
+config's ``sampling`` section. Writes to ``--out``:
+
+  samples.png          rows = classes (``--classes``, default: the config's sample_classes or the first 16),
+                       ``--num_per_class`` columns
+  coarse_to_fine.png   the first sample of every row decoded from its first t tokens, t increasing to the right
+  samples_<K>.npz      with ``--num_samples K --npz``: ``arr_0`` uint8 (K, R, R, 3) (the ADM evaluator's input) and
+                       ``labels`` (K,), labels drawn uniformly (the official protocol)
+
+``ImageGenerator.generate(labels, key)`` is the reusable piece: labels + key -> uint8 images.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from detailflow_jax import distributed, sharding
+from detailflow_jax.ar.images import TokenDecoder, image_grid, preview_strip, to_uint8
+from detailflow_jax.ar.logits import SamplingSettings
+from detailflow_jax.ar.model import GPT, GPTConfig
+from detailflow_jax.ar.sampling import Sampler
+from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.convert.gpt import load_config_file
+from detailflow_jax.data import codes as codes_lib
+from detailflow_jax.train import cli
+from detailflow_jax.train.weights import is_training_workdir, load_gpt, load_tokenizer, workdir_config
+
+SETTING_KEYS = ("cfg_scale", "cfg_schedule", "cfg_interval", "temperature", "top_k", "top_p")
+
+
+def sampling_settings(section: Any, **overrides) -> SamplingSettings:
+    """SamplingSettings from a config ``sampling`` section, with the non-None ``overrides`` applied."""
+    values = {k: section[k] for k in SETTING_KEYS if k in section}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingSettings.create(**values)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy, the same on every process."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class ImageGenerator:
+    """GPT sampling then tokenizer decoding. ``generate(labels, key)`` -> uint8 (B, R, R, 3), the same on every
+    process (B must divide over the mesh's data axes); one compilation per batch size."""
+
+    def __init__(self, gpt_cfg: GPTConfig, gpt_params: Any, gpt_shardings: Any, tokenizer_cfg: Any,
+                 tokenizer_params: Any, mesh: jax.sharding.Mesh, settings: SamplingSettings):
+        self.gpt_cfg, self.params, self.mesh, self.settings = gpt_cfg, gpt_params, mesh, settings
+        self.sampler = Sampler(GPT(gpt_cfg), mesh, gpt_shardings)
+        self.decoder = TokenDecoder(tokenizer_cfg, tokenizer_params)
+
+    @property
+    def data_parallelism(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def tokens(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
+        """(B,) labels -> (B, N) token ids; ``params`` defaults to the loaded weights (the trainer passes its EMA)."""
+        labels = jax.device_put(np.asarray(labels, np.int32), sharding.batch_sharding(self.mesh, 1))
+        return _to_host(self.sampler(self.params if params is None else params, labels, key, self.settings))
+
+    def decode(self, tokens: np.ndarray, t: int | None = None) -> np.ndarray:
+        """(B, N) tokens -> uint8 images from their first t tokens (default all) at the canvas of t; any B."""
+        pad = (-len(tokens)) % self.data_parallelism
+        padded = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
+        codes = jax.device_put(padded.astype(np.int32), sharding.batch_sharding(self.mesh, 2))
+        return to_uint8(_to_host(self.decoder.decode(codes, t)))[:len(tokens)]
+
+    def generate(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
+        return self.decode(self.tokens(labels, key, params))
+
+    def in_batches(self, labels: np.ndarray, batch_size: int, fn, progress: bool = False) -> np.ndarray:
+        """``fn(padded labels, i)`` over batches of ``batch_size`` (the last padded with class 0), concatenated."""
+        out = []
+        bar = tqdm(total=len(labels), desc="sampling", unit="img", dynamic_ncols=True,
+                   disable=not (progress and distributed.is_main_process()))
+        for i, start in enumerate(range(0, len(labels), batch_size)):
+            batch = labels[start:start + batch_size]
+            out.append(fn(np.pad(batch, (0, batch_size - len(batch))), i)[:len(batch)])
+            bar.update(len(batch))
+        bar.close()
+        return np.concatenate(out)
+
+    def class_grid(self, classes: Sequence[int], per_class: int, key: jax.Array, batch_size: int,
+                   params: Any = None, num_columns: int = 8):
+        """(samples PNG with one row per class, coarse-to-fine PNG of each row's first sample at up to
+        ``num_columns`` prefix lengths). Batch i samples with ``fold_in(key, i)``."""
+        labels = np.repeat(np.asarray(classes, np.int32), per_class)
+        tokens = self.in_batches(labels, batch_size,
+                                 lambda batch, i: self.tokens(batch, jax.random.fold_in(key, i), params))
+        counts = self.decoder.tables.token_counts
+        shown = sorted({counts[int(i)] for i in np.linspace(0, len(counts) - 1, min(num_columns, len(counts)))})
+        previews = [(t, self.decode(tokens[::per_class], t)) for t in shown]
+        return image_grid(self.decode(tokens), columns=per_class), preview_strip(previews)
+
+    def many(self, labels: np.ndarray, key: jax.Array, batch_size: int, progress: bool = True) -> np.ndarray:
+        """uint8 images for any number of labels; batch i samples with ``fold_in(key, i)``."""
+        return self.in_batches(labels, batch_size, lambda batch, i: self.generate(batch, jax.random.fold_in(key, i)),
+                               progress)
+
+
+def ar_workdir_tokenizer(config: ml_collections.ConfigDict) -> tuple[str, Any, str | None]:
+    """(tokenizer path, model config or None, config spec or None) an AR run was set up with: its ``tokenizer``
+    field, else the tokenizer recorded in its codes' metadata."""
+    if config.get("tokenizer"):
+        return config.tokenizer, None, config.get("tokenizer_config") or None
+    meta = codes_lib.read_metadata(config.codes_dir)
+    return meta.tokenizer["path"], meta.tokenizer["model"], None
+
+
+def load_generator(gpt: str, mesh: jax.sharding.Mesh, tokenizer: str | None = None, gpt_config: str | None = None,
+                   tokenizer_config: str | None = None, ema: bool = True, dtype: str | None = None,
+                   **setting_overrides) -> tuple[ImageGenerator, ml_collections.ConfigDict]:
+    """An ImageGenerator from weight directories (see the module docstring), and the GPT's config file contents
+    (the AR training config, or the --gpt_config file)."""
+    config = load_config_file(gpt_config) if gpt_config else workdir_config(gpt) if is_training_workdir(gpt) \
+        else None
+    overrides = {"dtype": dtype} if dtype else {}
+    gpt_cfg, params, shardings = load_gpt(gpt, mesh, gpt_config, ema=ema, **overrides)
+    tok_model = None
+    if not tokenizer:
+        if config is None or "codes_dir" not in config:
+            raise ValueError("pass --tokenizer (the GPT directory does not say which tokenizer it was trained on)")
+        tokenizer, tok_model, spec = ar_workdir_tokenizer(config)
+        tokenizer_config = tokenizer_config or spec
+    tok_cfg, tok_params = load_tokenizer(tokenizer, mesh, tokenizer_config, model_cfg=tok_model)
+    if tok_cfg.num_latent_tokens != gpt_cfg.num_tokens or tok_cfg.codebook_size != gpt_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer (N={tok_cfg.num_latent_tokens}, codebook {tok_cfg.codebook_size}) does not "
+                          f"match the GPT (N={gpt_cfg.num_tokens}, vocab {gpt_cfg.vocab_size})")
+    section = config.sampling if config is not None and "sampling" in config else {}
+    settings = sampling_settings(section, **setting_overrides)
+    return ImageGenerator(gpt_cfg, params, shardings, tok_cfg, tok_params, mesh, settings), config or {}
+
+
+def default_classes(num_classes: int, config: Any) -> list[int]:
+    chosen = list(config.get("sample_classes", ()) or ()) if config else []
+    return chosen or list(range(min(num_classes, 16)))
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | None = None,
+           tokenizer_config: str | None = None, classes: Sequence[int] | None = None, num_per_class: int = 8,
+           num_samples: int = 0, npz: bool = False, batch_size: int = 64, seed: int = 0, ema: bool = True,
+           dtype: str | None = None, **setting_overrides) -> dict[str, str]:
+    """Writes the PNGs (and the npz); returns {name: path}."""
+    distributed.maybe_initialize()
+    mesh = sharding.make_mesh((-1, 1, 1))
+    generator, config = load_generator(gpt, mesh, tokenizer, gpt_config, tokenizer_config, ema, dtype,
+                                       **setting_overrides)
+    data = generator.data_parallelism
+    batch_size = round_up(batch_size, data)
+    classes = list(classes) if classes else default_classes(generator.gpt_cfg.num_classes, config)
+    bad = [c for c in classes if not 0 <= c < generator.gpt_cfg.num_classes]
+    if bad:
+        raise ConfigError(f"classes {bad} are out of range: the GPT has {generator.gpt_cfg.num_classes} classes")
+    key = jax.random.key(seed)
+    grid_batch = min(round_up(len(classes) * num_per_class, data), batch_size)
+    grid, strip = generator.class_grid(classes, num_per_class, jax.random.fold_in(key, 0), grid_batch)
+    paths = {}
+    main = distributed.is_main_process()
+    if main:
+        os.makedirs(out, exist_ok=True)
+        paths["samples"] = os.path.join(out, "samples.png")
+        paths["coarse_to_fine"] = os.path.join(out, "coarse_to_fine.png")
+        grid.save(paths["samples"])
+        strip.save(paths["coarse_to_fine"])
+    if num_samples and npz:
+        labels = np.random.default_rng(seed).integers(0, generator.gpt_cfg.num_classes, num_samples).astype(np.int32)
+        images = generator.many(labels, jax.random.fold_in(key, 1), batch_size)
+        if main:
+            paths["npz"] = os.path.join(out, f"samples_{num_samples}.npz")
+            np.savez(paths["npz"], arr_0=images, labels=labels)
+    return paths
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("gpt", None, "AR training work directory or converted GPT parameter directory")
+    flags.DEFINE_string("gpt_config", None, "GPT config FILE.py:ARG (needed for a converted directory)")
+    flags.DEFINE_string("tokenizer", None, "tokenizer work directory or converted directory (default: the AR run's)")
+    flags.DEFINE_string("tokenizer_config", None, "tokenizer config FILE.py:ARG (needed for a converted directory)")
+    flags.DEFINE_string("out", None, "output directory")
+    flags.DEFINE_list("classes", None, "class ids, one grid row each (default: the config's or the first 16)")
+    flags.DEFINE_integer("num_per_class", 8, "samples per class in samples.png")
+    flags.DEFINE_integer("num_samples", 0, "with --npz: this many samples with uniformly drawn labels")
+    flags.DEFINE_bool("npz", False, "write samples_<K>.npz (ADM evaluator format)")
+    flags.DEFINE_integer("batch_size", 64, "global sampling batch (rounded up to a multiple of the devices)")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_bool("no_ema", False, "use the raw instead of the EMA weights of an AR work directory")
+    flags.DEFINE_string("dtype", None, "GPT compute dtype override (float32, bfloat16)")
+    flags.DEFINE_float("cfg_scale", None, "classifier-free guidance scale (1 = none; default: the config's)")
+    flags.DEFINE_enum("cfg_schedule", None, ["constant", "gradual"], "CFG schedule (default: the config's)")
+    flags.DEFINE_integer("top_k", None, "top-k filter (0 = off; default: the config's)")
+    flags.DEFINE_float("top_p", None, "top-p filter (1 = off; default: the config's)")
+    flags.DEFINE_float("temperature", None, "softmax temperature (default: the config's)")
+
+
+def main(argv) -> None:
+    from absl import flags
+    del argv
+    f = flags.FLAGS
+    if not f.gpt or not f.out:
+        sys.exit(f"{__doc__.strip()}\n\nerror: --gpt and --out are required")
+    if f.npz and not f.num_samples:
+        sys.exit("error: --npz needs --num_samples K")
+    try:
+        paths = sample(f.gpt, f.out, f.tokenizer, f.gpt_config, f.tokenizer_config,
+                       [int(c) for c in f.classes] if f.classes else None, f.num_per_class, f.num_samples, f.npz,
+                       f.batch_size, f.seed, not f.no_ema, f.dtype, cfg_scale=f.cfg_scale,
+                       cfg_schedule=f.cfg_schedule, top_k=f.top_k, top_p=f.top_p, temperature=f.temperature)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        sys.exit(f"error: {e}")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run(main)

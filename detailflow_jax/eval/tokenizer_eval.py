@@ -1,0 +1,344 @@
+"""Tokenizer evaluation along the coarse-to-fine axis: rFID, PSNR and SSIM from the first t tokens, for every
+admissible t, on the validation split.
+
+    python -m detailflow_jax.eval.tokenizer_eval --tokenizer workdir/tok --inception INCEPTION --out DIR
+    python -m detailflow_jax.eval.tokenizer_eval --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 \
+        --data_config configs/tokenizer_imagenet.py:DF-16 --data_dir /data/tfds --inception INCEPTION --out DIR \
+        [--num_images 50000] [--batch_size 64] [--token_counts 8,64,128] [--official_ssim]
+
+Data: ``--data_config FILE.py:ARG`` (its ``data`` section), else the tokenizer work directory's own config; the
+``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are ADM
+centre-cropped (spec §5).
+
+Per t, every image is encoded once, decoded from its first t tokens at the canvas of t, bicubic-upsampled to the
+full size R (``ReconstructionEvaluator``) and scored:
+  * PSNR (dB): ``eval/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
+    quantises it to uint8 first, a difference of about 1e-3 dB);
+  * SSIM: the standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1 on [0, 1]) of the
+    uint8 reconstruction against the original. The official script uses skimage with ``data_range=2.0`` (spec §8
+    item 14), which inflates SSIM; ``--official_ssim`` reproduces that number instead;
+  * rFID: Fréchet distance between the Inception pool features of the uint8 reconstructions and of the real
+    centre-cropped images (the convention of peers.md §5; the official script uses torchmetrics, whose Inception
+    input matches ``--preprocess adm``).
+
+Writes DIR/tokenizer_eval.json (settings + one row per t), DIR/tokenizer_curve.png (PSNR, SSIM and rFID against t)
+and prints the table. Each t keeps a 2048x2048 float64 covariance (32 MiB): all 71 counts of N = 512 need 2.3 GiB;
+pass ``--token_counts`` to evaluate fewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from detailflow_jax import distributed, sharding
+from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.eval import ssim as ssim_lib
+from detailflow_jax.eval.fid import fid_between
+from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES
+from detailflow_jax.eval.metrics import RunningStats
+from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+
+METRICS = ("psnr", "ssim", "rfid")
+STANDARD_SSIM_NOTE = ("SSIM: standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1] images "
+                      "with data_range 1. The official DetailFlow script calls skimage with data_range=2.0 on [0, 1] "
+                      "images (spec §8 item 14), which inflates SSIM; --official_ssim reproduces it.")
+OFFICIAL_SSIM_NOTE = ("SSIM: the official DetailFlow number, skimage.metrics.structural_similarity defaults (7x7 "
+                      "uniform window, sample covariance) with data_range=2.0 on [0, 1] images (spec §8 item 14); "
+                      "higher than the standard definition.")
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@jax.jit
+def _to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8 with the official truncation (``ar.images.to_uint8``), on device."""
+    return jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+
+
+@jax.jit
+def _ssim_inputs(recon_u8: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Official: the uint8 reconstruction / 255 against the float original mapped to [0, 1].
+    return recon_u8.astype(jnp.float32) / 255.0, (images.astype(jnp.float32) + 1.0) / 2.0
+
+
+class CurveAccumulator:
+    """Per token count: PSNR and SSIM per image, and (with an extractor) streamed Inception statistics."""
+
+    def __init__(self, counts: Sequence[int], with_fid: bool):
+        self.counts = list(counts)
+        self.psnr = {t: [] for t in self.counts}
+        self.ssim = {t: [] for t in self.counts}
+        self.real = RunningStats(POOL_DIM) if with_fid else None
+        self.recon = {t: RunningStats(POOL_DIM) for t in self.counts} if with_fid else None
+
+    def rows(self, canvas: dict[int, int]) -> list[dict]:
+        out = []
+        for t in self.counts:
+            rfid = None
+            if self.recon is not None and self.real.count >= 2:
+                rfid = fid_between(self.recon[t], self.real)
+            out.append({"tokens": t, "canvas": canvas[t], "psnr": float(np.mean(np.concatenate(self.psnr[t]))),
+                        "ssim": float(np.mean(np.concatenate(self.ssim[t]))), "rfid": rfid})
+        return out
+
+
+def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches: Iterable[tuple[jax.Array, Any]],
+                       extractor: Callable | None = None, counts: Sequence[int] | None = None,
+                       ssim_settings: ssim_lib.SSIMSettings = ssim_lib.STANDARD, total: int | None = None,
+                       progress: bool = True) -> list[dict]:
+    """One row {tokens, canvas, psnr, ssim, rfid} per token count (default: every admissible count).
+
+    ``batches`` yields (images, keep): global (B, R, R, 3) arrays in [-1, 1] and a (B,) bool mask of the real rows
+    (padding is dropped from every statistic); see ``padded_global_batches``. Without an ``extractor`` rFID is None.
+    """
+    tables = evaluator.tables
+    counts = list(tables.token_counts if counts is None else counts)
+    bad = [t for t in counts if t not in tables.canvas]
+    if bad:
+        raise ConfigError(f"token counts {bad} are not admissible; choose from {tables.token_counts}")
+    acc = CurveAccumulator(counts, with_fid=extractor is not None)
+    bar = tqdm(total=total, desc="tokenizer eval", unit="img", disable=not (progress and
+               distributed.is_main_process()), dynamic_ncols=True)
+    for images, keep in batches:
+        keep = np.asarray(keep, bool)
+        quant = evaluator._encode(params, images)
+        if extractor is not None:
+            acc.real.update(_to_host(extractor(_to_uint8(images))["pool"])[keep])
+        for t in counts:
+            psnr, recon = evaluator._decode_score(params, quant, images, tables.canvas[t], t)
+            recon_u8 = _to_uint8(recon)
+            acc.psnr[t].append(_to_host(psnr)[keep])
+            acc.ssim[t].append(_to_host(ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings))[keep])
+            if extractor is not None:
+                acc.recon[t].update(_to_host(extractor(recon_u8)["pool"])[keep])
+        bar.update(int(keep.sum()))
+    bar.close()
+    if not acc.psnr[counts[0]]:
+        raise ValueError("the evaluation data yielded no images")
+    return acc.rows(tables.canvas)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+def padded_global_batches(stream: Iterable[dict], batch_size: int, mesh, num_images: int | None = None):
+    """(global images, keep mask) from per-process pipeline batches, for ``evaluate_tokenizer``.
+
+    A short last batch is zero-padded to the full batch on every process (one compiled shape); ``keep`` marks the
+    real rows (each process's padding sits at the end of its own block) and at most ``num_images`` of them.
+    """
+    from detailflow_jax.data.global_batch import to_global
+
+    processes = jax.process_count()
+    local = batch_size // processes
+    remaining = num_images
+    for batch in stream:
+        images = np.asarray(batch["image"])
+        n_local = len(images)
+        if n_local < local:
+            images = np.concatenate([images, np.zeros((local - n_local, *images.shape[1:]), images.dtype)])
+        keep = np.tile(np.arange(local) < n_local, processes)
+        if remaining is not None:
+            keep &= np.cumsum(keep) <= remaining
+            remaining -= int(keep.sum())
+        yield to_global(images, mesh), keep
+        if remaining is not None and remaining <= 0:
+            return
+
+
+def resolve_data_config(tokenizer: str, data_config: str | None, overrides: dict) -> ml_collections.ConfigDict:
+    """The data section from ``--data_config``, else from the tokenizer work directory, with ``overrides``."""
+    from detailflow_jax.convert.gpt import load_config_file
+    from detailflow_jax.data.pipeline import default_data_config
+    from detailflow_jax.train.weights import is_training_workdir, workdir_config
+
+    if data_config:
+        loaded = load_config_file(data_config)
+        data = loaded.data if "data" in loaded else loaded
+    elif is_training_workdir(tokenizer):
+        data = workdir_config(tokenizer).data
+    elif overrides.get("name"):
+        data = default_data_config()
+    else:
+        raise ConfigError("say which images to evaluate on: --data_config FILE.py:ARG, or --data NAME (with "
+                          "--data_dir), or pass a tokenizer training work directory")
+    data = ml_collections.ConfigDict(data.to_dict())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return data
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------------
+
+def format_table(rows: list[dict]) -> str:
+    def fmt(v, digits):
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    lines = [f"{'tokens':>6}  {'canvas':>6}  {'PSNR':>7}  {'SSIM':>6}  {'rFID':>8}"]
+    lines += [f"{r['tokens']:6d}  {r['canvas']:6d}  {fmt(r['psnr'], 2):>7}  {fmt(r['ssim'], 4):>6}  "
+              f"{fmt(r['rfid'], 3):>8}" for r in rows]
+    return "\n".join(lines)
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    if hi <= lo:
+        lo, hi = lo - 1, hi + 1
+    raw = (hi - lo) / max(count - 1, 1)
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
+
+
+def _tick_label(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 10 or v == int(v) else f"{v:.2g}"
+
+
+def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
+    """One panel per metric (PSNR, SSIM, rFID) against the token count on a log2 axis, drawn with PIL."""
+    panels = [(m, [(r["tokens"], r[m]) for r in rows if r[m] is not None]) for m in METRICS]
+    panels = [(m, pts) for m, pts in panels if pts]
+    width, height, margin = 380, 300, dict(left=62, right=16, top=34, bottom=48)
+    canvas = Image.new("RGB", (width * len(panels), height + (24 if title else 0)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    top_offset = 0
+    if title:
+        draw.text((8, 4), title, fill="black", font=font)
+        top_offset = 24
+    names = {"psnr": "PSNR (dB)", "ssim": "SSIM", "rfid": "rFID"}
+    colours = {"psnr": (31, 119, 180), "ssim": (44, 160, 44), "rfid": (214, 39, 40)}
+    tokens = [r["tokens"] for r in rows]
+    x_lo, x_hi = math.log2(min(tokens)), math.log2(max(tokens))
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1
+    for i, (metric, points) in enumerate(panels):
+        x0, y0 = i * width + margin["left"], top_offset + margin["top"]
+        x1, y1 = (i + 1) * width - margin["right"], top_offset + height - margin["bottom"]
+        values = [v for _, v in points]
+        ticks = _nice_ticks(min(values), max(values))
+        y_lo, y_hi = ticks[0], ticks[-1]
+
+        def to_px(t, v):
+            px = x0 + (math.log2(t) - x_lo) / (x_hi - x_lo) * (x1 - x0)
+            py = y1 - (v - y_lo) / (y_hi - y_lo) * (y1 - y0)
+            return px, py
+
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        for v in ticks:
+            _, py = to_px(min(tokens), v)
+            draw.line([x0 - 4, py, x0, py], fill="black")
+            draw.line([x0 + 1, py, x1 - 1, py], fill=(230, 230, 230))
+            draw.text((x0 - 6, py), _tick_label(v), fill="black", font=font, anchor="rm")
+        for p in range(math.ceil(x_lo), math.floor(math.log2(max(tokens))) + 1):
+            px, _ = to_px(2 ** p, y_lo)
+            draw.line([px, y1, px, y1 + 4], fill="black")
+            draw.text((px, y1 + 6), str(2 ** p), fill="black", font=font, anchor="mt")
+        draw.text(((x0 + x1) / 2, y1 + 22), "tokens (log scale)", fill="black", font=font, anchor="mt")
+        draw.text(((x0 + x1) / 2, y0 - 8), f"{names[metric]} vs tokens", fill="black", font=font, anchor="mb")
+        pixels = [to_px(t, v) for t, v in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colours[metric], width=2)
+        for px, py in pixels:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colours[metric])
+    canvas.save(path)
+
+
+def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "tokenizer_eval.json"), "png": os.path.join(out_dir, "tokenizer_curve.png")}
+    with open(paths["json"], "w") as f:
+        json.dump({"settings": settings, "ssim_note": note, "curve": rows}, f, indent=1)
+    plot_curves(rows, paths["png"], title=f"{settings.get('tokenizer', '')}  ({settings.get('num_images')} images)")
+    return paths
+
+
+# ---- command -----------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="tokenizer training work directory or converted directory")
+    p.add_argument("--tokenizer_config", help="tokenizer config FILE.py:ARG (needed for a converted directory)")
+    p.add_argument("--rounding", choices=("ceil", "nearest"),
+                   help="decoder canvas rounding (default: the work directory's, else ceil as the official code)")
+    p.add_argument("--data_config", help="config FILE.py:ARG whose data section describes the evaluation images")
+    p.add_argument("--data", help="override data.name (synthetic, fashion_mnist, imagefolder)")
+    p.add_argument("--data_dir", help="override data.data_dir")
+    p.add_argument("--eval_split", help="override data.eval_split (default: val / test)")
+    p.add_argument("--image_size", type=int, help="override data.image_size (must equal the tokenizer's)")
+    p.add_argument("--inception", help="FID Inception: orbax dir or pytorch-fid .pth/.npz (omit: no rFID)")
+    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="adm")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num_images", type=int, help="evaluate the first N images (default: the whole split)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch (a multiple of the devices)")
+    p.add_argument("--token_counts", help="comma-separated token counts (default: every admissible count)")
+    p.add_argument("--official_ssim", action="store_true",
+                   help="SSIM as the official script computes it (skimage defaults, data_range=2.0)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    from detailflow_jax.convert.inception import load_inception_params
+    from detailflow_jax.data.pipeline import make_eval_iter
+    from detailflow_jax.eval.inception import InceptionFeatures
+    from detailflow_jax.tokenizer.resolution import ResolutionTables
+    from detailflow_jax.train.weights import is_training_workdir, load_tokenizer, workdir_config
+
+    distributed.maybe_initialize()
+    mesh = sharding.make_mesh((-1, 1, 1))
+    model_cfg, params = load_tokenizer(args.tokenizer, mesh, args.tokenizer_config)
+    data_cfg = resolve_data_config(args.tokenizer, args.data_config, dict(
+        name=args.data, data_dir=args.data_dir, eval_split=args.eval_split, image_size=args.image_size))
+    if data_cfg.image_size != model_cfg.image_size:
+        raise ConfigError(f"data.image_size={data_cfg.image_size} differs from the tokenizer's image_size="
+                          f"{model_cfg.image_size}; pass --image_size {model_cfg.image_size}")
+    rounding = args.rounding or (workdir_config(args.tokenizer).get("rounding", "ceil")
+                                 if is_training_workdir(args.tokenizer) else "ceil")
+    evaluator = ReconstructionEvaluator(model_cfg, ResolutionTables.from_model_config(model_cfg, rounding))
+    counts = [int(t) for t in args.token_counts.split(",")] if args.token_counts else None
+    extractor = None
+    if args.inception:
+        extractor = InceptionFeatures(load_inception_params(args.inception), mesh=mesh, preprocess=args.preprocess)
+    ssim_settings = ssim_lib.OFFICIAL if args.official_ssim else ssim_lib.STANDARD
+    note = OFFICIAL_SSIM_NOTE if args.official_ssim else STANDARD_SSIM_NOTE
+
+    stream = make_eval_iter(data_cfg, args.batch_size, drop_remainder=False)
+    total = stream.num_examples if args.num_images is None else min(args.num_images, stream.num_examples)
+    start = time.perf_counter()
+    rows = evaluate_tokenizer(evaluator, params, padded_global_batches(stream, args.batch_size, mesh, args.num_images),
+                              extractor, counts, ssim_settings, total=total)
+    seconds = time.perf_counter() - start
+    stream.close()
+    settings = dict(tokenizer=args.tokenizer, tokenizer_config=args.tokenizer_config, rounding=rounding,
+                    data=data_cfg.to_dict(), num_images=total, batch_size=args.batch_size,
+                    inception=args.inception, preprocess=args.preprocess, official_ssim=args.official_ssim,
+                    seconds=seconds, devices=jax.device_count())
+    if distributed.is_main_process():
+        paths = write_outputs(args.out, rows, settings, note)
+        print(format_table(rows))
+        print(note)
+        if extractor is None:
+            print("rFID skipped: pass --inception to compute it")
+        print(f"{total} images in {seconds:.1f} s; wrote {paths['json']} and {paths['png']}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,221 @@
+"""Turn a training split into AR training codes with the tokenizer (spec §2, official ``extract_codes_c2i.py``).
+
+    python -m detailflow_jax.tokenizer.extract --config configs/ar_fashion_mnist.py --tokenizer workdir/tok \
+        --out codes/fashion_mnist
+    python -m detailflow_jax.tokenizer.extract --config configs/ar_imagenet.py:N=128 --tokenizer /ckpt/df16 \
+        --tokenizer_config configs/tokenizer.py:DF-16 --out /data/codes/df16 --config.extract.data.data_dir=/data/tfds
+
+``--config`` is the AR recipe; its ``extract`` section says which images, views and batch size (``--out`` and
+``--tokenizer`` default to its ``codes_dir`` and ``tokenizer``). ``--tokenizer`` is a tokenizer training work
+directory (latest checkpoint) or a converted orbax parameter directory (then ``--tokenizer_config`` is needed).
+
+Every image gets one noise span drawn as the official ``get_noise_token_idx(N)`` from (seed, image index) and
+shared by its views; the tokenizer's self-correction pass gives [clean, sc_input, sc_label] codes per view. Views:
+``center`` (1), ``center_flip`` (centre crop and its mirror, 2), ``ten_crop`` (the official recipe, 10).
+Processes split the chunks between them (chunk c goes to process c mod count); finished chunks are committed
+files, so rerunning the command after an interruption only does the missing ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from detailflow_jax import distributed, sharding
+from detailflow_jax.config_lib import ConfigError, require
+from detailflow_jax.data import codes as codes_lib
+from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, _complete, _finish
+from detailflow_jax.data.sources import open_source
+from detailflow_jax.tokenizer.config import validate
+from detailflow_jax.tokenizer.degradation import sample_noise_span
+from detailflow_jax.tokenizer.model import DetailFlowTokenizer
+from detailflow_jax.train import cli
+from detailflow_jax.train.weights import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+VIEW_MODES = {"center": 1, "center_flip": 2, "ten_crop": 10}
+
+
+def noise_spans(seed: int, indices: np.ndarray, num_tokens: int, group_size: int, causal_num: int) -> np.ndarray:
+    """(B, 2) [noise_idx, noise_end] per image, drawn from (seed, image index) like ``get_noise_token_idx(N)``."""
+    return np.asarray([sample_noise_span(np.random.default_rng([seed, int(i)]), num_tokens, group_size, causal_num)
+                       for i in indices], np.int32)
+
+
+def as_views(images: np.ndarray, mode: str) -> np.ndarray:
+    """Pipeline images -> (B, views, R, R, 3): ten-crop batches already have the view axis."""
+    if mode == "ten_crop":
+        return images
+    if mode == "center_flip":
+        return np.stack([images, images[:, :, ::-1]], axis=1)
+    return images[:, None]
+
+
+class CodeExtractor:
+    """One jitted pass: images (B, V, R, R, 3), spans (B, 2), indices (B,) -> codes int16 (B, V, N, 3).
+
+    Each image's noisy top-k codes come from ``fold_in(key(seed), index)``, so the codes of an image do not depend
+    on the batch it lands in or on the number of devices."""
+
+    def __init__(self, model_cfg, params, mesh: jax.sharding.Mesh, seed: int):
+        self.model = DetailFlowTokenizer(model_cfg)
+        self.mesh = mesh
+        self.params = params
+        self.seed = seed
+        param_shardings = jax.tree.map(lambda x: x.sharding, params)
+        self._fn = jax.jit(self._codes, in_shardings=(
+            param_shardings, sharding.batch_sharding(mesh, 5), sharding.batch_sharding(mesh, 2),
+            sharding.batch_sharding(mesh, 1)), out_shardings=sharding.batch_sharding(mesh, 4))
+
+    def _codes(self, params, images, spans, indices):
+        base = jax.random.key(self.seed)
+
+        def one_image(views, span, index):
+            out = self.model.apply({"params": params}, views, span[0], span[1],
+                                   rng=jax.random.fold_in(base, index), method="self_correct")
+            return jnp.stack([out["clean"], out["input"], out["label"]], axis=-1).astype(jnp.int16)
+
+        return jax.vmap(one_image)(images, spans, indices)
+
+    def __call__(self, images: np.ndarray, spans: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(jax.device_get(self._fn(self.params, images, spans, indices)))
+
+
+def chunk_bounds(chunk: int, chunk_size: int, num_images: int) -> tuple[int, int]:
+    return chunk * chunk_size, min((chunk + 1) * chunk_size, num_images)
+
+
+def _metadata(config, data_cfg, model_cfg, tokenizer: str, num_images: int, class_names) -> codes_lib.CodesMetadata:
+    ex, m = config.extract, validate(model_cfg)
+    return codes_lib.CodesMetadata(
+        num_tokens=m.num_latent_tokens, group_size=m.group_size, causal_num=m.causal_num,
+        codebook_size=m.codebook_size, views=VIEW_MODES[ex.views], view_mode=ex.views, num_images=num_images,
+        num_classes=len(class_names), class_names=list(class_names), image_size=m.image_size,
+        chunk_size=ex.chunk_size, num_chunks=-(-num_images // ex.chunk_size), seed=ex.seed,
+        tokenizer={"path": os.path.abspath(tokenizer), "model": model_cfg.to_dict()},
+        data=data_cfg.to_dict(), split=ex.split)
+
+
+def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata) -> None:
+    path = os.path.join(out, codes_lib.METADATA_FILE)
+    if os.path.isfile(path):
+        existing = codes_lib.read_metadata(out)
+        if existing != meta:
+            diff = sorted(k for k in meta.__dataclass_fields__ if getattr(existing, k) != getattr(meta, k))
+            raise ConfigError(f"{out} holds codes extracted with other settings (differ: {diff}); pass a new --out "
+                              "or delete the directory")
+    elif distributed.is_main_process():
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(meta.to_json())
+        os.replace(path + ".tmp", path)
+
+
+def _data_config(config) -> ml_collections.ConfigDict:
+    data_cfg = _complete(config.extract.data)
+    # The view mode decides the crop: the official ten-crop, or the ADM centre crop.
+    data_cfg.eval_crop = "ten_crop" if config.extract.views == "ten_crop" else "center"
+    return data_cfg
+
+
+def _chunk_batches(source, data_cfg, start: int, stop: int, batch_size: int):
+    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))[start:stop]
+    ds = ds.map(EvalTransform(data_cfg.image_size, data_cfg.eval_crop, data_cfg.ten_crop_scale))
+    return iter(_finish(ds, batch_size, data_cfg, SkipCounter(), drop_remainder=False))
+
+
+def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
+                  tokenizer_config: str | None = None) -> dict:
+    """Extracts (or finishes extracting) the codes of ``config.extract`` into ``out``; returns
+    {"images": written by this process, "seconds", "images_per_s", "chunks_done", "chunks_skipped"}."""
+    ex = config.extract
+    require(ex.views in VIEW_MODES, "extract.views", ex.views, f"must be one of {sorted(VIEW_MODES)}")
+    require(ex.chunk_size > 0, "extract.chunk_size", ex.chunk_size, "must be positive")
+    distributed.maybe_initialize()
+    # Every process works on its own chunks with its own devices: no cross-process collectives.
+    mesh = sharding.make_mesh((-1, 1, 1), jax.local_devices())
+    require(ex.batch_size % mesh.devices.size == 0, "extract.batch_size", ex.batch_size,
+            f"must be divisible by the {mesh.devices.size} local devices")
+    data_cfg = _data_config(config)
+    model_cfg, params = load_tokenizer(tokenizer, mesh, tokenizer_config)
+    if ex.dtype:
+        model_cfg.dtype = ex.dtype
+    m = validate(model_cfg)
+    require(data_cfg.image_size == m.image_size, "extract.data.image_size", data_cfg.image_size,
+            f"must equal the tokenizer's image_size={m.image_size}")
+    source, class_names = open_source(data_cfg, ex.split)
+    meta = _metadata(config, data_cfg, model_cfg, tokenizer, len(source), class_names)
+    out = os.path.abspath(out)
+    _write_or_check_metadata(out, meta)
+    os.makedirs(out, exist_ok=True)
+
+    mine = range(jax.process_index(), meta.num_chunks, jax.process_count())
+    todo = [c for c in mine if not os.path.isfile(codes_lib.chunk_path(out, c, meta.num_chunks))]
+    extractor = CodeExtractor(model_cfg, params, mesh, ex.seed)
+    bounds = {c: chunk_bounds(c, ex.chunk_size, meta.num_images) for c in todo}
+    total = sum(stop - start for start, stop in bounds.values())
+    bar = tqdm(total=total, desc=f"codes (process {jax.process_index()})", unit="img", dynamic_ncols=True)
+    written, begin = 0, time.perf_counter()
+    for chunk in todo:
+        writer = codes_lib.ChunkWriter(out, chunk, meta.num_chunks)
+        try:
+            for batch in _chunk_batches(source, data_cfg, *bounds[chunk], ex.batch_size):
+                images, n = as_views(batch["image"], ex.views), len(batch["index"])
+                pad = ex.batch_size - n  # the last batch of a chunk: pad to the compiled shape, drop afterwards
+                indices = np.pad(batch["index"], (0, pad))
+                images = np.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+                spans = noise_spans(ex.seed, indices, m.num_latent_tokens, m.group_size, m.causal_num)
+                codes = extractor(images, spans, indices)[:n]
+                for index, label, c in zip(batch["index"], batch["label"], codes):
+                    writer.write(int(index), int(label), c)
+                bar.update(n)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        written += writer.count
+    bar.close()
+    seconds = time.perf_counter() - begin
+    return dict(images=written, seconds=seconds, images_per_s=written / max(seconds, 1e-9),
+                chunks_done=len(todo), chunks_skipped=len(mine) - len(todo), out=out)
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("tokenizer", None, "tokenizer training work directory or converted orbax params directory "
+                        "(default: the config's `tokenizer`)")
+    flags.DEFINE_string("tokenizer_config", None, "tokenizer config FILE.py:ARG; needed for a converted directory")
+    flags.DEFINE_string("out", None, "output codes directory (default: the config's `codes_dir`)")
+
+
+def main(argv) -> None:
+    from absl import flags
+    del argv
+    f = flags.FLAGS
+    if f.config is None:
+        sys.exit(f"{__doc__.strip()}\n\nerror: --config is required")
+    tokenizer = f.tokenizer or f.config.tokenizer
+    out = f.out or f.config.codes_dir
+    if not tokenizer or not out:
+        sys.exit("error: pass --tokenizer and --out (or set tokenizer / codes_dir in the config)")
+    try:
+        result = extract_codes(f.config, tokenizer, out, f.tokenizer_config or f.config.tokenizer_config or None)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    print(f"{result['images']} images in {result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s); "
+          f"{result['chunks_done']} chunks written, {result['chunks_skipped']} already done; codes in {result['out']}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run(main)

@@ -1,0 +1,139 @@
+"""Train the DetailFlow class-conditional GPT on extracted codes, resuming from the work directory.
+
+    python -m detailflow_jax.train.ar --config configs/ar_fashion_mnist.py --workdir workdir/ar \
+        --config.codes_dir=workdir/codes
+    python -m detailflow_jax.train.ar --config configs/ar_imagenet.py:N=128 --workdir ... \
+        --config.codes_dir=/data/codes/df16 --config.batch_size=512 --config.mesh.fsdp=8
+
+The codes come from ``python -m detailflow_jax.tokenizer.extract``; their metadata.json fixes N, g, C, the codebook
+and the classes, which the GPT config must match. Writes to the work directory: config.json, metrics.jsonl
+(loss, accuracy, lr, grad_norm, steps/s, images/s), tensorboard/, checkpoints/<step>/ (state with the EMA weights +
+data iterator) and, when the tokenizer is available (config ``tokenizer``, else the one recorded with the codes),
+images/samples_<step>.png (one row per class, EMA weights) and images/coarse_to_fine_<step>.png. Running the same
+command again continues from the latest checkpoint; SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import jax
+import ml_collections
+
+from detailflow_jax import distributed, sharding
+from detailflow_jax.config_lib import ConfigError, require
+from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
+from detailflow_jax.data.global_batch import to_global
+from detailflow_jax.eval.sample import ImageGenerator, default_classes, round_up, sampling_settings
+from detailflow_jax.train import cli
+from detailflow_jax.train.ar_step import ARStep
+from detailflow_jax.train.checkpoint import Checkpointer
+from detailflow_jax.train.loop import LoopConfig, run_loop
+from detailflow_jax.train.metrics import MetricWriter
+from detailflow_jax.train.weights import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# GPT config field -> (metadata field, what it is)
+_MATCH_CODES = {"num_tokens": ("num_tokens", "N"), "group_size": ("group_size", "g"),
+                "causal_num": ("causal_num", "C"), "vocab_size": ("codebook_size", "the codebook size"),
+                "num_classes": ("num_classes", "the number of classes")}
+
+
+def validate(config: ml_collections.ConfigDict, meta: CodesMetadata, num_devices: int) -> tuple[int, int, int]:
+    """Checks the config against the devices and the codes; resolves ``total_steps`` from ``epochs`` when 0.
+    Returns the mesh shape."""
+    mesh_shape = sharding.resolve_mesh_shape((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), num_devices)
+    require(config.grad_accum >= 1, "grad_accum", config.grad_accum, "must be >= 1")
+    parts = mesh_shape[0] * mesh_shape[1] * config.grad_accum
+    require(config.batch_size % parts == 0, "batch_size", config.batch_size,
+            f"must be divisible by mesh data x fsdp x grad_accum = {parts}")
+    require(config.batch_size % jax.process_count() == 0, "batch_size", config.batch_size,
+            f"must be divisible by the number of processes ({jax.process_count()})")
+    require(0 <= config.correction_prob <= 1, "correction_prob", config.correction_prob, "must be in [0, 1]")
+    require(0 <= config.ema_decay < 1, "ema_decay", config.ema_decay, "must be in [0, 1)")
+    for field, (meta_field, what) in _MATCH_CODES.items():
+        require(config.model[field] == getattr(meta, meta_field), f"model.{field}", config.model[field],
+                f"must equal {what} of the codes in {config.codes_dir} ({getattr(meta, meta_field)})")
+    if not config.total_steps:
+        config.total_steps = config.epochs * (meta.num_images // config.batch_size)
+    require(config.total_steps > 0, "total_steps", config.total_steps, "must be positive (or set epochs)")
+    return mesh_shape
+
+
+def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_shardings):
+    """PNG grids of class-conditional samples from the EMA weights, or None when the tokenizer is not at hand."""
+    path = config.tokenizer or meta.tokenizer["path"]
+    if not os.path.isdir(path):
+        log.warning("tokenizer %s not found: no sample images (set --config.tokenizer)", path)
+        return None
+    model_cfg = None if config.tokenizer else meta.tokenizer["model"]
+    tok_cfg, tok_params = load_tokenizer(path, trainer.mesh, config.tokenizer_config or None, model_cfg=model_cfg)
+    generator = ImageGenerator(trainer.model_cfg, None, ema_shardings, tok_cfg, tok_params, trainer.mesh,
+                               sampling_settings(config.sampling))
+    classes = default_classes(meta.num_classes, config)
+    batch = round_up(len(classes) * config.samples_per_class, generator.data_parallelism)
+    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+
+    def hook(step: int, state) -> None:
+        grid, strip = generator.class_grid(classes, config.samples_per_class, jax.random.key(config.sample_seed),
+                                           batch, params=state["ema"])
+        if distributed.is_main_process():
+            grid.save(os.path.join(workdir, "images", f"samples_{step}.png"))
+            strip.save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
+
+    return hook
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None,
+          samples: bool = True) -> dict:
+    """Runs (or resumes) training; returns the final state. ``stop_at`` stops after that step with a checkpoint,
+    exactly as a preemption would; ``samples=False`` skips the sample images."""
+    distributed.maybe_initialize()
+    require(bool(config.codes_dir), "codes_dir", config.codes_dir, "set it to the output of the extraction command")
+    meta = read_metadata(config.codes_dir)
+    mesh = sharding.make_mesh(validate(config, meta, jax.device_count()))
+    trainer = ARStep(config, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    if distributed.is_main_process():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    data = make_code_iter(config.codes_dir, config.batch_size, config.seed, num_threads=config.data_threads)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is None:
+        state, state_shardings = trainer.init(config.seed)
+        start = 0
+    else:
+        abstract = trainer.abstract_state(config.seed)
+        state = checkpointer.restore(abstract, data.iterator)
+        state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+        log.info("resumed from step %d", start)
+    step = trainer.compiled(state_shardings)
+    hook = sample_hook(workdir, config, meta, trainer, state_shardings["ema"]) if samples else None
+
+    loop = LoopConfig(total_steps=config.total_steps, log_every=config.log_every,
+                      checkpoint_every=config.checkpoint_every, hook_every=config.sample_every,
+                      batch_size=config.batch_size, desc="ar", stop_at=stop_at)
+    writer = MetricWriter(workdir)
+    state, _ = run_loop(loop, state, data.iterator, lambda s, batch, _: step(s, to_global(batch, mesh)), start,
+                        checkpointer, writer, hooks=(hook,) if hook else ())
+    data.close()
+    checkpointer.close()
+    writer.close()
+    return state
+
+
+def main(argv) -> None:
+    config, workdir = cli.parse(argv, __doc__)
+    try:
+        train(config, workdir)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,112 @@
+"""Inference weights from either a training work directory or a converted orbax parameter directory.
+
+A *training work directory* (``python -m detailflow_jax.train.tokenizer`` / ``...train.ar``) holds ``config.json``
+and ``checkpoints/<step>/state``; only the wanted entry of the latest state (``params``, or ``ema`` for the GPT) is
+read — the optimiser state is never loaded. A *converted directory* (``python -m detailflow_jax.convert.*``) is a
+bare parameter tree; its model config comes from a config file (``FILE.py:ARG``).
+
+    model_cfg, params = load_tokenizer("workdir/tok", mesh)
+    gpt_cfg, params, shardings = load_gpt("/ckpt/gpt_l_128", mesh, config_spec="configs/gpt.py:L/128")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from detailflow_jax import sharding
+from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+from detailflow_jax.convert.gpt import load_config_file
+from detailflow_jax.convert.params_io import restore_params
+from detailflow_jax.tokenizer.config import validate
+from detailflow_jax.tokenizer.model import abstract_params
+from detailflow_jax.train.checkpoint import Checkpointer
+
+
+def is_training_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def workdir_config(path: str) -> ml_collections.ConfigDict:
+    """The ``config.json`` a trainer wrote into its work directory."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} is missing: {path} does not look like a training work directory")
+    with open(file) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def model_section(path: str, config_spec: str | None, what: str) -> ml_collections.ConfigDict:
+    """The ``model`` section from ``config_spec`` (FILE.py:ARG) when given, else from the work directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
+                                f"{what} parameter directory)")
+    if config_spec:
+        return load_config_file(config_spec).model
+    if is_training_workdir(path):
+        return workdir_config(path).model
+    raise ValueError(f"{path} is a converted {what} parameter directory: pass its model config as well "
+                     f"(--{what}_config FILE.py:ARG, e.g. configs/{'gpt.py:L/128' if what == 'gpt' else 'tokenizer.py:DF-16'})")
+
+
+def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = None) -> Any:
+    """``state[entry]`` of a trainer checkpoint (default: the latest), restored onto ``abstract``'s shardings."""
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = checkpointer.latest_step() if step is None else step
+    checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first or pass a converted directory")
+    target = {entry: jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return restored[entry]
+
+
+def load_params(path: str, abstract: Any, entry: str = "params") -> Any:
+    """Parameters from a training work directory (``state[entry]``) or a converted orbax directory."""
+    path = os.path.abspath(path)
+    if is_training_workdir(path):
+        return restore_entry(path, entry, abstract)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
+                                "orbax parameter directory)")
+    return restore_params(path, abstract)
+
+
+def _sharded_abstract(boxed: Any, mesh: Mesh) -> tuple[Any, Any]:
+    shardings = sharding.logical_to_shardings(boxed, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+                            shardings)
+    return abstract, shardings
+
+
+def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None,
+                   model_cfg: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
+    """(tokenizer model config, params placed on ``mesh`` by their logical axes). The model config is
+    ``model_cfg`` when given, else read from ``config_spec`` or the work directory."""
+    if model_cfg is None:
+        model_cfg = model_section(path, config_spec, "tokenizer")
+    model_cfg = ml_collections.ConfigDict(dict(model_cfg))
+    validate(model_cfg)
+    abstract, _ = _sharded_abstract(abstract_params(model_cfg, boxed=True), mesh)
+    return model_cfg, load_params(path, abstract)
+
+
+def load_gpt(path: str, mesh: Mesh, config_spec: str | None = None, ema: bool = True,
+             **model_overrides) -> tuple[GPTConfig, Any, Any]:
+    """(GPTConfig, params, their shardings). From a work directory the EMA weights by default (``ema=False``:
+    the raw weights); ``model_overrides`` change compute settings such as ``dtype``."""
+    cfg = GPTConfig(**{**model_section(path, config_spec, "gpt").to_dict(), **model_overrides}).validate()
+    boxed = jax.eval_shape(lambda k: init_params(GPT(cfg), k), jax.random.key(0))
+    abstract, shardings = _sharded_abstract(boxed, mesh)
+    entry = "ema" if ema else "params"
+    return cfg, load_params(path, abstract, entry), shardings
