@@ -30,5 +30,4 @@ setuptools.setup(
         # Reading official `.pt` checkpoints; `.npz`/`.safetensors` need no torch.
         "torch": ["torch"],
     },
-    entry_points={"console_scripts": ["detailflow=detailflow_jax.main:run"]},
 )

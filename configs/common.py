@@ -86,3 +86,42 @@ if __name__ == "__main__":
         print(" ".join(mesh_overrides(sys.argv[2])))
     except KeyError as e:
         sys.exit(f"error: {e.args[0]}")
+
+
+def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.ConfigDict,
+                views: str) -> ml_collections.ConfigDict:
+    """Every field of an AR recipe; the values are the official ImageNet ones (spec §3.4)."""
+    c = ml_collections.ConfigDict()
+    c.model = gpt.model                # GPTConfig fields; N, g, C, vocab and classes must match the codes
+    c.sampling = gpt.sampling          # cfg_scale, temperature, top_k, top_p, ... for the sample grids
+    c.codes_dir = ""                   # written by python -m detailflow_jax.tokenizer.extract
+    c.tokenizer = ""                   # for sample grids; "" = the tokenizer recorded in the codes' metadata
+    c.tokenizer_config = ""            # FILE.py:ARG when `tokenizer` is a converted parameter directory
+    c.extract = ml_collections.ConfigDict(dict(
+        data=extract_data, split="train",
+        views=views,                   # center (1) | center_flip (2) | ten_crop (10, official)
+        batch_size=256,                # images per tokenizer pass on each process
+        chunk_size=10_000,             # images per committed chunk file (the unit of resumption)
+        max_images=0,                  # > 0: only the first max_images images of the split (smoke runs)
+        seed=0,                        # noise spans and noisy codes come from (seed, image index)
+        dtype="",                      # tokenizer compute dtype; "" = its config's (the official run used bf16)
+    ))
+    c.seed = 0
+    c.batch_size = 256                 # global
+    c.epochs = 300
+    c.total_steps = 0                  # 0: epochs x (images // batch_size)
+    c.grad_accum = 1                   # micro-batches per step (same result in expectation, less memory)
+    c.mesh = mesh_config()
+    c.correction_prob = 0.3
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_fraction=0.05, clip_norm=1.0))
+    c.ema_decay = 0.9999
+    c.data_threads = 8                 # grain read threads per process
+    c.log_every = 50
+    c.checkpoint_every = 10_008        # 2 epochs at batch 256
+    c.keep_checkpoints = 10
+    c.sample_every = 10_008            # class-conditional PNG grids (EMA weights) when the tokenizer is available
+    c.sample_classes = ()              # () = every class (at most 16 are shown); else the class ids for the rows
+    c.samples_per_class = 8
+    c.sample_seed = 0
+    return c

@@ -148,8 +148,3 @@ def to_host(tree: Any) -> Any:
         return np.asarray(jax.device_get(x))
     return jax.tree.map(fetch, tree)
 
-
-def barrier(name: str) -> None:
-    """All processes wait here (no-op in a one-process run)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)

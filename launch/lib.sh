@@ -54,8 +54,27 @@ recipe_value() {
   (. "$file" && eval "echo \"\${$2:-}\"")
 }
 
-# mesh_flags PYTHON: the --config.mesh.* overrides of $DETAILFLOW_MESH (none when it is unset).
-mesh_flags() {
-  [[ -n "${DETAILFLOW_MESH:-}" ]] || return 0
-  (cd "$REPO_ROOT" && "$1" -m configs.common mesh-flags "$DETAILFLOW_MESH")
+# with_mesh_flags PYTHON ARGS...: sets MODULE_ARGS to ARGS with the --config.mesh.* overrides of $DETAILFLOW_MESH
+# (a recipe's mesh) placed right after `--config FILE`: ml_collections takes overrides only after the file, and the
+# user's own --config.mesh.* later on the line still win.
+with_mesh_flags() {
+  local py="$1" mesh=() placed=0
+  shift
+  if [[ -n "${DETAILFLOW_MESH:-}" ]]; then
+    read -r -a mesh <<< "$(cd "$REPO_ROOT" && "$py" -m configs.common mesh-flags "$DETAILFLOW_MESH")"
+  fi
+  MODULE_ARGS=()
+  while [[ $# -gt 0 ]]; do
+    MODULE_ARGS+=("$1")
+    if (( ! placed )) && [[ "$1" == --config=* ]]; then
+      MODULE_ARGS+=("${mesh[@]}")
+      placed=1
+    elif (( ! placed )) && [[ "$1" == --config && $# -gt 1 ]]; then
+      MODULE_ARGS+=("$2" "${mesh[@]}")
+      placed=1
+      shift
+    fi
+    shift
+  done
+  (( placed )) || MODULE_ARGS+=("${mesh[@]}")
 }

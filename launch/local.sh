@@ -60,13 +60,13 @@ py="$(python_bin)"
 if [[ -n "$recipe" ]]; then
   load_recipe "$recipe"
 fi
-read -r -a mesh <<< "$(mesh_flags "$py")"
 module="$1"
 shift
+with_mesh_flags "$py" "$@"
 cd "$REPO_ROOT"
 
 if (( processes == 1 )); then
-  exec "$py" -m "$module" "${mesh[@]}" "$@"
+  exec "$py" -m "$module" "${MODULE_ARGS[@]}"
 fi
 
 port="${port:-$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
@@ -80,7 +80,7 @@ stop_all() {
 trap 'stop_all; exit 130' INT TERM
 for (( i = 0; i < processes; i++ )); do
   DETAILFLOW_COORDINATOR="127.0.0.1:$port" DETAILFLOW_NUM_PROCESSES="$processes" DETAILFLOW_PROCESS_ID="$i" \
-    "$py" -m "$module" "${mesh[@]}" "$@" &
+    "$py" -m "$module" "${MODULE_ARGS[@]}" &
   pids+=("$!")
 done
 # The first failure stops the others (they would wait for the dead process until JAX's timeouts).

@@ -85,8 +85,8 @@ if [[ -n "$recipe" ]]; then
   load_recipe "$recipe"
 fi
 py="$venv/bin/python"
-read -r -a mesh <<< "$(mesh_flags "$py")"
 module="$1"
 shift
+with_mesh_flags "$py" "$@"
 cd "$REPO_ROOT"
-exec "$py" -m "$module" "${mesh[@]}" "$@"
+exec "$py" -m "$module" "${MODULE_ARGS[@]}"

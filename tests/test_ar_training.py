@@ -132,7 +132,8 @@ def test_ema_follows_the_recurrence_and_grad_accum_matches_full_batch(codes_dir)
 
     (p1, ema1, loss1), (p2, ema2, loss2) = runs[1], runs[2]
     np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1[-1], p2[-1])
+    for a, b in ((p1[-1], p2[-1]), (ema1, ema2)):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
 
 
 def test_resume_after_preemption_equals_uninterrupted_run(codes_dir, tmp_path):

@@ -95,11 +95,12 @@ def tiny_run(tmp_path_factory, fixtures_dir):
 
     root = tmp_path_factory.mktemp("evaluate")
     gpt_cfg = gpt_configs.model_config(gpt_configs.get_config("tiny"))
-    params = nn.unbox(gpt_init(GPT(gpt_cfg), jax.random.key(0)))
+    params = nn.unbox(jax.jit(lambda key: gpt_init(GPT(gpt_cfg), key))(jax.random.key(0)))
     # The output layer starts at zero (uniform logits); perturb it so the samples depend on the class.
     params["output"]["kernel"] = jax.random.normal(jax.random.key(1), params["output"]["kernel"].shape)
     save_params(root / "gpt", params)
-    save_params(root / "tok", tokenizer_init(tokenizer_configs.model_config("tiny"), jax.random.key(2)))
+    tokenizer_cfg = tokenizer_configs.model_config("tiny")
+    save_params(root / "tok", jax.jit(lambda key: tokenizer_init(tokenizer_cfg, key))(jax.random.key(2)))
 
     inception = fixtures_dir / "fid_inception" / "inception_state_dict_fp16.npz"
     images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)

@@ -19,6 +19,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
 from configs.common import MESH_RECIPES, mesh_config, mesh_for
 from detailflow_jax import distributed, sharding
@@ -38,9 +40,10 @@ TIMEOUT_S = 900
 def _launch(out: pathlib.Path, *local_args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "DETAILFLOW_", "JAX_"))}
     env["PYTHON"] = sys.executable
-    log = open(out.with_suffix(".log"), "w")
-    return subprocess.Popen(["bash", "launch/local.sh", *local_args, "--", "tests.multiprocess_worker", "--out", str(out)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = ["bash", "launch/local.sh", *local_args, "--", "tests.multiprocess_worker", "--out", str(out)]
+    with open(out.with_suffix(".log"), "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -51,22 +54,21 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _run_both(base: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """(one process x 8 devices, two processes x 4 devices) output directories; both runs go at once."""
-    base = tmp_path_factory.mktemp("multiprocess")
     one, two = base / "one", base / "two"
     procs = {one: _launch(one, "--fake-devices", "8"), two: _launch(two, "--processes", "2", "--fake-devices", "4")}
     deadline = time.monotonic() + TIMEOUT_S
     try:
+        while time.monotonic() < deadline:
+            codes = [proc.poll() for proc in procs.values()]
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.5)
         for out, proc in procs.items():
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                pass
-            if proc.returncode != 0:
+            if proc.poll() != 0:
                 log = out.with_suffix(".log").read_text()[-6000:]
-                pytest.fail(f"{out.name} run failed (exit {proc.returncode}, {TIMEOUT_S} s limit):\n{log}")
+                pytest.fail(f"{out.name} run failed (exit {proc.returncode}; None: over {TIMEOUT_S} s):\n{log}")
     finally:
         for proc in procs.values():
             _stop(proc)
@@ -78,32 +80,30 @@ def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows]
 
 
-def _assert_same_params(a: pathlib.Path, b: pathlib.Path) -> None:
+def _assert_same_params(a: pathlib.Path, b: pathlib.Path, atol: float) -> None:
     with np.load(a) as x, np.load(b) as y:
         assert sorted(x.files) == sorted(y.files)
         for key in x.files:
-            np.testing.assert_allclose(x[key], y[key], rtol=1e-5, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(x[key], y[key], rtol=1e-5, atol=atol, err_msg=key)
 
 
-@pytest.mark.multiprocess
-def test_two_processes_train_like_one(runs):
-    one, two = runs
+def _check_training_matches(one: pathlib.Path, two: pathlib.Path) -> None:
     steps = list(range(1, worker.FIRST_STEPS + worker.MORE_STEPS + 1))
     # metrics.jsonl is written by process 0 only: each step once, across the stop and the resume.
     tok_one, tok_two = _losses(one / "tokenizer"), _losses(two / "tokenizer")
     assert [s for s, _ in tok_two] == steps and [s for s, _ in tok_one] == steps
     np.testing.assert_allclose([v for _, v in tok_two], [v for _, v in tok_one], rtol=1e-5)
-    _assert_same_params(one / "tokenizer_params.npz", two / "tokenizer_params.npz")
+    # The key-projection biases get gradients of pure rounding noise (softmax ignores them), which Adam turns into
+    # steps of about the learning rate (<= 5e-5 here) with a sign set by the summation order: hence atol 1e-5.
+    _assert_same_params(one / "tokenizer_params.npz", two / "tokenizer_params.npz", atol=1e-5)
 
     gpt_one, gpt_two = (json.loads((d / "gpt_losses.json").read_text()) for d in (one, two))
     assert len(gpt_two) == len(steps)
     np.testing.assert_allclose(gpt_two, gpt_one, rtol=1e-5)
-    _assert_same_params(one / "gpt_params.npz", two / "gpt_params.npz")
+    _assert_same_params(one / "gpt_params.npz", two / "gpt_params.npz", atol=1e-6)
 
 
-@pytest.mark.multiprocess
-def test_checkpoint_of_two_processes_restores_onto_another_mesh(runs):
-    _, two = runs
+def _check_restore_onto_another_mesh(two: pathlib.Path) -> None:
     config = worker.tokenizer_config()
     trainer = TokenizerStep(config, sharding.make_mesh((1, 4, 2)))  # written on (2, 2, 2) by two processes
     checkpointer = Checkpointer(str(two / "tokenizer" / "checkpoints"))
@@ -119,15 +119,23 @@ def test_checkpoint_of_two_processes_restores_onto_another_mesh(runs):
             np.testing.assert_array_equal(value, saved[key], err_msg=key)
 
 
-@pytest.mark.multiprocess
-def test_process_data_slices_are_disjoint_and_cover_the_epoch(runs):
-    one, two = runs
+def _check_data_slices(one: pathlib.Path, two: pathlib.Path) -> None:
+    """The processes' slices of an epoch are disjoint and together cover it."""
     parts = [json.loads((two / f"indices_{p}.json").read_text()) for p in range(2)]
     epoch = worker.tokenizer_config().data.synthetic_examples
     assert len(parts[0]) == len(parts[1]) == epoch // 2
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == list(range(epoch))
     assert sorted(json.loads((one / "indices_0.json").read_text())) == list(range(epoch))
+
+
+@pytest.mark.multiprocess
+def test_two_processes_on_localhost(tmp_path):
+    # One test, not three sharing a fixture: pytest-xdist would run a shared fixture once per worker.
+    one, two = _run_both(tmp_path)
+    _check_training_matches(one, two)
+    _check_restore_onto_another_mesh(two)
+    _check_data_slices(one, two)
 
 
 # ---------------------------------------------------------------------------------------------- mesh validation
@@ -210,6 +218,17 @@ def test_explicit_settings_from_the_environment(fake_initialize, monkeypatch):
     assert distributed.maybe_initialize()
     assert fake_initialize == [(("10.0.0.1:1234", 4, 3, [4, 5, 6, 7]), {})]
     assert distributed.maybe_initialize(process_id=0) and fake_initialize[-1][0][2] == 0  # arguments win
+
+
+def test_explicit_settings_from_command_line_flags(fake_initialize, monkeypatch):
+    monkeypatch.setenv("DETAILFLOW_PROCESS_ID", "0")  # a flag beats the environment
+    flags.FLAGS.mark_as_parsed()
+    try:
+        with flagsaver.flagsaver(coordinator_address="h:1", num_processes=2, process_id=1, local_device_ids=["2"]):
+            assert distributed.maybe_initialize()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert fake_initialize == [(("h:1", 2, 1, [2]), {})]
 
 
 def test_slurm_with_one_task_per_node_gets_all_local_gpus(fake_initialize, monkeypatch):

@@ -56,8 +56,9 @@ def test_ssim_matches_the_skimage_algorithm(settings):
 def test_ssim_is_one_for_identical_images_and_falls_with_noise():
     clean = _smooth_images(1)
     rng = np.random.default_rng(2)
-    scores = [float(ssim_lib.ssim(clean, np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 1).astype(np.float32))[0])
-              for sigma in (0.0, 0.02, 0.1, 0.3)]
+    noisy = [np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 1).astype(np.float32)
+             for sigma in (0.0, 0.02, 0.1, 0.3)]
+    scores = [float(ssim_lib.ssim(clean, x)[0]) for x in noisy]
     assert scores[0] == pytest.approx(1.0, abs=1e-6)
     assert scores[0] > scores[1] > scores[2] > scores[3]
     # data_range=2 (the official call) makes the constants 4x larger, so the same noise scores higher.
@@ -94,7 +95,7 @@ def test_curve_covers_every_admissible_token_count(tiny_tokenizer):
     assert [r["tokens"] for r in rows] == evaluator.tables.token_counts == [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
     assert [r["canvas"] for r in rows] == [evaluator.tables.canvas[t] for t in evaluator.tables.token_counts]
     full = rows[-1]
-    psnr = np.asarray(evaluator._decode_score(params, evaluator._encode(params, images), images, 64, 32)[0])
+    psnr = np.asarray(evaluator.decode_and_score(params, evaluator.encode(params, images), images, 64, 32)[0])
     assert full["psnr"] == pytest.approx(float(psnr[:6].mean()), rel=1e-5)  # padding rows excluded
     assert all(np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 and r["rfid"] is None for r in rows)
     with pytest.raises(ValueError, match="not admissible"):

@@ -30,7 +30,7 @@ class TokenDecoder:
         self.model = DetailFlowTokenizer(tokenizer_config)
         cfg = self.model.cfg
         self.params = tokenizer_params
-        self.tables = ResolutionTables(cfg.image_size, cfg.num_latent_tokens, cfg.group_size, cfg.causal_num)
+        self.tables = ResolutionTables.from_model_config(cfg)
 
     @functools.partial(jax.jit, static_argnums=(0, 3, 4))
     def _decode(self, params, codes, t, canvas):

@@ -81,7 +81,7 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def _complete(data_cfg) -> ml_collections.ConfigDict:
+def complete_config(data_cfg) -> ml_collections.ConfigDict:
     cfg = default_data_config(**dict(data_cfg.items()))
     require(cfg.image_size > 0, "data.image_size", cfg.image_size, "must be positive")
     require(cfg.train_crop in TRAIN_CROPS, "data.train_crop", cfg.train_crop, f"must be one of {TRAIN_CROPS}")
@@ -198,7 +198,7 @@ def _per_process_batch(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
-def _finish(map_ds: grain.MapDataset, batch_size: int, cfg, counter: SkipCounter,
+def finish_dataset(map_ds: grain.MapDataset, batch_size: int, cfg, counter: SkipCounter,
             drop_remainder: bool = True) -> grain.IterDataset:
     """Threads (+ worker processes) -> drop corrupt records in this process -> batch."""
     ds = map_ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
@@ -218,7 +218,7 @@ def train_dataset(source, cfg, batch_size: int, seed: int, process_index: int, p
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source))).seed(seed).shuffle().repeat()
     # Augment before slicing so each element's RNG depends on its global position, not on the process.
     ds = ds.random_map(TrainTransform(cfg.image_size, cfg.train_crop, cfg.flip, cfg.min_crop_frac, cfg.max_crop_frac))
-    return _finish(ds[process_index::process_count], batch_size, cfg, counter)
+    return finish_dataset(ds[process_index::process_count], batch_size, cfg, counter)
 
 
 def eval_dataset(source, cfg, batch_size: int, process_index: int, process_count: int, counter: SkipCounter,
@@ -227,7 +227,7 @@ def eval_dataset(source, cfg, batch_size: int, process_index: int, process_count
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
     ds = ds[:len(ds) // process_count * process_count][process_index::process_count]
     ds = ds.map(EvalTransform(cfg.image_size, cfg.eval_crop, cfg.ten_crop_scale))
-    return _finish(ds, batch_size, cfg, counter, drop_remainder)
+    return finish_dataset(ds, batch_size, cfg, counter, drop_remainder)
 
 
 @dataclasses.dataclass
@@ -257,7 +257,7 @@ class DataStream:
 def make_train_iter(data_cfg, batch_size: int, seed: int, process_index: int | None = None,
                     process_count: int | None = None) -> DataStream:
     """Endless shuffled, augmented training batches of ``batch_size // process_count`` images for this process."""
-    cfg = _complete(data_cfg)
+    cfg = complete_config(data_cfg)
     process_index, process_count = _process_slot(process_index, process_count)
     local_batch = _per_process_batch(batch_size, process_count)
     source, class_names = open_source(cfg, cfg.train_split)
@@ -270,7 +270,7 @@ def make_eval_iter(data_cfg, batch_size: int, process_index: int | None = None, 
                    drop_remainder: bool = True) -> DataStream:
     """One ordered pass of centre-cropped (or ten-cropped) batches; ``drop_remainder=False`` keeps a short last
     batch (the same size on every process)."""
-    cfg = _complete(data_cfg)
+    cfg = complete_config(data_cfg)
     process_index, process_count = _process_slot(process_index, process_count)
     local_batch = _per_process_batch(batch_size, process_count)
     split = cfg.eval_split or DEFAULT_EVAL_SPLIT[cfg.name]

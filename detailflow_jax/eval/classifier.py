@@ -75,6 +75,11 @@ class FashionClassifier(nn.Module):
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
 
+def _from_uint8(images):
+    """uint8 -> float32 in [-1, 1] as the pipeline's ``to_float``; numpy or jax arrays."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
 def to_model_input(images) -> np.ndarray:
     """uint8 [0, 255] or float [-1, 1] (B, 32, 32, 3) -> float32 in [-1, 1] (the pipeline's ``to_float`` scale).
 
@@ -85,7 +90,7 @@ def to_model_input(images) -> np.ndarray:
         raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) (NHWC; Fashion-MNIST padded "
                          f"to 32 with the gray channel repeated, as data.pipeline with pad_to=32), got {images.shape}")
     if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
+        return _from_uint8(images)
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"expected uint8 images in [0, 255] or float images in [-1, 1], got dtype {images.dtype}")
     return np.clip(images.astype(np.float32), -1.0, 1.0)
@@ -132,7 +137,7 @@ def _trainer(model: FashionClassifier, learning_rate: float, steps: int):
     optimizer = adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.01), b2=0.999, clip_norm=None)
 
     def loss_fn(params, images, labels):
-        logits = model.apply({"params": params}, images.astype(jnp.float32) / 127.5 - 1.0)["logits"]
+        logits = model.apply({"params": params}, _from_uint8(images))["logits"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, jnp.mean(logits.argmax(-1) == labels)
 
@@ -151,12 +156,12 @@ def _as_uint8(images) -> np.ndarray:
     return np.rint((x + 1.0) * 127.5).astype(np.uint8)
 
 
-def train_classifier(images, labels, *, steps: int = 1500, batch_size: int = 128, seed: int = 0,
+def train_classifier(images, labels, *, steps: int = 2000, batch_size: int = 128, seed: int = 0,
                      learning_rate: float = 2e-3, model: FashionClassifier | None = None,
                      log_every: int = 250) -> Any:
     """Adam with a cosine decay on shuffled epochs of (images, labels); returns the parameters (plain pytree).
 
-    The defaults (1500 steps of 128 = 3.2 epochs of the 60k training images) reach ~91% on the test split.
+    The defaults (2000 steps of 128 = 4.3 epochs of the 60k training images) reach ~91% on the test split.
     """
     model = model or FashionClassifier()
     images, labels = _as_uint8(images), np.asarray(labels, np.int32)
@@ -185,7 +190,7 @@ def train_classifier(images, labels, *, steps: int = 1500, batch_size: int = 128
 
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, S, S, 3), int32 labels (N,)) of a whole split through the eval pipeline (no augmentation),
-    i.e. exactly the images the trainers see, on the uint8 scale."""
+    i.e. the held-out images the trainers evaluate on, back on the uint8 scale (exactly: they came from uint8)."""
     cfg = ml_collections.ConfigDict(dict(data_cfg.items()))
     cfg.eval_split = split
     stream = make_eval_iter(cfg, 1000, process_index=0, process_count=1, drop_remainder=False)
@@ -204,7 +209,7 @@ def fashion_mnist_config(data_dir: str | None = None) -> ml_collections.ConfigDi
     return default_data_config(name="fashion_mnist", data_dir=data_dir, image_size=IMAGE_SIZE, pad_to=IMAGE_SIZE)
 
 
-def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps: int = 1500,
+def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps: int = 2000,
                              batch_size: int = 128, seed: int = 0) -> tuple[Any, dict]:
     """Restores ``<workdir>/quality_classifier`` if it exists, else trains on the train split, measures the test
     split accuracy and saves both. Returns (params, info) with info = {"test_accuracy", "train_seconds", "steps",

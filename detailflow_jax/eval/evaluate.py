@@ -1,9 +1,16 @@
 """Generation evaluation: sample K images, pack them as an ADM ``.npz`` and score them (IS, FID, sFID, precision,
 recall) against an ADM reference batch, in one resumable run.
 
-    python -m detailflow_jax.eval.evaluate --tokenizer TOK --gpt GPT --inception INCEPTION \
+    python -m detailflow_jax.eval.evaluate --gpt workdir/ar --inception INCEPTION \
         --reference VIRTUAL_imagenet256_labeled.npz --out DIR [--num_samples 50000] [--labels random|per_class] \
         [--cfg_scale 1.45 --top_k 0 --top_p 1.0 --temperature 1.0 --seed 0 --batch_size 256]
+    python -m detailflow_jax.eval.evaluate --gpt /ckpt/gpt_l_128 --gpt_config configs/gpt.py:L/128 \
+        --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 --inception INCEPTION \
+        --reference VIRTUAL_imagenet256_labeled.npz --out DIR --cfg_scale 1.45
+
+``--gpt`` / ``--tokenizer`` take training work directories or converted parameter directories, loaded as
+``eval/sample.py`` does (``load_generator``; sampling settings default to the GPT config's ``sampling`` section).
+``INCEPTION`` is the orbax directory of ``python -m detailflow_jax.convert.inception`` or the pytorch-fid ``.pth``.
 
 Labels: ``random`` draws K labels uniformly (the official DetailFlow/LlamaGen protocol, spec §4.3); ``per_class``
 gives every class K / num_classes samples (VAR, MAR, TiTok; 50 per class at K = 50,000), interleaved (0, 1, ..., 999,
@@ -101,12 +108,13 @@ def _atomic_savez(path: str, **arrays) -> None:
 
 
 def _chunk_is_done(path: str, labels: np.ndarray) -> bool:
-    """A chunk counts as done when its file holds exactly the expected labels (else it is regenerated)."""
+    """A chunk counts as done when its file holds exactly the expected labels (else it is regenerated). Chunks are
+    written whole and atomically, so the images need not be read here."""
     if not os.path.exists(path):
         return False
     try:
         with np.load(path) as data:
-            return data["images"].shape[0] == len(labels) and np.array_equal(data["labels"], labels)
+            return np.array_equal(data["labels"], labels)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
 
@@ -133,11 +141,12 @@ def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, o
     main = distributed.is_main_process()
     bar = tqdm(total=plan.num_samples, initial=initial, desc="sampling", unit="img", disable=not main,
                dynamic_ncols=True)
-    generated, new_chunks, start_time = 0, 0, time.perf_counter()
+    generated, new_chunks, stopped, start_time = 0, 0, False, time.perf_counter()
     for chunk in range(plan.num_chunks):
         if done[chunk]:
             continue
         if stop_after_chunks is not None and new_chunks >= stop_after_chunks:
+            stopped = True
             break
         chunk_labels = expected[chunk]
         images = []
@@ -154,8 +163,7 @@ def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, o
             _atomic_savez(chunk_path(out_dir, chunk), images=np.concatenate(images), labels=chunk_labels)
         new_chunks += 1
     bar.close()
-    complete = all(done) or new_chunks == int((~done).sum())
-    return {"generated": generated, "seconds": time.perf_counter() - start_time, "complete": complete}
+    return {"generated": generated, "seconds": time.perf_counter() - start_time, "complete": not stopped}
 
 
 def iter_chunk_images(out_dir: str, plan: ChunkPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -167,7 +175,7 @@ def iter_chunk_images(out_dir: str, plan: ChunkPlan) -> Iterator[tuple[np.ndarra
 
 def _write_npy_header(f, shape: tuple[int, ...], dtype) -> None:
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_2_0(f, header)
+    np.lib.format.write_array_header_1_0(f, header)
 
 
 def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
@@ -177,15 +185,17 @@ def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
         image_shape = data["images"].shape[1:]
     shape = (plan.num_samples, *image_shape)
     tmp = f"{path}.tmp"
+    labels = []
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # zip64: the size is unknown up front
             _write_npy_header(f, shape, np.uint8)
-            for images, _ in iter_chunk_images(out_dir, plan):
+            for images, chunk_labels in iter_chunk_images(out_dir, plan):
                 if images.shape[1:] != image_shape or images.dtype != np.uint8:
                     raise ValueError(f"chunk images {images.dtype} {images.shape} differ from {image_shape} uint8")
                 f.write(np.ascontiguousarray(images).tobytes())
+                labels.append(chunk_labels)
         with zf.open("labels.npy", "w") as f:
-            np.lib.format.write_array(f, np.concatenate([lab for _, lab in iter_chunk_images(out_dir, plan)]))
+            np.lib.format.write_array(f, np.concatenate(labels))
     os.replace(tmp, path)
     return shape
 
@@ -351,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         seed=args.seed, batch_size=batch_size, chunk_size=chunk_size, **sampling,
         inception=args.inception, preprocess=args.preprocess, reference=args.reference,
         inception_batch_size=args.inception_batch_size, devices=jax.device_count(), processes=jax.process_count())
+    check_settings(args.out, settings)  # before loading the Inception: a refused resume fails fast
     with_metrics = not args.no_metrics and distributed.is_main_process()
     extractor = inception_extractor(args.inception, args.preprocess) if with_metrics else None
     return run_evaluation(generator.generate, extractor, settings, args.out, args.stop_after_chunks)

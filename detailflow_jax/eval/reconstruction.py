@@ -31,11 +31,11 @@ class ReconstructionEvaluator:
         self.tables = tables or ResolutionTables.from_model_config(self.model.cfg)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _encode(self, params, images):
+    def encode(self, params, images):
         return self.model.apply({"params": params}, images, method="encode")["quant"]
 
     @functools.partial(jax.jit, static_argnums=(0, 4))
-    def _decode_score(self, params, quant, images, canvas, t):
+    def decode_and_score(self, params, quant, images, canvas, t):
         recon = self.model.apply({"params": params}, quant, t, canvas, method="decode")
         full = images.shape[1]
         if canvas != full:
@@ -44,15 +44,15 @@ class ReconstructionEvaluator:
 
     def reconstruct(self, params, images, t: int) -> jax.Array:
         """(B, R, R, 3) reconstructions from the first t tokens, up-sampled to R."""
-        quant = self._encode(params, images)
-        return self._decode_score(params, quant, images, self.tables.canvas[t], t)[1]
+        quant = self.encode(params, images)
+        return self.decode_and_score(params, quant, images, self.tables.canvas[t], t)[1]
 
     def psnr_curve(self, params, batches: Sequence[jax.Array], counts: Sequence[int] | None = None) -> dict[int, float]:
         """{t: mean PSNR over all images of ``batches``} for every admissible t (or ``counts``)."""
         counts = list(self.tables.token_counts if counts is None else counts)
         totals = {t: [] for t in counts}
         for images in batches:
-            quant = self._encode(params, images)
+            quant = self.encode(params, images)
             for t in counts:
-                totals[t].append(np.asarray(self._decode_score(params, quant, images, self.tables.canvas[t], t)[0]))
+                totals[t].append(np.asarray(self.decode_and_score(params, quant, images, self.tables.canvas[t], t)[0]))
         return {t: float(np.mean(np.concatenate(v))) for t, v in totals.items()}

@@ -217,7 +217,9 @@ def _define_flags():
 
 def main(argv) -> None:
     from absl import flags
+    from absl import logging as absl_logging
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore through absl at INFO
     f = flags.FLAGS
     if not f.gpt or not f.out:
         sys.exit(f"{__doc__.strip()}\n\nerror: --gpt and --out are required")

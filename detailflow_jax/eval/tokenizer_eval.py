@@ -67,7 +67,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 @jax.jit
 def _to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] -> uint8 with the official truncation (``ar.images.to_uint8``), on device."""
+    """[-1, 1] -> uint8 with the official truncation, as ``ar.images.to_uint8`` but on device (the result feeds the
+    Inception, so it stays a sharded global array)."""
     return jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
 
 
@@ -117,11 +118,11 @@ def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches:
                distributed.is_main_process()), dynamic_ncols=True)
     for images, keep in batches:
         keep = np.asarray(keep, bool)
-        quant = evaluator._encode(params, images)
+        quant = evaluator.encode(params, images)
         if extractor is not None:
             acc.real.update(_to_host(extractor(_to_uint8(images))["pool"])[keep])
         for t in counts:
-            psnr, recon = evaluator._decode_score(params, quant, images, tables.canvas[t], t)
+            psnr, recon = evaluator.decode_and_score(params, quant, images, tables.canvas[t], t)
             recon_u8 = _to_uint8(recon)
             acc.psnr[t].append(_to_host(psnr)[keep])
             acc.ssim[t].append(_to_host(ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings))[keep])
@@ -237,7 +238,6 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
             py = y1 - (v - y_lo) / (y_hi - y_lo) * (y1 - y0)
             return px, py
 
-        draw.rectangle([x0, y0, x1, y1], outline="black")
         for v in ticks:
             _, py = to_px(min(tokens), v)
             draw.line([x0 - 4, py, x0, py], fill="black")
@@ -249,6 +249,7 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
             draw.text((px, y1 + 6), str(2 ** p), fill="black", font=font, anchor="mt")
         draw.text(((x0 + x1) / 2, y1 + 22), "tokens (log scale)", fill="black", font=font, anchor="mt")
         draw.text(((x0 + x1) / 2, y0 - 8), f"{names[metric]} vs tokens", fill="black", font=font, anchor="mb")
+        draw.rectangle([x0, y0, x1, y1], outline="black")  # after the grid lines, which would cover it
         pixels = [to_px(t, v) for t, v in points]
         if len(pixels) > 1:
             draw.line(pixels, fill=colours[metric], width=2)
@@ -287,7 +288,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token_counts", help="comma-separated token counts (default: every admissible count)")
     p.add_argument("--official_ssim", action="store_true",
                    help="SSIM as the official script computes it (skimage defaults, data_range=2.0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_images is not None and args.num_images < 1:
+        p.error(f"--num_images {args.num_images}: must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

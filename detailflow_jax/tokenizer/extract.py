@@ -18,7 +18,7 @@ files, so rerunning the command after an interruption only does the missing ones
 
 from __future__ import annotations
 
-import logging
+import glob
 import os
 import sys
 import time
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from detailflow_jax import distributed, sharding
 from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import codes as codes_lib
-from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, _complete, _finish
+from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, complete_config, finish_dataset
 from detailflow_jax.data.sources import open_source
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import sample_noise_span
@@ -41,9 +41,8 @@ from detailflow_jax.tokenizer.model import DetailFlowTokenizer
 from detailflow_jax.train import cli
 from detailflow_jax.train.weights import load_tokenizer
 
-log = logging.getLogger(__name__)
-
 VIEW_MODES = {"center": 1, "center_flip": 2, "ten_crop": 10}
+_SPEED_FIELDS = ("num_threads", "prefetch", "num_workers")  # data fields that do not change the images
 
 
 def noise_spans(seed: int, indices: np.ndarray, num_tokens: int, group_size: int, causal_num: int) -> np.ndarray:
@@ -87,8 +86,9 @@ class CodeExtractor:
 
         return jax.vmap(one_image)(images, spans, indices)
 
-    def __call__(self, images: np.ndarray, spans: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(jax.device_get(self._fn(self.params, images, spans, indices)))
+    def __call__(self, images: np.ndarray, spans: np.ndarray, indices: np.ndarray) -> jax.Array:
+        """Dispatches one batch (asynchronously; read the result with np.asarray)."""
+        return self._fn(self.params, images, spans, indices)
 
 
 def chunk_bounds(chunk: int, chunk_size: int, num_images: int) -> tuple[int, int]:
@@ -103,7 +103,7 @@ def _metadata(config, data_cfg, model_cfg, tokenizer: str, num_images: int, clas
         num_classes=len(class_names), class_names=list(class_names), image_size=m.image_size,
         chunk_size=ex.chunk_size, num_chunks=-(-num_images // ex.chunk_size), seed=ex.seed,
         tokenizer={"path": os.path.abspath(tokenizer), "model": model_cfg.to_dict()},
-        data=data_cfg.to_dict(), split=ex.split)
+        data={k: v for k, v in data_cfg.items() if k not in _SPEED_FIELDS}, split=ex.split)
 
 
 def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata) -> None:
@@ -122,7 +122,7 @@ def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata) -> None:
 
 
 def _data_config(config) -> ml_collections.ConfigDict:
-    data_cfg = _complete(config.extract.data)
+    data_cfg = complete_config(config.extract.data)
     # The view mode decides the crop: the official ten-crop, or the ADM centre crop.
     data_cfg.eval_crop = "ten_crop" if config.extract.views == "ten_crop" else "center"
     return data_cfg
@@ -131,7 +131,7 @@ def _data_config(config) -> ml_collections.ConfigDict:
 def _chunk_batches(source, data_cfg, start: int, stop: int, batch_size: int):
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))[start:stop]
     ds = ds.map(EvalTransform(data_cfg.image_size, data_cfg.eval_crop, data_cfg.ten_crop_scale))
-    return iter(_finish(ds, batch_size, data_cfg, SkipCounter(), drop_remainder=False))
+    return iter(finish_dataset(ds, batch_size, data_cfg, SkipCounter(), drop_remainder=False))
 
 
 def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
@@ -151,16 +151,22 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     if ex.dtype:
         model_cfg.dtype = ex.dtype
     m = validate(model_cfg)
+    require(m.codebook_size <= 2 ** 15, "codebook_size", m.codebook_size, "codes are stored as int16 (at most 32768)")
     require(data_cfg.image_size == m.image_size, "extract.data.image_size", data_cfg.image_size,
             f"must equal the tokenizer's image_size={m.image_size}")
     source, class_names = open_source(data_cfg, ex.split)
-    meta = _metadata(config, data_cfg, model_cfg, tokenizer, len(source), class_names)
+    require(ex.max_images >= 0, "extract.max_images", ex.max_images, "must be >= 0 (0 = the whole split)")
+    num_images = min(len(source), ex.max_images or len(source))
+    meta = _metadata(config, data_cfg, model_cfg, tokenizer, num_images, class_names)
     out = os.path.abspath(out)
     _write_or_check_metadata(out, meta)
     os.makedirs(out, exist_ok=True)
 
     mine = range(jax.process_index(), meta.num_chunks, jax.process_count())
     todo = [c for c in mine if not os.path.isfile(codes_lib.chunk_path(out, c, meta.num_chunks))]
+    for chunk in todo:  # partial files of a killed run
+        for stale in glob.glob(codes_lib.chunk_path(out, chunk, meta.num_chunks) + ".tmp-*"):
+            os.remove(stale)
     extractor = CodeExtractor(model_cfg, params, mesh, ex.seed)
     bounds = {c: chunk_bounds(c, ex.chunk_size, meta.num_images) for c in todo}
     total = sum(stop - start for start, stop in bounds.values())
@@ -168,7 +174,15 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     written, begin = 0, time.perf_counter()
     for chunk in todo:
         writer = codes_lib.ChunkWriter(out, chunk, meta.num_chunks)
+
+        def write(pending):  # the previous batch's codes, read only after the next batch is dispatched
+            codes, batch = pending
+            for index, label, c in zip(batch["index"], batch["label"], np.asarray(codes)):
+                writer.write(int(index), int(label), c)
+            bar.update(len(batch["index"]))
+
         try:
+            pending = None
             for batch in _chunk_batches(source, data_cfg, *bounds[chunk], ex.batch_size):
                 images, n = as_views(batch["image"], ex.views), len(batch["index"])
                 pad = ex.batch_size - n  # the last batch of a chunk: pad to the compiled shape, drop afterwards
@@ -176,9 +190,11 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
                 images = np.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
                 spans = noise_spans(ex.seed, indices, m.num_latent_tokens, m.group_size, m.causal_num)
                 codes = extractor(images, spans, indices)[:n]
-                for index, label, c in zip(batch["index"], batch["label"], codes):
-                    writer.write(int(index), int(label), c)
-                bar.update(n)
+                if pending is not None:
+                    write(pending)
+                pending = (codes, batch)
+            if pending is not None:
+                write(pending)
             writer.commit()
         except BaseException:
             writer.abort()
@@ -200,7 +216,9 @@ def _define_flags():
 
 def main(argv) -> None:
     from absl import flags
+    from absl import logging as absl_logging
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore through absl at INFO
     f = flags.FLAGS
     if f.config is None:
         sys.exit(f"{__doc__.strip()}\n\nerror: --config is required")

@@ -52,8 +52,9 @@ def model_section(path: str, config_spec: str | None, what: str) -> ml_collectio
         return load_config_file(config_spec).model
     if is_training_workdir(path):
         return workdir_config(path).model
+    example = "configs/gpt.py:L/128" if what == "gpt" else "configs/tokenizer.py:DF-16"
     raise ValueError(f"{path} is a converted {what} parameter directory: pass its model config as well "
-                     f"(--{what}_config FILE.py:ARG, e.g. configs/{'gpt.py:L/128' if what == 'gpt' else 'tokenizer.py:DF-16'})")
+                     f"(--{what}_config FILE.py:ARG, e.g. {example})")
 
 
 def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = None) -> Any:

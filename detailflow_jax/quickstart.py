@@ -1,0 +1,167 @@
+"""The main job: Fashion-MNIST from images to generated images, coarse to fine, on one machine.
+
+    python -m detailflow_jax.quickstart --workdir workdir/fashion_mnist      (launch/quickstart.sh installs first)
+
+Stages, each resumable (a rerun skips finished stages and continues an interrupted one from its checkpoint):
+  1. tokenizer   train the DetailFlow tokenizer (configs/tokenizer_fashion_mnist.py)      -> tokenizer/
+  2. codes       extract codes + self-correction triples of the training images          -> codes/
+  3. gpt         train the class-conditional group-parallel GPT (configs/ar_fashion_mnist.py) -> gpt/
+  4. samples     class-conditional samples (rows = classes) and a coarse-to-fine strip  -> samples/
+  5. quality     a Fashion-MNIST classifier scores GPT samples, tokenizer reconstructions and an untrained GPT
+                 (accuracy w.r.t. the requested class, Fréchet distance of classifier features) -> quality.json
+Wall time per stage goes to timings.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from configs import ar_fashion_mnist, tokenizer_fashion_mnist
+from detailflow_jax import sharding
+from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.eval import classifier, quality
+from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.eval.sample import load_generator, sample
+from detailflow_jax.tokenizer.extract import extract_codes
+from detailflow_jax.train import ar as ar_train
+from detailflow_jax.train import tokenizer as tokenizer_train
+from detailflow_jax.train.ar_step import ARStep
+from detailflow_jax.train.weights import load_tokenizer
+
+DEFAULT_WORKDIR = "workdir/fashion_mnist"
+_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "tokenizer training steps (0: the recipe's)")
+_GPT_STEPS = flags.DEFINE_integer("gpt_steps", 0, "GPT training steps (0: the recipe's)")
+_EXTRACT_IMAGES = flags.DEFINE_integer("extract_images", 0, "training images to extract codes from (0: the recipe's)")
+_QUALITY_SAMPLES = flags.DEFINE_integer("quality_samples", 1000, "generated images scored by the quality check")
+_SMOKE = flags.DEFINE_bool("smoke", False, "tiny models on synthetic data (a test of the plumbing, not of quality)")
+
+
+class Stages:
+    """Runs named stages once: a finished stage leaves ``.done/<name>`` with its wall time."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.done_dir = os.path.join(workdir, ".done")
+        os.makedirs(self.done_dir, exist_ok=True)
+
+    def run(self, name: str, fn) -> float:
+        marker = os.path.join(self.done_dir, name)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                seconds = float(f.read() or 0)
+            print(f"== {name}: done already ({seconds:.0f} s), skipped", flush=True)
+            return seconds
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        with open(marker, "w") as f:
+            f.write(f"{seconds:.1f}")
+        print(f"== {name}: {seconds:.0f} s", flush=True)
+        return seconds
+
+
+def configs(workdir: str, smoke: bool):
+    tok = tokenizer_fashion_mnist.get_config("smoke" if smoke else None)
+    ar = ar_fashion_mnist.get_config("smoke" if smoke else None)
+    if _TOKENIZER_STEPS.value:
+        tok.total_steps = _TOKENIZER_STEPS.value
+    if _GPT_STEPS.value:
+        ar.total_steps = _GPT_STEPS.value
+    if _EXTRACT_IMAGES.value:
+        ar.extract.max_images = _EXTRACT_IMAGES.value
+    ar.codes_dir = os.path.join(workdir, "codes")
+    ar.tokenizer = os.path.join(workdir, "tokenizer")
+    return tok, ar
+
+
+def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool) -> dict:
+    """Classifier accuracy and Fréchet distance for GPT samples, tokenizer reconstructions and an untrained GPT."""
+    data_cfg = classifier.fashion_mnist_config()
+    if smoke:  # plumbing only: a short classifier on the synthetic images the smoke models were trained on
+        data_cfg = tok_cfg.data
+    params, info = classifier.load_or_train_classifier(workdir, data_cfg, steps=50 if smoke else 2000)
+    test_images, test_labels = classifier.load_split(data_cfg, data_cfg.eval_split or "test")
+    (_, _), (held_images, held_labels) = quality.split_real(test_images, test_labels)
+
+    mesh = sharding.make_mesh((-1, 1, 1))
+    tok_model_cfg, tok_params = load_tokenizer(os.path.join(workdir, "tokenizer"), mesh)
+    evaluator = ReconstructionEvaluator(tok_model_cfg)
+    recon, batch = [], 100 * jax.device_count()
+    for start in range(0, len(held_images), batch):
+        chunk = held_images[start:start + batch]
+        pad = (-len(chunk)) % jax.device_count()
+        x = np.concatenate([chunk, chunk[:pad]]).astype(np.float32) / 127.5 - 1.0
+        out = evaluator.reconstruct(tok_params, jax.device_put(x, sharding.batch_sharding(mesh, 4)),
+                                    evaluator.tables.num_tokens)
+        recon.append(np.asarray(out)[:len(chunk)])
+    recon = np.concatenate(recon)
+
+    generator, _ = load_generator(os.path.join(workdir, "gpt"), mesh)
+    num_classes = generator.gpt_cfg.num_classes
+    k = max(_QUALITY_SAMPLES.value // num_classes, 1) * num_classes
+    labels = np.tile(np.arange(num_classes, dtype=np.int32), k // num_classes)
+    batch = 100 if k >= 100 else k
+    key = jax.random.key(1234)
+    trained = generator.many(labels, key, batch)
+    untrained_params, _ = ARStep(ar_cfg, mesh).init(seed=ar_cfg.seed + 1)
+    untrained = generator.in_batches(
+        labels, batch, lambda b, i: generator.generate(b, jax.random.fold_in(key, i), untrained_params["params"]))
+    return quality.quality_report(
+        params, {"GPT samples": (trained, labels), "tokenizer reconstructions (all tokens)": (recon, held_labels),
+                 "untrained GPT samples": (untrained, labels)},
+        test_images, test_labels, classifier_accuracy=info["test_accuracy"],
+        path=os.path.join(workdir, "quality.json"))
+
+
+def run_main_job(workdir: str, smoke: bool = False) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    tok_cfg, ar_cfg = configs(workdir, smoke)
+    stages = Stages(workdir)
+    timings = {
+        "tokenizer": stages.run("tokenizer", lambda: tokenizer_train.train(tok_cfg, os.path.join(workdir, "tokenizer"))),
+        "codes": stages.run("codes", lambda: extract_codes(ar_cfg, os.path.join(workdir, "tokenizer"),
+                                                           ar_cfg.codes_dir)),
+        "gpt": stages.run("gpt", lambda: ar_train.train(ar_cfg, os.path.join(workdir, "gpt"))),
+        "samples": stages.run("samples", lambda: sample(os.path.join(workdir, "gpt"), os.path.join(workdir, "samples"),
+                                                        num_per_class=10)),
+        "quality": stages.run("quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke)),
+    }
+    timings["total"] = sum(timings.values())
+    with open(os.path.join(workdir, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1)
+    return timings
+
+
+def main(argv) -> None:
+    del argv
+    workdir = os.path.abspath(flags.FLAGS.workdir or DEFAULT_WORKDIR)  # --workdir is defined by train.cli
+    try:
+        timings = run_main_job(workdir, _SMOKE.value)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    report = os.path.join(workdir, "quality.json")
+    if os.path.exists(report):
+        with open(report) as f:
+            print(quality.format_table(json.load(f)))
+    print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"\nresults in {workdir}:")
+    for path, what in (("samples/samples.png", "class-conditional samples (rows = classes)"),
+                       ("samples/coarse_to_fine.png", "coarse-to-fine: one sample per class from its first t tokens"),
+                       ("tokenizer/images", "tokenizer reconstructions and coarse-to-fine strips during training"),
+                       ("tokenizer/reconstruction_psnr.json", "tokenizer PSNR per token count"),
+                       ("quality.json", "the quality table"), ("timings.json", "wall time per stage"),
+                       ("tokenizer/checkpoints", "checkpoints"), ("gpt/checkpoints", "checkpoints"),
+                       ("tokenizer/metrics.jsonl", "training metrics (also gpt/metrics.jsonl, TensorBoard)")):
+        print(f"  {os.path.join(workdir, path):<60} {what}")
+
+
+if __name__ == "__main__":
+    app.run(main)
