@@ -29,6 +29,8 @@ def get_config(arg: str | None = None):
     c = common.ar_training(gpt, data, views="center_flip")
     c.codes_dir = "workdir/codes"
     c.extract.batch_size = 256
+    c.extract.max_images = 20_000  # a third of the training split keeps extraction to a few CPU minutes
+    c.extract.chunk_size = 5_000
     c.batch_size = 64
     c.total_steps = arg.steps
     c.optim.lr = 1e-3

@@ -1,4 +1,4 @@
-"""Shared config pieces: the device mesh and its recipes for common slices.
+"""Shared config pieces: the device mesh with its recipes for common slices, and the training fields of the recipes.
 
 ``config.mesh`` holds the sizes of the mesh axes ``(data, fsdp, tensor)``; -1 means "the rest of the devices". The
 trainers resolve it against the device count and check every sharded dimension (parameters, batch) before anything is
@@ -79,14 +79,6 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     return c
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "mesh-flags":
-        sys.exit(f"usage: python -m configs.common mesh-flags NAME   (NAME: {', '.join(MESH_RECIPES)})")
-    try:
-        print(" ".join(mesh_overrides(sys.argv[2])))
-    except KeyError as e:
-        sys.exit(f"error: {e.args[0]}")
-
 
 def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.ConfigDict,
                 views: str) -> ml_collections.ConfigDict:
@@ -125,3 +117,12 @@ def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.Con
     c.samples_per_class = 8
     c.sample_seed = 0
     return c
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "mesh-flags":
+        sys.exit(f"usage: python -m configs.common mesh-flags NAME   (NAME: {', '.join(MESH_RECIPES)})")
+    try:
+        print(" ".join(mesh_overrides(sys.argv[2])))
+    except KeyError as e:
+        sys.exit(f"error: {e.args[0]}")

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from detailflow_jax.config_lib import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -37,7 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(ConfigError):
     """A mesh that cannot be built on the devices at hand, or that does not divide a sharded dimension."""
 
 

@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two pytest workers on two cores: a multi-threaded BLAS in each (FID's 2048x2048 eigh) only oversubscribes.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("DETAILFLOW_DISTRIBUTED", "0")  # never start jax.distributed inside a SLURM job's tests
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from detailflow_jax.convert.params_io import save_params
+from detailflow_jax.data.pipeline import default_data_config
 from detailflow_jax.eval import classifier, quality
 
 NUM_SYNTHETIC_CLASSES = 3
@@ -126,18 +126,19 @@ def test_bad_inputs_are_explained(trained):
                                np.zeros(8), echo=False)
 
 
-def test_load_or_train_restores_a_saved_classifier(trained, tmp_path):
-    root = tmp_path / classifier.CLASSIFIER_DIR
-    save_params(root / "params", trained)
-    info = {"test_accuracy": 0.91, "train_seconds": 60.0, "steps": 120, "batch_size": 32, "seed": 0,
-            "test_images": 10000}
-    (root / "info.json").write_text(json.dumps(info))
-    params, loaded = classifier.load_or_train_classifier(tmp_path)  # would train on Fashion-MNIST if not restored
-    assert loaded == info
-    images = stripes(8, seed=4)[0]
-    np.testing.assert_array_equal(classifier.classify(params, images)["logits"],
-                                  classifier.classify(trained, images)["logits"])
-    wrong_size = classifier.fashion_mnist_config()
-    wrong_size.image_size = 64
-    with pytest.raises(ValueError, match="Fashion-MNIST at 32x32"):
-        classifier.load_or_train_classifier(tmp_path, wrong_size)
+def test_load_or_train_trains_once_then_restores(tmp_path):
+    # The synthetic source (what smoke runs use) stands in for Fashion-MNIST; 64 images cap the batch at 64.
+    data_cfg = default_data_config(name="synthetic", image_size=32, synthetic_examples=64, num_threads=2)
+    params, info = classifier.load_or_train_classifier(tmp_path, data_cfg, steps=3)
+    assert set(info) == {"test_accuracy", "train_seconds", "steps", "batch_size", "seed", "test_images"}
+    assert (info["steps"], info["batch_size"], info["test_images"]) == (3, 64, 64)
+    val_images, val_labels = classifier.load_split(data_cfg, "val")
+    assert info["test_accuracy"] == classifier.accuracy(params, val_images, val_labels)
+    assert (tmp_path / classifier.CLASSIFIER_DIR / "params").is_dir()
+
+    restored, restored_info = classifier.load_or_train_classifier(tmp_path, data_cfg, steps=1000)  # no training
+    assert restored_info == info
+    np.testing.assert_array_equal(classifier.classify(restored, val_images)["logits"],
+                                  classifier.classify(params, val_images)["logits"])
+    with pytest.raises(ValueError, match="takes 32x32 images"):
+        classifier.load_or_train_classifier(tmp_path, default_data_config(name="synthetic", image_size=64))

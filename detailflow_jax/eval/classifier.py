@@ -1,13 +1,13 @@
 """A small Fashion-MNIST CNN whose accuracy and penultimate features judge generated 32x32 images.
 
-Inception features (FID) are meaningless on 32x32 gray clothing, so the quality check of the Fashion-MNIST runs uses a
+Inception features (FID) are a poor fit for 32x32 gray clothing, so the quality check of the Fashion-MNIST runs uses a
 classifier trained on the same data instead: the accuracy of generated images w.r.t. their requested class, and the
 Fréchet distance between its ``FEATURE_DIM``-d penultimate features of generated and real images (``eval/quality``).
 
 Images are what ``data.pipeline`` yields for ``name="fashion_mnist", pad_to=32, image_size=32``: (B, 32, 32, 3) NHWC,
 the gray channel repeated, either uint8 or float in [-1, 1].
 
-    params, info = load_or_train_classifier(workdir, data_cfg)   # trains once (about a minute on 2 CPU cores)
+    params, info = load_or_train_classifier(workdir, data_cfg)   # trains once: ~150 s of CPU time, 91% test accuracy
     out = classify(params, images)                               # {"logits": (B, 10), "features": (B, 128)}
 """
 
@@ -29,6 +29,7 @@ import optax
 
 from detailflow_jax.convert.params_io import restore_params, save_params
 from detailflow_jax.data.pipeline import default_data_config, make_eval_iter
+from detailflow_jax.data.sources import DEFAULT_EVAL_SPLIT
 from detailflow_jax.train.optim import adam
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ CLASSIFIER_DIR = "quality_classifier"  # under the work directory: params/ (orba
 class FashionClassifier(nn.Module):
     """A stride-2 4x4 stem (32 -> 16), two conv/ReLU/max-pool stages (16 -> 8 -> 4), a ReLU feature layer, logits.
 
-    The strided stem instead of a full-resolution conv + pool keeps a training step cheap on CPU (~3x fewer FLOPs)
-    at no measurable cost in accuracy. Every parameter is replicated (logical names None): ~0.16M parameters.
+    The strided stem instead of a full-resolution conv + pool makes a training step ~3x cheaper on CPU; at equal
+    steps it costs about one point of test accuracy, which the few extra default steps recover. Every parameter is
+    replicated (logical names None): ~0.16M parameters.
     """
     num_classes: int = NUM_CLASSES
     stem_width: int = 32
@@ -211,17 +213,19 @@ def fashion_mnist_config(data_dir: str | None = None) -> ml_collections.ConfigDi
 
 def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps: int = 2000,
                              batch_size: int = 128, seed: int = 0) -> tuple[Any, dict]:
-    """Restores ``<workdir>/quality_classifier`` if it exists, else trains on the train split, measures the test
-    split accuracy and saves both. Returns (params, info) with info = {"test_accuracy", "train_seconds", "steps",
-    "batch_size", "seed", "test_images"}.
+    """Restores ``<workdir>/quality_classifier`` if it exists, else trains on the train split, measures the
+    accuracy on the held-out split and saves both. Returns (params, info) with info = {"test_accuracy",
+    "train_seconds", "steps", "batch_size", "seed", "test_images"}.
 
-    ``data_cfg`` must describe 32x32 RGB Fashion-MNIST (default ``fashion_mnist_config()``). The first call of a run
-    trains; a resumed run restores. Single-process (call it on every process or only the main one, not mixed).
+    ``data_cfg``: 32x32 RGB Fashion-MNIST (default ``fashion_mnist_config()``); any other 32x32 source (e.g. the
+    synthetic one of smoke runs) works too, but only Fashion-MNIST makes the scores meaningful. ``batch_size`` is
+    capped at the number of training images. The first call of a run trains; a resumed run restores.
+    Single-process (call it on every process or only the main one, not mixed).
     """
     data_cfg = data_cfg if data_cfg is not None else fashion_mnist_config()
-    if data_cfg.name != "fashion_mnist" or data_cfg.image_size != IMAGE_SIZE:
-        raise ValueError(f"the quality classifier is trained on Fashion-MNIST at {IMAGE_SIZE}x{IMAGE_SIZE}; got "
-                         f"data name={data_cfg.name!r}, image_size={data_cfg.image_size} (use fashion_mnist_config())")
+    if data_cfg.image_size != IMAGE_SIZE:
+        raise ValueError(f"the quality classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images; got data image_size="
+                         f"{data_cfg.image_size} (use fashion_mnist_config(): Fashion-MNIST padded to 32)")
     root = os.path.join(os.fspath(workdir), CLASSIFIER_DIR)
     params_dir, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
     if os.path.isdir(params_dir):
@@ -232,15 +236,16 @@ def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps
         info = {"steps": None, "batch_size": None, "seed": None, "train_seconds": None}  # saved by an older run
     else:
         train_images, train_labels = load_split(data_cfg, data_cfg.train_split)
+        batch_size = min(batch_size, len(train_labels))
         start = time.perf_counter()
         params = train_classifier(train_images, train_labels, steps=steps, batch_size=batch_size, seed=seed)
         params = jax.block_until_ready(params)
         info = {"steps": steps, "batch_size": batch_size, "seed": seed,
                 "train_seconds": round(time.perf_counter() - start, 1)}
         save_params(params_dir, params)
-    test_images, test_labels = load_split(data_cfg, "test")
+    test_images, test_labels = load_split(data_cfg, data_cfg.get("eval_split") or DEFAULT_EVAL_SPLIT[data_cfg.name])
     info.update(test_accuracy=accuracy(params, test_images, test_labels), test_images=len(test_labels))
-    log.info("quality classifier: %.2f%% on %d test images", 100 * info["test_accuracy"], len(test_labels))
+    log.info("quality classifier: %.2f%% on %d held-out images", 100 * info["test_accuracy"], len(test_labels))
     with open(info_path, "w") as f:
         json.dump(info, f, indent=2)
     return params, info

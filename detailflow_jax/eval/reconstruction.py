@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import distributed
 from detailflow_jax.nn.resample import bicubic_resize
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
 from detailflow_jax.tokenizer.resolution import ResolutionTables
@@ -54,5 +55,6 @@ class ReconstructionEvaluator:
         for images in batches:
             quant = self.encode(params, images)
             for t in counts:
-                totals[t].append(np.asarray(self.decode_and_score(params, quant, images, self.tables.canvas[t], t)[0]))
+                scores = self.decode_and_score(params, quant, images, self.tables.canvas[t], t)[0]
+                totals[t].append(distributed.to_host(scores))  # all processes' images
         return {t: float(np.mean(np.concatenate(v))) for t, v in totals.items()}

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import jax
 import ml_collections
 
 from detailflow_jax import distributed, sharding
-from detailflow_jax.config_lib import ConfigError, require
+from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.eval.sample import ImageGenerator, default_classes, round_up, sampling_settings
@@ -127,13 +126,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     return state
 
 
-def main(argv) -> None:
-    config, workdir = cli.parse(argv, __doc__)
-    try:
-        train(config, workdir)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-
-
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(cli.train_main(__doc__, train))

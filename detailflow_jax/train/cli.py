@@ -13,6 +13,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from detailflow_jax.config_lib import ConfigError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, images); reused to resume")
 
@@ -24,6 +26,19 @@ def parse(argv, doc: str):
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.exit(f"{doc.strip()}\n\nerror: --config and --workdir are required")
     return _CONFIG.value, _WORKDIR.value
+
+
+def train_main(doc: str, train_fn):
+    """An absl main for ``train_fn(config, workdir)``: config mistakes end with one line, not a traceback."""
+
+    def main(argv) -> None:
+        config, workdir = parse(argv, doc)
+        try:
+            train_fn(config, workdir)
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
+
+    return main
 
 
 def run(main) -> None:

@@ -85,7 +85,8 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
                 for hook in hooks:
                     hook(step, state)
             if stop.requested:
-                bar.write(f"stop requested: saved step {step} to {checkpointer.directory}")
+                if is_main_process():
+                    bar.write(f"stop requested: saved step {step} to {checkpointer.directory}")
                 break
     if pending is not None:
         log(*flush(pending))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ import numpy as np
 
 from detailflow_jax import distributed, sharding
 from detailflow_jax.ar.images import image_grid, preview_strip, to_uint8
-from detailflow_jax.config_lib import ConfigError, require
+from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_eval_iter, make_train_iter
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
@@ -96,14 +95,17 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
     shown = sorted({counts[int(i)] for i in np.linspace(0, len(counts) - 1, min(8, len(counts)))})
 
     def hook(step: int, state) -> None:
-        if not distributed.is_main_process():
-            return
+        # Every process computes (the arrays span all processes) and gathers; process 0 writes.
         params = state["params"]
         full = evaluator.reconstruct(params, images, tables.num_tokens)
-        grid = np.concatenate([to_uint8(images), to_uint8(full)])
-        image_grid(grid, columns=len(images)).save(os.path.join(workdir, "images", f"step_{step}.png"))
-        previews = [(t, to_uint8(evaluator.reconstruct(params, images, t))) for t in shown]
-        preview_strip(previews).save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
+        previews = [evaluator.reconstruct(params, images, t) for t in shown]
+        inputs, full, previews = distributed.to_host((images, full, previews))
+        if not distributed.is_main_process():
+            return
+        grid = np.concatenate([to_uint8(inputs), to_uint8(full)])
+        image_grid(grid, columns=len(inputs)).save(os.path.join(workdir, "images", f"step_{step}.png"))
+        strip = [(t, to_uint8(p)) for t, p in zip(shown, previews)]
+        preview_strip(strip).save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
 
     return hook
 
@@ -165,13 +167,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     return state, curve
 
 
-def main(argv) -> None:
-    config, workdir = cli.parse(argv, __doc__)
-    try:
-        train(config, workdir)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-
-
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(cli.train_main(__doc__, train))
