@@ -21,7 +21,9 @@ from detailflow_jax.data.pipeline import default_data_config
 
 def get_config(arg: str | None = None):
     arg = config_lib.parse_arg(arg, steps=2000, smoke=False)
-    gpt = gpt_configs.get_config("tiny,dim=192,layers=4,heads=6,K=512,multiple_of=64,cfg=2.0")
+    # CFG 4: with the blurry 32-px tokenizer, class fidelity rises with the scale (1000 samples: accuracy 43.7% at
+    # CFG 1, 57.3% at 2, 60.6% at 3, 62.9% at 4) while the Fréchet distance barely moves (163, 160, 163, 168).
+    gpt = gpt_configs.get_config("tiny,dim=192,layers=4,heads=6,K=512,multiple_of=64,cfg=4.0")
     # About one pass over the 120k code sequences: too short to overfit, so only the class dropout (needed for
     # classifier-free guidance) stays on.
     gpt.model.update(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)

@@ -70,7 +70,10 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
         disc_type="dino", disc_weight=0.2, disc_start=40_000, dino_weights="",
         patchgan_width=64, patchgan_layers=3,
         lecam_weight=0.001, cr_weight=4.0, cr_policy="color,translation,cutout_0.5",
-        diffaug_policy="color,translation,cutout_0.2", diffaug_prob=0.5))
+        diffaug_policy="color,translation,cutout_0.2", diffaug_prob=0.5,
+        # Alignment of token 1 with a frozen SigLIP2-so400m (README --global-token-loss-weight 1); the directory
+        # comes from python -m detailflow_jax.convert.siglip2.
+        align_weight=1.0, siglip_weights=""))
     c.log_every = 50
     c.checkpoint_every = 5_000
     c.keep_checkpoints = 3

@@ -15,7 +15,7 @@ from detailflow_jax.tokenizer.config import make_model_config
 
 
 def get_config(arg: str | None = None):
-    arg = config_lib.parse_arg(arg, steps=1500, smoke=False)
+    arg = config_lib.parse_arg(arg, steps=800, smoke=False)
     model = make_model_config(
         encoder=dict(width=128, depth=3, heads=4, mlp_dim=512), decoder=dict(width=128, depth=3, heads=4, mlp_dim=512),
         image_size=32, patch_size=4, pos_grid=8, num_latent_tokens=32, group_size=4, causal_num=4,
@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
     c.optim.warmup_lr = 1e-5
     c.optim.min_lr = 1e-4
     c.losses.lpips_weight = 0.0
+    c.losses.align_weight = 0.0  # SigLIP2 works on 256-px ImageNet-like images, not 32-px gray garments
     c.losses.disc_type = "none"
     c.losses.disc_start = 500
     c.losses.patchgan_width = 32

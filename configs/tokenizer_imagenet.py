@@ -2,11 +2,13 @@
 
     python -m detailflow_jax.data.imagefolder --root /data/imagenet --data_dir /data/tfds   # once, offline
     python -m detailflow_jax.train.tokenizer --config configs/tokenizer_imagenet.py:DF-16 --workdir gs://.../df16 \
-        --config.data.data_dir=/data/tfds --config.losses.lpips_weights=/w/lpips --config.losses.dino_weights=/w/dino
+        --config.data.data_dir=/data/tfds --config.losses.lpips_weights=/w/lpips --config.losses.dino_weights=/w/dino \
+        --config.losses.siglip_weights=/w/siglip2     # python -m detailflow_jax.convert.siglip2 --checkpoint ...
 
 Argument: DF-16 | DF-32 | DF-64 (N = 128 / 256 / 512), optionally followed by configs/tokenizer.py arguments,
 e.g. "DF-32,dtype=bfloat16". Batch 256, Adam(0.9, 0.95) lr 1e-4 with a 1-epoch warm-up and cosine to 1e-5,
-250 epochs, MSE + LPIPS (10k warm-up) + 0.2 hinge GAN with the DINO discriminator from step 40k + LeCAM + CR.
+250 epochs, MSE + LPIPS (10k warm-up) + 0.2 hinge GAN with the DINO discriminator from step 40k + LeCAM + CR +
+the alignment of token 1 with a frozen SigLIP2 (weight 1).
 """
 
 from configs import common

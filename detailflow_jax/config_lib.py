@@ -46,6 +46,17 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
     return out
 
 
+def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
+    """Sets ``{"optim.lr": 1e-3, ...}`` (dotted keys, as on the command line) in place; returns ``config``."""
+    for key, value in dotted.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return config
+
+
 def require(condition: bool, key: str, value, rule: str) -> None:
     """Raises ConfigError("<key>=<value>: <rule>") when ``condition`` is false."""
     if not condition:

@@ -22,13 +22,14 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import sharding
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
-from detailflow_jax.eval.sample import load_generator, sample
+from detailflow_jax.eval.sample import load_generator, round_up, sample
 from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.train import ar as ar_train
 from detailflow_jax.train import tokenizer as tokenizer_train
@@ -68,21 +69,22 @@ class Stages:
         return seconds
 
 
-def configs(workdir: str, smoke: bool):
+def configs(workdir: str, smoke: bool, tokenizer_steps: int = 0, gpt_steps: int = 0, extract_images: int = 0):
+    """The two recipes (configs/tokenizer_fashion_mnist.py, configs/ar_fashion_mnist.py) wired to ``workdir``."""
     tok = tokenizer_fashion_mnist.get_config("smoke" if smoke else None)
     ar = ar_fashion_mnist.get_config("smoke" if smoke else None)
-    if _TOKENIZER_STEPS.value:
-        tok.total_steps = _TOKENIZER_STEPS.value
-    if _GPT_STEPS.value:
-        ar.total_steps = _GPT_STEPS.value
-    if _EXTRACT_IMAGES.value:
-        ar.extract.max_images = _EXTRACT_IMAGES.value
+    if tokenizer_steps:
+        tok.total_steps = tokenizer_steps
+    if gpt_steps:
+        ar.total_steps = gpt_steps
+    if extract_images:
+        ar.extract.max_images = extract_images
     ar.codes_dir = os.path.join(workdir, "codes")
     ar.tokenizer = os.path.join(workdir, "tokenizer")
     return tok, ar
 
 
-def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool) -> dict:
+def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) -> dict:
     """Classifier accuracy and Fréchet distance for GPT samples, tokenizer reconstructions and an untrained GPT."""
     data_cfg = classifier.fashion_mnist_config()
     if smoke:  # plumbing only: a short classifier on the synthetic images the smoke models were trained on
@@ -106,9 +108,9 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool) -> dict:
 
     generator, _ = load_generator(os.path.join(workdir, "gpt"), mesh)
     num_classes = generator.gpt_cfg.num_classes
-    k = max(_QUALITY_SAMPLES.value // num_classes, 1) * num_classes
+    k = max(num_samples // num_classes, 1) * num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), k // num_classes)
-    batch = 100 if k >= 100 else k
+    batch = round_up(min(k, 100), generator.data_parallelism)  # the last batch is padded
     key = jax.random.key(1234)
     trained = generator.many(labels, key, batch)
     untrained_params, _ = ARStep(ar_cfg, mesh).init(seed=ar_cfg.seed + 1)
@@ -121,18 +123,31 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool) -> dict:
         path=os.path.join(workdir, "quality.json"))
 
 
-def run_main_job(workdir: str, smoke: bool = False) -> dict:
+def train_to_end(name: str, train_fn, config, workdir: str) -> None:
+    """Runs a trainer; a run stopped early (SIGTERM: it saved a checkpoint) ends the job instead of moving on."""
+    out = train_fn(config, workdir)
+    state = out[0] if isinstance(out, tuple) else out
+    if int(state["step"]) < config.total_steps:
+        raise SystemExit(f"{name} training stopped at step {int(state['step'])} of {config.total_steps} (checkpoint "
+                         "saved); run the same command again to resume")
+
+
+def run_main_job(workdir: str, smoke: bool = False, tokenizer_steps: int = 0, gpt_steps: int = 0,
+                 extract_images: int = 0, quality_samples: int = 1000) -> dict:
+    """Runs (or resumes) every stage; returns the wall time per stage in seconds."""
     os.makedirs(workdir, exist_ok=True)
-    tok_cfg, ar_cfg = configs(workdir, smoke)
+    tok_cfg, ar_cfg = configs(workdir, smoke, tokenizer_steps, gpt_steps, extract_images)
     stages = Stages(workdir)
     timings = {
-        "tokenizer": stages.run("tokenizer", lambda: tokenizer_train.train(tok_cfg, os.path.join(workdir, "tokenizer"))),
+        "tokenizer": stages.run("tokenizer", lambda: train_to_end("tokenizer", tokenizer_train.train, tok_cfg,
+                                                                  os.path.join(workdir, "tokenizer"))),
         "codes": stages.run("codes", lambda: extract_codes(ar_cfg, os.path.join(workdir, "tokenizer"),
                                                            ar_cfg.codes_dir)),
-        "gpt": stages.run("gpt", lambda: ar_train.train(ar_cfg, os.path.join(workdir, "gpt"))),
+        "gpt": stages.run("gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, os.path.join(workdir, "gpt"))),
         "samples": stages.run("samples", lambda: sample(os.path.join(workdir, "gpt"), os.path.join(workdir, "samples"),
                                                         num_per_class=10)),
-        "quality": stages.run("quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke)),
+        "quality": stages.run("quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke,
+                                                                       quality_samples)),
     }
     timings["total"] = sum(timings.values())
     with open(os.path.join(workdir, "timings.json"), "w") as f:
@@ -142,9 +157,11 @@ def run_main_job(workdir: str, smoke: bool = False) -> dict:
 
 def main(argv) -> None:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
     workdir = os.path.abspath(flags.FLAGS.workdir or DEFAULT_WORKDIR)  # --workdir is defined by train.cli
     try:
-        timings = run_main_job(workdir, _SMOKE.value)
+        timings = run_main_job(workdir, _SMOKE.value, _TOKENIZER_STEPS.value, _GPT_STEPS.value,
+                               _EXTRACT_IMAGES.value, _QUALITY_SAMPLES.value)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     report = os.path.join(workdir, "quality.json")

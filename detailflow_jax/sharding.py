@@ -106,6 +106,15 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=DEFAULT_R
     return nn.unbox(tree), shardings
 
 
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=DEFAULT_RULES) -> Any:
+    """ShapeDtypeStructs carrying the shardings ``init_sharded`` would give (a restore target); nothing allocated,
+    and a dimension the mesh does not divide is a MeshError naming it."""
+    boxed = jax.eval_shape(init_fn, *args)
+    shardings = logical_to_shardings(boxed, mesh, rules)
+    check_divisible(boxed, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dimension over the data axes, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

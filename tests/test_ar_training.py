@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import ar_fashion_mnist
-from detailflow_jax import sharding
+from detailflow_jax import config_lib, sharding
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.train import ar as ar_train
@@ -41,13 +41,7 @@ def tiny_config(codes_dir, **overrides):
     config = ar_fashion_mnist.get_config("smoke")
     config.codes_dir = str(codes_dir)
     config.data_threads = 1
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return config_lib.override(config, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tokenizer_fashion_mnist
-from detailflow_jax import sharding
+from detailflow_jax import config_lib, sharding
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.losses.weights import MissingWeightsError
 from detailflow_jax.tokenizer.degradation import degradation_matrix
@@ -25,13 +25,7 @@ def tiny_config(**overrides):
     config.model.patch_size = 8  # canvases 8, 16, 24, 32: few compiles when t varies
     config.model.pos_grid = 4
     config.eval_images = 8
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return config_lib.override(config, **overrides)
 
 
 def _batch(config, seed=0):

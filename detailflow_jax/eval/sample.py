@@ -28,7 +28,6 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from detailflow_jax import distributed, sharding
@@ -52,11 +51,6 @@ def sampling_settings(section: Any, **overrides) -> SamplingSettings:
     return SamplingSettings.create(**values)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A global array as numpy, the same on every process."""
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class ImageGenerator:
     """GPT sampling then tokenizer decoding. ``generate(labels, key)`` -> uint8 (B, R, R, 3), the same on every
     process (B must divide over the mesh's data axes); one compilation per batch size."""
@@ -74,14 +68,14 @@ class ImageGenerator:
     def tokens(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
         """(B,) labels -> (B, N) token ids; ``params`` defaults to the loaded weights (the trainer passes its EMA)."""
         labels = jax.device_put(np.asarray(labels, np.int32), sharding.batch_sharding(self.mesh, 1))
-        return _to_host(self.sampler(self.params if params is None else params, labels, key, self.settings))
+        return distributed.to_host(self.sampler(self.params if params is None else params, labels, key, self.settings))
 
     def decode(self, tokens: np.ndarray, t: int | None = None) -> np.ndarray:
         """(B, N) tokens -> uint8 images from their first t tokens (default all) at the canvas of t; any B."""
         pad = (-len(tokens)) % self.data_parallelism
         padded = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
         codes = jax.device_put(padded.astype(np.int32), sharding.batch_sharding(self.mesh, 2))
-        return to_uint8(_to_host(self.decoder.decode(codes, t)))[:len(tokens)]
+        return to_uint8(distributed.to_host(self.decoder.decode(codes, t)))[:len(tokens)]
 
     def generate(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
         return self.decode(self.tokens(labels, key, params))

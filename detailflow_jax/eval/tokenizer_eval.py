@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -59,10 +58,6 @@ STANDARD_SSIM_NOTE = ("SSIM: standard definition (Gaussian window 11, sigma 1.5,
 OFFICIAL_SSIM_NOTE = ("SSIM: the official DetailFlow number, skimage.metrics.structural_similarity defaults (7x7 "
                       "uniform window, sample covariance) with data_range=2.0 on [0, 1] images (spec §8 item 14); "
                       "higher than the standard definition.")
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @jax.jit
@@ -120,14 +115,14 @@ def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches:
         keep = np.asarray(keep, bool)
         quant = evaluator.encode(params, images)
         if extractor is not None:
-            acc.real.update(_to_host(extractor(_to_uint8(images))["pool"])[keep])
+            acc.real.update(distributed.to_host(extractor(_to_uint8(images))["pool"])[keep])
         for t in counts:
             psnr, recon = evaluator.decode_and_score(params, quant, images, tables.canvas[t], t)
             recon_u8 = _to_uint8(recon)
-            acc.psnr[t].append(_to_host(psnr)[keep])
-            acc.ssim[t].append(_to_host(ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings))[keep])
+            acc.psnr[t].append(distributed.to_host(psnr)[keep])
+            acc.ssim[t].append(distributed.to_host(ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings))[keep])
             if extractor is not None:
-                acc.recon[t].update(_to_host(extractor(recon_u8)["pool"])[keep])
+                acc.recon[t].update(distributed.to_host(extractor(recon_u8)["pool"])[keep])
         bar.update(int(keep.sum()))
     bar.close()
     if not acc.psnr[counts[0]]:

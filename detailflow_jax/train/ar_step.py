@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -82,10 +81,7 @@ class ARStep:
 
     def abstract_state(self, seed: int) -> Any:
         """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
-        boxed = jax.eval_shape(self._init_state, jax.random.key(seed))
-        shardings = sharding.logical_to_shardings(boxed, self.mesh)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-                            shardings)
+        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed))
 
     # ------------------------------------------------------------------ the step
 

@@ -4,14 +4,18 @@ State (a plain pytree, checkpointed as is):
   step        int32, number of updates done
   rng         PRNG key; per-step keys are ``fold_in(rng, step)``
   params      tokenizer parameters (float32)
-  opt         Adam state of the tokenizer
+  align_proj  ``global_token_proj`` parameters of the alignment loss (only when losses.align_weight > 0)
+  opt         Adam state of the tokenizer: of ``params``, or of {"tokenizer": params, "align_proj": align_proj}
+              when the alignment loss is on (one optimiser and one gradient clip over both, as the official
+              VQModel, which owns global_token_proj)
   disc        {"params", "batch_stats"} of the discriminator ({} when the GAN loss is off)
   disc_opt    Adam state of the discriminator
   lecam       LeCAM EMAs of the discriminator logits
 
-Frozen networks (LPIPS-VGG, the DINO backbone) are arguments, not state: they are converted from user files and
-never trained. The decoder canvas is a static shape, so ``TokenizerStep.compiled(canvas)`` compiles one step per
-canvas and reuses it; t, the degradation matrix and the noise span are traced inputs.
+Frozen networks (LPIPS-VGG, the DINO backbone, the SigLIP2 tower of the alignment loss) are arguments, not state:
+they are converted from user files and never trained. The decoder canvas is a static shape, so
+``TokenizerStep.compiled(canvas)`` compiles one step per canvas and reuses it; t, the degradation matrix and the
+noise span are traced inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +30,7 @@ import optax
 
 from detailflow_jax import sharding
 from detailflow_jax.losses import diffaug, gan
+from detailflow_jax.losses.alignment import alignment_loss, init_projection, load_siglip_tower, siglip_target
 from detailflow_jax.losses.discriminator import DinoDiscriminator, load_dino_params
 from detailflow_jax.losses.lpips import LPIPS, load_lpips_params
 from detailflow_jax.losses.patchgan import PatchGANDiscriminator
@@ -69,6 +73,8 @@ class TokenizerStep:
         self.disc = {"none": None, "patchgan": PatchGANDiscriminator(losses.patchgan_width, losses.patchgan_layers),
                      "dino": DinoDiscriminator()}[losses.disc_type]
         self.lpips = LPIPS() if losses.lpips_weight > 0 else None
+        self.align = losses.align_weight > 0
+        self.siglip = None  # the frozen SigLIP2 tower module, sized by its weights in load_frozen()
         self._compiled: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ frozen networks
@@ -81,7 +87,29 @@ class TokenizerStep:
         if self.config.losses.disc_type == "dino":
             frozen["dino"], heads = load_dino_params(self.config.losses.dino_weights)
             frozen["dino_heads"] = heads
+        if self.align:
+            self.siglip, frozen["siglip"] = load_siglip_tower(self.config.losses.siglip_weights,
+                                                              self.model_cfg.compute_dtype)
+            if self.model_cfg.image_size % self.siglip.patch_size:
+                raise ValueError(f"model.image_size={self.model_cfg.image_size} is not a multiple of the SigLIP2 "
+                                 f"patch size {self.siglip.patch_size} (alignment loss); set losses.align_weight=0")
         return frozen
+
+    def _siglip(self):
+        if self.siglip is None:
+            raise RuntimeError("losses.align_weight > 0: call load_frozen() first (it loads the SigLIP2 tower)")
+        return self.siglip
+
+    def _trainable(self, state: dict) -> Any:
+        """What the tokenizer's Adam optimises: the tokenizer, plus global_token_proj with the alignment loss."""
+        if self.align:
+            return {"tokenizer": state["params"], "align_proj": state["align_proj"]}
+        return state["params"]
+
+    def _with_trainable(self, state: dict, trainable: Any) -> dict:
+        if self.align:
+            return dict(state, params=trainable["tokenizer"], align_proj=trainable["align_proj"])
+        return dict(state, params=trainable)
 
     # ------------------------------------------------------------------ state
 
@@ -89,7 +117,11 @@ class TokenizerStep:
         k_model, k_disc, k_state = jax.random.split(rng, 3)
         params = init_variables(self.model_cfg, k_model)["params"]
         state = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state), params=params,
-                     opt=self.tx.init(params), disc={}, disc_opt=optax.EmptyState(), lecam=gan.lecam_init())
+                     disc={}, disc_opt=optax.EmptyState(), lecam=gan.lecam_init())
+        if self.align:  # its own key, so the tokenizer's initialisation does not depend on the loss
+            state["align_proj"] = init_projection(jax.random.fold_in(rng, 1), self.model_cfg.codebook_dim,
+                                                  self._siglip().width)
+        state["opt"] = self.tx.init(self._trainable(state))
         if self.disc is not None:
             size = self.model_cfg.image_size
             dummy = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -111,10 +143,7 @@ class TokenizerStep:
     def abstract_state(self, seed: int, frozen: dict) -> Any:
         """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
         backbone = frozen.get("dino")
-        boxed = jax.eval_shape(lambda r: self._init_state(r, backbone), jax.random.key(seed))
-        shardings = sharding.logical_to_shardings(boxed, self.mesh)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-                            shardings)
+        return sharding.abstract_sharded(lambda r: self._init_state(r, backbone), self.mesh, jax.random.key(seed))
 
     # ------------------------------------------------------------------ the step
 
@@ -135,8 +164,11 @@ class TokenizerStep:
         k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d = jax.random.split(key, 7)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
+        if self.align:  # frozen SigLIP2 features of the clean full-resolution input (no gradient)
+            align_target = siglip_target(self._siglip(), frozen["siglip"], images)
 
-        def generator_loss(params):
+        def generator_loss(trainable):
+            params = trainable["tokenizer"] if self.align else trainable
             out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
             recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
             mse = _weighted_mean(jnp.mean((recon - target2) ** 2, axis=(1, 2, 3)), weight)
@@ -153,12 +185,17 @@ class TokenizerStep:
                 g_adv = -_weighted_mean(jnp.mean(logits, axis=1), weight)
                 loss = loss + self.schedule.adversarial(step1) * g_adv
                 metrics["g_adv"] = g_adv
+            if self.align:  # token 1 of the clean half, straight-through (spec §1.8 L_align)
+                align = alignment_loss(trainable["align_proj"], out["quant"][:images.shape[0], 0], align_target)
+                loss = loss + losses.align_weight * align
+                metrics["align_loss"] = align
             metrics["loss"] = loss
             return loss, (metrics, recon)
 
-        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state["params"])
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        new = dict(state, params=optax.apply_updates(state["params"], updates), opt=opt, step=step1)
+        trainable = self._trainable(state)
+        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(trainable)
+        updates, opt = self.tx.update(grads, state["opt"], trainable)
+        new = dict(self._with_trainable(state, optax.apply_updates(trainable, updates)), opt=opt, step=step1)
         metrics["lr"] = self.lr(state["step"])
         metrics["grad_norm"] = optax.global_norm(grads)
 
