@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from detailflow_jax import quickstart
 
 
@@ -18,4 +20,4 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
         assert 0.0 <= row["accuracy"] <= 1.0 and row["frechet_distance"] >= 0.0
 
     again = quickstart.run_main_job(workdir, smoke=True, quality_samples=20)
-    assert {k: round(v, 1) for k, v in again.items()} == {k: round(v, 1) for k, v in timings.items()}  # all skipped
+    assert again == pytest.approx(timings, abs=0.2)  # every stage skipped: the recorded times come back
