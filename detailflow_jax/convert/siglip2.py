@@ -28,7 +28,7 @@ import numpy as np
 
 from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
-from detailflow_jax.convert.tokenizer import KeySource, state_dict_key_map
+from detailflow_jax.convert.tokenizer import KeySource, read_mapped, state_dict_key_map
 from detailflow_jax.losses.alignment import SiglipVisionTower
 from detailflow_jax.tokenizer.config import make_model_config
 
@@ -112,27 +112,10 @@ def convert_siglip2(state: Mapping[str, np.ndarray], layers: int | None = None, 
     tower_keys = {k: v for k, v in state.items() if k.startswith(base)}
     skip = (base + "head.",) + tuple(f"{base}encoder.layers.{i}." for i in range(layers, available))
     reader = StateDictReader(tower_keys, skip_prefixes=skip, name=f"SigLIP2 tower ({base}*)")
-    flat, mismatched = {}, []
-    for path, source in tower_key_map(layers, base).items():
-        value = reader.take(source.torch_key)
-        if value is None:
-            continue
-        expected = source.torch_shape(_leaf(abstract, path).shape)
-        if tuple(value.shape) != expected:
-            mismatched.append(f"{source.torch_key}: checkpoint {tuple(value.shape)} vs model {expected}")
-            continue
-        flat[path] = np.ascontiguousarray(value.T) if source.transpose else value
-    if mismatched:
-        raise ConversionError(f"SigLIP2 tower ({base}*) shape mismatches: " + "; ".join(mismatched[:20]))
+    flat = read_mapped(reader, tower_key_map(layers, base), abstract, f"SigLIP2 tower ({base}*)")
     skipped = reader.finish() + sorted(k for k in state if not k.startswith(base))
     params = assign_to_tree(flat, abstract, name=f"SigLIP2 tower ({base}*)")
     return {"tower": params, "num_heads": np.asarray(heads, np.int32)}, skipped
-
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def summarize_skipped(skipped: list[str]) -> str:

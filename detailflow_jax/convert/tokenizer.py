@@ -36,6 +36,26 @@ class KeySource:
         return tuple(reversed(flax_shape)) if self.transpose else tuple(flax_shape)
 
 
+def read_mapped(reader: StateDictReader, key_map: Mapping[tuple[str, ...], KeySource], abstract: Any,
+                name: str) -> dict[tuple[str, ...], np.ndarray]:
+    """{Flax path: array in Flax layout} for every entry of ``key_map``; missing keys are left to
+    ``reader.finish()``, shape mismatches (checkpoint vs model, in the checkpoint's layout) raise ConversionError."""
+    flat, mismatched = {}, []
+    for path, source in key_map.items():
+        value = reader.take(source.torch_key)
+        if value is None:
+            continue
+        expected = source.torch_shape(_leaf(abstract, path).shape)
+        if tuple(value.shape) != expected:
+            mismatched.append(f"{source.torch_key}: checkpoint {tuple(value.shape)} vs model {expected}")
+            continue
+        flat[path] = np.ascontiguousarray(value.T) if source.transpose else value
+    if mismatched:
+        raise ConversionError(f"{name} does not match the model config:\n  shape mismatches: "
+                              + "; ".join(mismatched[:20]))
+    return flat
+
+
 def state_dict_key_map(model_cfg: Any) -> dict[tuple[str, ...], KeySource]:
     """Flax parameter path -> official state-dict key, for every parameter of the tokenizer."""
     cfg: TokenizerConfig = validate(model_cfg)
@@ -91,19 +111,7 @@ def convert_tokenizer_state_dict(state: Mapping[str, np.ndarray], model_cfg: Any
     abstract = abstract_params(cfg)
     key_map = state_dict_key_map(cfg)
     reader = StateDictReader(state, skip_prefixes=TRAIN_ONLY_PREFIXES, name="tokenizer checkpoint")
-    flat, mismatched = {}, []
-    for path, source in key_map.items():
-        value = reader.take(source.torch_key)
-        if value is None:
-            continue
-        expected = source.torch_shape(_leaf(abstract, path).shape)
-        if tuple(value.shape) != expected:
-            mismatched.append(f"{source.torch_key}: checkpoint {tuple(value.shape)} vs model {expected}")
-            continue
-        flat[path] = np.ascontiguousarray(value.T) if source.transpose else value
-    if mismatched:
-        raise ConversionError("tokenizer checkpoint does not match the model config:\n  shape mismatches: "
-                              + "; ".join(mismatched[:20]))
+    flat = read_mapped(reader, key_map, abstract, "tokenizer checkpoint")
     skipped = reader.finish()
     params = assign_to_tree(flat, abstract, name="tokenizer checkpoint")
     train_only = {k: np.asarray(state[k]) for k in skipped} if keep_train_only else None
