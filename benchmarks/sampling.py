@@ -55,6 +55,13 @@ def time_calls(fn, repeats: int) -> list[float]:
     return times
 
 
+def warm_and_time(fn, repeats: int) -> tuple[float, float, list[float]]:
+    """(first call s, median steady s, steady times): the first call includes compilation."""
+    first = time_calls(fn, 1)[0]
+    times = time_calls(fn, repeats)
+    return first, float(np.median(times)), times
+
+
 def make_decoder(cfg: GPTConfig, key):
     """A small random tokenizer with the GPT's (N, g, C, vocab) and a jitted full decode."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,9 +110,7 @@ def main(argv=None):
 
     cached = Sampler(model)
     run_cached = lambda: decode(cached(params, labels, jax.random.fold_in(key, 3), settings))  # noqa: E731
-    first = time_calls(run_cached, 1)[0]
-    cached_times = time_calls(run_cached, args.repeats)
-    cached_s = float(np.median(cached_times))
+    first, cached_s, cached_times = warm_and_time(run_cached, args.repeats)
     compile_s = max(first - cached_s, 0.0)
     print(f"cached:    first call {first:.2f}s (compile ~{compile_s:.2f}s), steady {cached_s:.3f}s per batch "
           f"(runs: {', '.join(f'{t:.3f}' for t in cached_times)})", flush=True)
@@ -114,9 +119,7 @@ def main(argv=None):
     if not args.no_reference:
         reference = ReferenceSampler(model)
         run_ref = lambda: decode(reference(params, labels, jax.random.fold_in(key, 3), settings))  # noqa: E731
-        ref_first = time_calls(run_ref, 1)[0]
-        ref_times = time_calls(run_ref, args.reference_repeats)
-        nocache_s = float(np.median(ref_times))
+        ref_first, nocache_s, _ = warm_and_time(run_ref, args.reference_repeats)
         ref_compile_s = max(ref_first - nocache_s, 0.0)
         print(f"reference: first pass {ref_first:.2f}s (compile ~{ref_compile_s:.2f}s over {cfg.num_steps} "
               f"lengths), steady {nocache_s:.3f}s per batch", flush=True)
