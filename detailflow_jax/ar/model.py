@@ -11,7 +11,7 @@ predicts t_i. Attention uses the group-causal mask (`masks.py`) and 2D RoPE over
 Two entry points share every parameter:
   * ``GPT.__call__(tokens, labels, train)``: the teacher-forced forward above (training, reference sampler).
   * ``GPT.decode(h, positions, cache, write_index)``: runs embedded inputs at given sequence positions against an
-    explicit KV cache of length N and writes their keys/values at ``write_index`` (the cached sampler).
+    explicit per-layer KV cache of length N and writes their keys/values at ``write_index`` (the cached sampler).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from detailflow_jax import config_lib
 from detailflow_jax.ar.layers import DEFAULT_INIT, RMSNorm, SwiGLU, swiglu_hidden_dim
 from detailflow_jax.ar.masks import group_causal_mask
 from detailflow_jax.ar.rope import apply_rope, rope_table_2d
-from detailflow_jax.nn.attention import dot_product_attention
+from detailflow_jax.nn.attention import cached_attention, dot_product_attention
 
 # LlamaGen class-conditional sizes (official gpt.py): name -> (n_layer, n_head, dim).
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -41,7 +41,8 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     "XXXL": (48, 40, 2560),
 }
 
-CACHE_AXES = ("layers", "cache_batch", "length", "cache_heads", "kv")
+# Logical axes of one layer's KV cache (`init_cache`); keys are stored transposed (see `cached_attention`).
+CACHE_AXES = {"k": ("cache_batch", "cache_heads", "kv", "length"), "v": ("cache_batch", "cache_heads", "length", "kv")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,40 +130,44 @@ def _dense(cfg: GPTConfig, features: int, names: tuple, name: str, init=DEFAULT_
 
 
 class Attention(nn.Module):
-    """Fused-qkv self-attention with 2D RoPE; optionally reads/writes an explicit per-layer KV cache."""
+    """Fused-qkv self-attention with 2D RoPE; optionally against one layer's KV cache (see `GPT.decode`)."""
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask, kv, write_index, train: bool):
+    def __call__(self, x, rope, mask, cache, write_index, train: bool):
         cfg = self.cfg
         b, s, _ = x.shape
         # Official wqkv rows are [q; k; v], so the fused kernel's output columns split the same way.
         q, k, v = jnp.split(_dense(cfg, 3 * cfg.dim, ("embed", "qkv"), "wqkv")(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, cfg.n_head, cfg.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        new_kv = (k, v)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
-        out = dot_product_attention(q, k, v, mask).reshape(b, s, cfg.dim)
-        out = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out)
-        return nn.Dropout(cfg.resid_dropout)(out, deterministic=not train), new_kv
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask)
+        else:
+            # Written in place (the cache is a loop carry), then attended as it lies; unwritten slots lie in the
+            # future of every query, so the group-causal mask hides them.
+            write = lambda c, new, index: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), index)  # noqa: E731
+            cache = {"k": write(cache["k"], jnp.transpose(k, (0, 2, 3, 1)), (0, 0, 0, write_index)),
+                     "v": write(cache["v"], jnp.swapaxes(v, 1, 2), (0, 0, write_index, 0))}
+            out = cached_attention(q, cache["k"], cache["v"], mask)
+        out = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out.reshape(b, s, cfg.dim))
+        return nn.Dropout(cfg.resid_dropout)(out, deterministic=not train), cache
 
 
 class Block(nn.Module):
-    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Returns the new keys/values too."""
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Also returns the layer's updated cache."""
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, h, kv, rope, mask, write_index, train: bool):
+    def __call__(self, h, cache, rope, mask, write_index, train: bool):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name=name)  # noqa: E731
-        attn, new_kv = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, kv, write_index,
-                                                        train)
+        attn, cache = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, cache, write_index,
+                                                       train)
         h = h + attn
         h = h + SwiGLU(cfg.ffn_dim, cfg.ffn_dropout, cfg.compute_dtype, jnp.dtype(cfg.param_dtype),
                        name="feed_forward")(norm("ffn_norm")(h), train)
-        return h, new_kv
+        return h, cache
 
 
 class GPT(nn.Module):
@@ -225,19 +230,19 @@ class GPT(nn.Module):
 
     # ---- transformer ------------------------------------------------------------------------------------------
 
-    def _stack(self, h, kv, positions, key_positions, write_index, train):
+    def _stack(self, h, cache, positions, key_positions, write_index, train):
         rope = self.rope_table[positions]
         mask = self.mask_table[positions][:, key_positions][None, None]
         if self.cfg.scan_layers:
-            h, new_kv = self.layers(h, kv, rope, mask, write_index, train)
+            h, _ = self.layers(h, None, rope, mask, write_index, train)
         else:
-            outs = []
+            new_cache = []
             for i, layer in enumerate(self.layers):
-                h, layer_kv = layer(h, None if kv is None else (kv[0][i], kv[1][i]), rope, mask, write_index, train)
-                outs.append(layer_kv)
-            new_kv = tuple(jnp.stack(t) for t in zip(*outs))
+                h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_index, train)
+                new_cache.append(layer_cache)
+            cache = None if cache is None else new_cache
         logits = self.output(self.norm(h)).astype(jnp.float32)
-        return logits, new_kv
+        return logits, cache
 
     def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
         """Teacher-forced forward over a token prefix (B, T); returns float32 logits (B, L, vocab)."""
@@ -247,26 +252,45 @@ class GPT(nn.Module):
         logits, _ = self._stack(h, None, positions, positions, 0, train)
         return logits
 
-    def decode(self, h: jax.Array, positions: jax.Array, cache: dict, write_index: jax.Array):
+    def decode(self, h: jax.Array, positions: jax.Array, cache: list, write_index: jax.Array):
         """Runs embedded inputs h (B, S, D) at consecutive sequence `positions` (S,) starting at `write_index`.
 
-        Their keys/values are written into ``cache`` ({"k", "v"}: (layers, B, N, heads, head_dim)); queries see the
-        cached keys through the group-causal mask (never unwritten slots, which lie in the future). Returns
-        (float32 logits (B, S, vocab), updated cache).
+        Their keys/values are written into ``cache`` (`init_cache`: per layer {"k", "v"});
+        queries see the cached keys through the group-causal mask. Returns (float32 logits (B, S, vocab), updated
+        cache). Needs unrolled layers: run a ``scan_layers`` checkpoint through `unrolled` / `unstack_layers`.
         """
+        if self.cfg.scan_layers:
+            raise ValueError("GPT.decode needs unrolled layers: build GPT(unrolled(cfg)) and pass "
+                             "unstack_layers(params, cfg.n_layer)")
         key_positions = jnp.arange(self.cfg.num_tokens)
-        logits, (k_new, v_new) = self._stack(h, (cache["k"], cache["v"]), positions, key_positions, write_index,
-                                             False)
-        write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731
-            c, new.astype(c.dtype), (0, 0, write_index, 0, 0))
-        return logits, {"k": write(cache["k"], k_new), "v": write(cache["v"], v_new)}
+        return self._stack(h, cache, positions, key_positions, write_index, False)
 
 
-def init_cache(cfg: GPTConfig, batch: int, dtype: Any = None) -> dict:
-    """Zero KV cache {"k", "v"}: (layers, batch, N, heads, head_dim) in the compute dtype."""
-    shape = (cfg.n_layer, batch, cfg.num_tokens, cfg.n_head, cfg.head_dim)
+def init_cache(cfg: GPTConfig, batch: int, dtype: Any = None) -> list:
+    """Zero KV cache: a list over layers of {"k": (batch, heads, head_dim, N), "v": (batch, heads, N, head_dim)}.
+
+    One buffer per layer (not a stacked array) so that each layer's write is an in-place update of a loop carry
+    and its attention reads the buffer directly, with no per-step slice copies.
+    """
+    shape = (batch, cfg.n_head, cfg.num_tokens, cfg.head_dim)
     dtype = cfg.compute_dtype if dtype is None else dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return [{"k": jnp.zeros((batch, cfg.n_head, cfg.head_dim, cfg.num_tokens), dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.n_layer)]
+
+
+def unrolled(cfg: GPTConfig) -> GPTConfig:
+    """The same model with one module per layer and no remat (what the cached decoder runs)."""
+    return dataclasses.replace(cfg, scan_layers=False, remat=False)
+
+
+def unstack_layers(params: Any, n_layer: int) -> Any:
+    """Params of a ``scan_layers`` model ({"layers": stacked}) -> per-layer {"layers_i"}; others unchanged."""
+    if "layers" not in params:
+        return params
+    params = dict(params)
+    stacked = params.pop("layers")
+    params.update({f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n_layer)})
+    return params
 
 
 def init_params(model: GPT, key: jax.Array, batch: int = 1) -> Any:

@@ -8,8 +8,11 @@ Inside one jit (spec §4.1, jax-practices §5.3):
     g cache slots with ``dynamic_update_slice`` and samples g tokens independently.
 Forward passes: C + (N - C) / g (23 / 39 / 71 for N = 128 / 256 / 512 with g = C = 8).
 
-CFG runs a doubled [cond; null] batch. The cache is an explicit pytree {"k", "v"}: (layers, rows, N, heads,
-head_dim) — Linen's ``decode=True`` cache can only take one token per call.
+CFG runs a doubled [cond; null] batch. The cache is an explicit pytree, per layer {"k", "v"} (`init_cache`) —
+Linen's ``decode=True`` cache can only take one token per call. Each layer writes its slots in place and
+attends to its own buffer, so a step moves the weights and the visible cache once and copies nothing else. A
+``scan_layers`` model is run unrolled: its stacked weights are split once per call, before the loops, because
+slicing them inside the step would copy every layer's weights at every step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from detailflow_jax import sharding as shd
 from detailflow_jax.ar.logits import SamplingSettings, select_tokens
-from detailflow_jax.ar.model import CACHE_AXES, GPT, init_cache
+from detailflow_jax.ar.model import CACHE_AXES, GPT, init_cache, unrolled, unstack_layers
 
 __all__ = ["Sampler", "SamplingSettings"]
 
@@ -40,7 +43,7 @@ class Sampler:
 
     def __init__(self, model: GPT, mesh: Mesh | None = None, param_shardings: Any = None,
                  rules=shd.DEFAULT_RULES):
-        self.model = model
+        self.model = GPT(unrolled(model.cfg))
         self.cfg = model.cfg
         self.mesh = mesh
         self.rules = rules
@@ -72,13 +75,16 @@ class Sampler:
     def _constrain_cache(self, cache):
         if self.mesh is None:
             return cache
-        sharding = nn.logical_to_mesh_sharding(P(*CACHE_AXES), self.mesh, self.rules)
-        return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sharding), cache)
+        shardings = {name: nn.logical_to_mesh_sharding(P(*axes), self.mesh, self.rules)
+                     for name, axes in CACHE_AXES.items()}
+        return [{name: jax.lax.with_sharding_constraint(c, shardings[name]) for name, c in layer.items()}
+                for layer in cache]
 
     def _sample(self, params, labels, key, settings: SamplingSettings):
         self.num_traces += 1  # Python side effect: runs once per trace, never per call
         cfg = self.cfg
         batch, g, c = labels.shape[0], cfg.group_size, cfg.causal_num
+        params = unstack_layers(params, cfg.n_layer)
         apply = functools.partial(self.model.apply, {"params": params})
         select = functools.partial(select_tokens, key=key, settings=settings, num_groups=cfg.num_groups,
                                    group_size=g, causal_num=c)
