@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from detailflow_jax.ar.layers import swiglu_hidden_dim
 from detailflow_jax.ar.masks import group_causal_mask
-from detailflow_jax.ar.model import GPT, GPTConfig, init_cache, init_params
+from detailflow_jax.ar.model import GPT, GPTConfig, init_cache, init_params, stack_layers, unstack_layers
 from detailflow_jax.ar.rope import apply_rope, rope_table_2d
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import convert_gpt_state_dict
@@ -86,9 +86,8 @@ def perturbed(cfg, seed=0):
 def test_scan_remat_and_unrolled_agree_and_train_mode_is_stochastic():
     cfg = GPTConfig(**TINY)
     params = perturbed(cfg)
-    layers = [params.pop(f"layers_{i}") for i in range(cfg.n_layer)]
-    scanned = dict(params, layers=jax.tree.map(lambda *x: jnp.stack(x), *layers))
-    params.update({f"layers_{i}": p for i, p in enumerate(layers)})
+    scanned = stack_layers(params, cfg.n_layer)
+    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_layers(scanned, cfg.n_layer), params))
     tokens = jax.random.randint(jax.random.key(2), (2, cfg.num_tokens - cfg.group_size), 0, cfg.vocab_size)
     labels = jnp.array([1, 4])
     plain = jax.jit(GPT(cfg).apply)({"params": params}, tokens, labels)
@@ -102,8 +101,10 @@ def test_scan_remat_and_unrolled_agree_and_train_mode_is_stochastic():
     assert not np.allclose(train(0), plain) and not np.allclose(train(0), train(1))
 
 
-def test_cache_decode_matches_teacher_forcing():
-    """Writing the training sequence block by block into the KV cache gives the teacher-forced logits."""
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_cache_decode_matches_teacher_forcing(num_chunks):
+    """Writing the training sequence block by block into the KV cache gives the teacher-forced logits, with the
+    cache in one chunk or in two (each block then attends to the chunks up to its own)."""
     cfg = GPTConfig(**{**TINY, "causal_num": 8})
     params = perturbed(cfg, seed=3)
     model = GPT(cfg)
@@ -111,14 +112,22 @@ def test_cache_decode_matches_teacher_forcing():
     labels = jnp.array([0, 2])
     full = jax.jit(model.apply)({"params": params}, tokens, labels)
     h = jax.jit(lambda *a: model.apply(*a, method=GPT.training_sequence))({"params": params}, tokens, labels)
-    decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method=GPT.decode))
-    cache, pieces = init_cache(cfg, 2), []
+    decode = jax.jit(lambda *a, chunk: model.apply({"params": params}, *a, chunk, method=GPT.decode),
+                     static_argnames="chunk")
+    cache, pieces = init_cache(cfg, 2, num_chunks), []
+    chunk_len = cfg.num_tokens // num_chunks
     blocks = [(p, 1) for p in range(cfg.causal_num)] + [
         (p, cfg.group_size) for p in range(cfg.causal_num, cfg.num_tokens, cfg.group_size)]
     for start, size in blocks:
-        logits, cache = decode(h[:, start:start + size], start + jnp.arange(size), cache, start)
+        logits, cache = decode(h[:, start:start + size], start + jnp.arange(size), cache, start,
+                               chunk=start // chunk_len)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk=2"):
+        decode(h[:, :1], jnp.arange(1), init_cache(cfg, 2, 2), 0, chunk=2)
+    with pytest.raises(ValueError, match="unrolled layers"):
+        GPT(GPTConfig(**{**TINY, "scan_layers": True})).apply(
+            {"params": stack_layers(params, cfg.n_layer)}, h[:, :1], jnp.arange(1), cache, 0, method=GPT.decode)
 
 
 def test_config_strings_and_validation():

@@ -1,6 +1,7 @@
 """The KV-cache sampler against the reference sampler, logit filters, CFG paths, sampling statistics, tracing and
 sharding. Tiny random models with perturbed weights (the zero-initialised output layer would give uniform logits)."""
 
+import dataclasses
 import math
 
 import jax
@@ -10,10 +11,11 @@ import pytest
 from flax import linen as nn
 
 from detailflow_jax import sharding as shd
-from detailflow_jax.ar.logits import SamplingSettings, top_k_top_p_filter
-from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+from detailflow_jax.ar.logits import SamplingSettings, first_argmax, select_tokens, top_k_top_p_filter
+from detailflow_jax.ar.model import GPT, GPTConfig, init_params, stack_layers
 from detailflow_jax.ar.reference import ReferenceSampler
-from detailflow_jax.ar.sampling import Sampler
+from detailflow_jax.ar.sampling import Sampler, default_cache_chunks
+from detailflow_jax.config_lib import ConfigError
 
 
 
@@ -105,6 +107,59 @@ def test_compiles_once_across_calls(small):
     sampler(params, LABELS, jax.random.key(0), settings)
     assert sampler.num_traces == 1
     assert len({o.tobytes() for o in outs}) == 3
+
+
+@pytest.mark.parametrize("sizes,chunks", [
+    (dict(num_tokens=16, group_size=2, causal_num=4), 4),   # causal steps in chunk 0, groups over chunks 0..3
+    (dict(num_tokens=16, group_size=2, causal_num=8), 4),   # the token-causal prefix spans two chunks
+    (dict(num_tokens=24, group_size=4, causal_num=4), 3),
+], ids=["C-in-first-chunk", "C-spans-chunks", "three-chunks"])
+def test_chunked_cache_gives_the_same_tokens(sizes, chunks):
+    """Attending to the visible chunks only is exact: same tokens as one chunk and as the reference sampler."""
+    model, params = random_model(seed=5, **sizes)
+    settings = SamplingSettings.create(cfg_scale=2.0, top_k=10)
+    key = jax.random.key(3)
+    chunked = Sampler(model, cache_chunks=chunks)
+    out = np.asarray(chunked(params, LABELS, key, settings))
+    np.testing.assert_array_equal(out, np.asarray(Sampler(model, cache_chunks=1)(params, LABELS, key, settings)))
+    np.testing.assert_array_equal(out, np.asarray(ReferenceSampler(model, fixed_length=True)(params, LABELS, key,
+                                                                                             settings)))
+    assert chunked.num_traces == 1
+
+
+def test_chunk_count_default_and_validation():
+    chunks = lambda n, g=8: default_cache_chunks(GPTConfig(num_tokens=n, group_size=g, causal_num=g))  # noqa: E731
+    assert [chunks(128), chunks(256), chunks(512), chunks(1024), chunks(2048), chunks(256, 16)] == [1, 2, 4, 8, 8, 2]
+    assert chunks(384) == 3 and chunks(200) == 1  # 200 has no split into multiples of 8 of >= 128
+    model, _ = random_model(num_tokens=16, group_size=4, causal_num=4)
+    for bad in (3, 8, 0):  # 16 / 3 is not whole; 16 / 8 = 2 is not a multiple of g = 4
+        with pytest.raises(ConfigError, match="num_chunks"):
+            Sampler(model, cache_chunks=bad)
+
+
+def test_scan_layers_model_samples_like_the_unrolled_model(small):
+    """A scan_layers checkpoint (stacked weights) goes through the sampler's unrolled decoder unchanged."""
+    model, params = small
+    stacked = stack_layers(params, model.cfg.n_layer)
+    scan_model = GPT(dataclasses.replace(model.cfg, scan_layers=True))
+    settings = SamplingSettings.create(cfg_scale=1.5)
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(np.asarray(Sampler(scan_model)(stacked, LABELS, key, settings)),
+                                  np.asarray(Sampler(model)(params, LABELS, key, settings)))
+
+
+def test_sampling_draws_what_jax_categorical_draws():
+    """select_tokens keeps jax.random.categorical's Gumbel-max draw exactly (only its argmax is faster), and
+    first_argmax is jnp.argmax, ties included."""
+    logits = jax.random.normal(jax.random.key(0), (3, 4, 50)) * 3
+    key, step = jax.random.key(4), 6
+    settings = SamplingSettings.create(temperature=0.5)
+    ours = select_tokens(logits, step, key, settings, num_groups=4, group_size=4, causal_num=4)
+    theirs = jax.random.categorical(jax.random.fold_in(key, step), logits / 0.5, axis=-1)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    ties = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [-jnp.inf, 0.0, -1.0, 0.0]])
+    np.testing.assert_array_equal(np.asarray(first_argmax(ties)), np.asarray(jnp.argmax(ties, axis=-1)))
+    assert first_argmax(ties).dtype == jnp.int32
 
 
 def test_steps_and_prefix_shapes():

@@ -41,7 +41,7 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     "XXXL": (48, 40, 2560),
 }
 
-# Logical axes of one layer's KV cache (`init_cache`); keys are stored transposed (see `cached_attention`).
+# Logical axes of one KV-cache chunk (`init_cache`); keys are stored transposed (see `cached_attention`).
 CACHE_AXES = {"k": ("cache_batch", "cache_heads", "kv", "length"), "v": ("cache_batch", "cache_heads", "length", "kv")}
 
 
@@ -134,7 +134,7 @@ class Attention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask, cache, write_index, train: bool):
+    def __call__(self, x, rope, mask, cache, write_at, train: bool):
         cfg = self.cfg
         b, s, _ = x.shape
         # Official wqkv rows are [q; k; v], so the fused kernel's output columns split the same way.
@@ -144,12 +144,16 @@ class Attention(nn.Module):
         if cache is None:
             out = dot_product_attention(q, k, v, mask)
         else:
-            # Written in place (the cache is a loop carry), then attended as it lies; unwritten slots lie in the
-            # future of every query, so the group-causal mask hides them.
-            write = lambda c, new, index: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), index)  # noqa: E731
-            cache = {"k": write(cache["k"], jnp.transpose(k, (0, 2, 3, 1)), (0, 0, 0, write_index)),
-                     "v": write(cache["v"], jnp.swapaxes(v, 1, 2), (0, 0, write_index, 0))}
-            out = cached_attention(q, cache["k"], cache["v"], mask)
+            # Written in place (the cache is a loop carry) into chunk `chunk` (static) at slot `index`, then the
+            # chunks up to it are attended as they lie; unwritten slots are in every query's future (masked).
+            chunk, index = write_at
+            ks, vs = list(cache["k"]), list(cache["v"])
+            ks[chunk] = jax.lax.dynamic_update_slice(
+                ks[chunk], jnp.transpose(k, (0, 2, 3, 1)).astype(ks[chunk].dtype), (0, 0, 0, index))
+            vs[chunk] = jax.lax.dynamic_update_slice(
+                vs[chunk], jnp.swapaxes(v, 1, 2).astype(vs[chunk].dtype), (0, 0, index, 0))
+            cache = {"k": ks, "v": vs}
+            out = cached_attention(q, ks[:chunk + 1], vs[:chunk + 1], mask)
         out = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out.reshape(b, s, cfg.dim))
         return nn.Dropout(cfg.resid_dropout)(out, deterministic=not train), cache
 
@@ -159,10 +163,10 @@ class Block(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, h, cache, rope, mask, write_index, train: bool):
+    def __call__(self, h, cache, rope, mask, write_at, train: bool):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name=name)  # noqa: E731
-        attn, cache = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, cache, write_index,
+        attn, cache = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, cache, write_at,
                                                        train)
         h = h + attn
         h = h + SwiGLU(cfg.ffn_dim, cfg.ffn_dropout, cfg.compute_dtype, jnp.dtype(cfg.param_dtype),
@@ -230,15 +234,15 @@ class GPT(nn.Module):
 
     # ---- transformer ------------------------------------------------------------------------------------------
 
-    def _stack(self, h, cache, positions, key_positions, write_index, train):
+    def _stack(self, h, cache, positions, key_positions, write_at, train):
         rope = self.rope_table[positions]
         mask = self.mask_table[positions][:, key_positions][None, None]
         if self.cfg.scan_layers:
-            h, _ = self.layers(h, None, rope, mask, write_index, train)
+            h, _ = self.layers(h, None, rope, mask, write_at, train)
         else:
             new_cache = []
             for i, layer in enumerate(self.layers):
-                h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_index, train)
+                h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_at, train)
                 new_cache.append(layer_cache)
             cache = None if cache is None else new_cache
         logits = self.output(self.norm(h)).astype(jnp.float32)
@@ -249,32 +253,45 @@ class GPT(nn.Module):
         h = self.training_sequence(tokens, labels, train)
         h = self.token_dropout(h, deterministic=not train)
         positions = jnp.arange(h.shape[1])
-        logits, _ = self._stack(h, None, positions, positions, 0, train)
+        logits, _ = self._stack(h, None, positions, positions, None, train)
         return logits
 
-    def decode(self, h: jax.Array, positions: jax.Array, cache: list, write_index: jax.Array):
+    def decode(self, h: jax.Array, positions: jax.Array, cache: list, write_index: jax.Array, chunk: int = 0):
         """Runs embedded inputs h (B, S, D) at consecutive sequence `positions` (S,) starting at `write_index`.
 
-        Their keys/values are written into ``cache`` (`init_cache`: per layer {"k", "v"});
-        queries see the cached keys through the group-causal mask. Returns (float32 logits (B, S, vocab), updated
-        cache). Needs unrolled layers: run a ``scan_layers`` checkpoint through `unrolled` / `unstack_layers`.
+        ``cache`` is `init_cache`'s: per layer, the keys/values of key positions 0..N-1 in equal chunks. The inputs'
+        keys/values are written at ``write_index``, which must lie in chunk ``chunk`` (a Python int, so that the
+        chunk to write and the chunks to read are static); queries attend to chunks 0..chunk through the
+        group-causal mask — later chunks hold only future positions. Returns (float32 logits (B, S, vocab),
+        updated cache). Needs unrolled layers: run a ``scan_layers`` checkpoint through `unrolled` /
+        `unstack_layers`.
         """
         if self.cfg.scan_layers:
             raise ValueError("GPT.decode needs unrolled layers: build GPT(unrolled(cfg)) and pass "
                              "unstack_layers(params, cfg.n_layer)")
-        key_positions = jnp.arange(self.cfg.num_tokens)
-        return self._stack(h, cache, positions, key_positions, write_index, False)
+        chunk_len = cache[0]["v"][0].shape[2]
+        if not 0 <= chunk < len(cache[0]["v"]):
+            raise ValueError(f"chunk={chunk} is outside the cache's {len(cache[0]['v'])} chunks")
+        key_positions = jnp.arange((chunk + 1) * chunk_len)
+        return self._stack(h, cache, positions, key_positions, (chunk, write_index - chunk * chunk_len), False)
 
 
-def init_cache(cfg: GPTConfig, batch: int, dtype: Any = None) -> list:
-    """Zero KV cache: a list over layers of {"k": (batch, heads, head_dim, N), "v": (batch, heads, N, head_dim)}.
+def init_cache(cfg: GPTConfig, batch: int, num_chunks: int = 1, dtype: Any = None) -> list:
+    """Zero KV cache: per layer {"k": [(batch, heads, head_dim, n)] * num_chunks, "v": [(batch, heads, n,
+    head_dim)] * num_chunks} in the compute dtype, chunk i holding key positions i n .. (i + 1) n - 1.
 
-    One buffer per layer (not a stacked array) so that each layer's write is an in-place update of a loop carry
-    and its attention reads the buffer directly, with no per-step slice copies.
+    One buffer per layer and chunk (not a stacked array), so that a write is an in-place update of a loop carry and
+    attention reads exactly the chunks that hold visible keys, with no slice copies. Keys are stored transposed
+    (see `cached_attention`).
     """
-    shape = (batch, cfg.n_head, cfg.num_tokens, cfg.head_dim)
+    n = cfg.num_tokens // max(num_chunks, 1)
+    config_lib.require(num_chunks >= 1 and n * num_chunks == cfg.num_tokens and n % cfg.group_size == 0,
+                       "num_chunks", num_chunks,
+                       f"must split num_tokens={cfg.num_tokens} into chunks of a multiple of group_size="
+                       f"{cfg.group_size} positions")
     dtype = cfg.compute_dtype if dtype is None else dtype
-    return [{"k": jnp.zeros((batch, cfg.n_head, cfg.head_dim, cfg.num_tokens), dtype), "v": jnp.zeros(shape, dtype)}
+    zeros = lambda *shape: [jnp.zeros(shape, dtype) for _ in range(num_chunks)]  # noqa: E731
+    return [{"k": zeros(batch, cfg.n_head, cfg.head_dim, n), "v": zeros(batch, cfg.n_head, n, cfg.head_dim)}
             for _ in range(cfg.n_layer)]
 
 
@@ -290,6 +307,14 @@ def unstack_layers(params: Any, n_layer: int) -> Any:
     params = dict(params)
     stacked = params.pop("layers")
     params.update({f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n_layer)})
+    return params
+
+
+def stack_layers(params: Any, n_layer: int) -> Any:
+    """The inverse of `unstack_layers`: per-layer {"layers_i"} -> {"layers": stacked} for a ``scan_layers`` model."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(n_layer)]
+    params["layers"] = jax.tree.map(lambda *x: jnp.stack(x), *layers)
     return params
 
 

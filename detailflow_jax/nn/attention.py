@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -20,23 +23,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("bhqk,bkhd->bqhd", masked_softmax(logits, mask, v.dtype), v)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
-    """`dot_product_attention` of new queries against a KV cache laid out for CPU/GPU batched matmuls.
+def cached_attention(q: jax.Array, k_chunks: Sequence[jax.Array], v_chunks: Sequence[jax.Array],
+                     mask: jax.Array) -> jax.Array:
+    """`dot_product_attention` of new queries against a KV cache held as consecutive chunks of key positions.
 
     Args:
       q: (B, S, H, D) queries.
-      k_cache: (B, H, D, N) keys, transposed so that q k^T is a plain (S, D) x (D, N) product per (b, h).
-      v_cache: (B, H, N, D) values.
-      mask: boolean, broadcastable to (B, H, S, N).
+      k_chunks: (B, H, D, n_i) keys, transposed so that q k^T is a plain (S, D) x (D, n_i) product per (b, h).
+      v_chunks: (B, H, n_i, D) values.
+      mask: boolean, broadcastable to (B, H, S, sum n_i).
     Returns:
       (B, S, H, D) in q's dtype.
 
-    Every operand has (b, h) as its leading batch dims, so XLA runs both matmuls on the cache as it lies in memory;
-    the mixed-layout einsum of `dot_product_attention` made XLA:CPU transpose the whole cache at every step.
+    One softmax runs over the keys of all chunks, so the result is that of attending to their concatenation; a
+    caller passes only the chunks its queries can see. Every operand has (b, h) as its leading batch dims, so XLA
+    runs the matmuls on the cache as it lies in memory (a mixed-layout einsum made XLA:CPU transpose the whole
+    cache at every step).
     """
     q = jnp.swapaxes(q, 1, 2)
-    logits = jnp.einsum("bhqd,bhdk->bhqk", q, k_cache, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-    out = jnp.einsum("bhqk,bhkd->bhqd", masked_softmax(logits, mask, v_cache.dtype), v_cache)
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.concatenate(
+        [jnp.einsum("bhqd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32) for k in k_chunks], axis=-1)
+    weights = masked_softmax(logits * scale, mask, v_chunks[0].dtype)
+    bounds = np.cumsum([v.shape[2] for v in v_chunks])[:-1]
+    out = sum(jnp.einsum("bhqk,bhkd->bhqd", w, v) for w, v in zip(jnp.split(weights, bounds, axis=-1), v_chunks))
     return jnp.swapaxes(out, 1, 2)
 
 
