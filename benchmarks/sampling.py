@@ -1,7 +1,7 @@
 """KV-cache sampler vs the no-cache reference sampler (the official algorithm), same model, same run.
 
     python benchmarks/sampling.py --variant GPT-B --num_tokens 128 --group_size 8 --causal_num 8 --batch 4 \
-        --cfg_scale 1.5 [--dtype bf16|fp32] [--decode] [--no_reference] [--repeats 3]
+        --cfg_scale 1.5 [--dtype bf16|fp32] [--decode] [--no_reference] [--repeats 3] [--scan]
 
 Random-init parameters (nothing is downloaded). Both samplers are timed after a warm-up call; the warm-up of the
 cached sampler is its compilation (reported as compile_s), the reference is compiled once per prefix length in its
@@ -10,6 +10,11 @@ random tokenizer is inside the timer for both (as in the paper's timing). The la
 
 FLOPs are analytic "useful" model FLOPs of the cached sampler per image: every matmul of every step (the CFG
 doubling included) plus attention over the keys each query may see; achieved = FLOPs per image x images per second.
+
+Small batches are memory bound: every step reads all weights (and the visible KV-cache chunks) once. The roofline
+of the cached sampler is the sum over its steps of max(step FLOPs / measured matmul peak, step bytes / measured read
+bandwidth) — no implementation of this algorithm on this device can beat it; `roofline_speedup` is the speedup over
+the measured reference that it would give.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.peak_flops import measure_peak_flops  # noqa: E402
+from benchmarks.peaks import measure_peak_bandwidth, measure_peak_flops  # noqa: E402
 from detailflow_jax.ar.masks import group_causal_mask  # noqa: E402
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params  # noqa: E402
 from detailflow_jax.ar.reference import ReferenceSampler  # noqa: E402
@@ -44,6 +49,26 @@ def sampler_flops_per_image(cfg: GPTConfig, guided: bool) -> float:
     dense = 2 * positions * (cfg.n_layer * (4 * d * d + 3 * d * f) + d * v)
     attention = cfg.n_layer * 2 * 2 * d * float(visible.sum())
     return (dense + attention) * (2 if guided else 1)
+
+
+def sampler_roofline(cfg: GPTConfig, rows: int, cache_chunks: int, peak_flops: float,
+                     peak_bytes_per_s: float) -> tuple[float, float]:
+    """(bytes read per batch, roofline seconds per batch) of the cached sampler: `rows` sequences (2B with CFG);
+    each step reads every weight and the cache chunks up to the one it writes, and computes what it reads."""
+    d, f, v, layers = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    weights = layers * (4 * d * d + 3 * d * f) + d * v
+    chunk_len = cfg.num_tokens // cache_chunks
+    first_slots = list(range(cfg.causal_num)) + list(range(cfg.causal_num, cfg.num_tokens, cfg.group_size))
+    total_bytes = total_s = 0.0
+    for step, slot in enumerate(first_slots):
+        new = 1 if step < cfg.causal_num else cfg.group_size
+        keys = (slot // chunk_len + 1) * chunk_len  # keys the step attends to (whole chunks)
+        step_bytes = itemsize * (weights + rows * layers * 2 * d * keys)
+        step_flops = 2 * rows * new * (weights + layers * 2 * d * keys)
+        total_bytes += step_bytes
+        total_s += max(step_flops / peak_flops, step_bytes / peak_bytes_per_s)
+    return total_bytes, total_s
 
 
 def time_calls(fn, repeats: int) -> list[float]:
@@ -88,14 +113,15 @@ def main(argv=None):
     p.add_argument("--reference_repeats", type=int, default=1, help="timed calls of the reference sampler")
     p.add_argument("--decode", action="store_true", help="include decoding with a small random tokenizer")
     p.add_argument("--no_reference", action="store_true", help="skip the slow no-cache baseline")
-    p.add_argument("--no_scan", action="store_true", help="unrolled layers (slower compiles)")
+    p.add_argument("--scan", action="store_true",
+                   help="weights stacked for nn.scan (the cached sampler then splits them at every call)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     name = args.variant.removeprefix("GPT-")
     cfg = GPTConfig.from_variant(name, num_tokens=args.num_tokens, group_size=args.group_size,
                                  causal_num=args.causal_num, dtype=DTYPES[args.dtype],
-                                 scan_layers=not args.no_scan).validate()
+                                 scan_layers=args.scan).validate()
     key = jax.random.key(args.seed)
     model = GPT(cfg)
     params = jax.jit(lambda k: init_params(model, k))(key)
@@ -125,7 +151,10 @@ def main(argv=None):
               f"lengths), steady {nocache_s:.3f}s per batch", flush=True)
 
     peak = measure_peak_flops(jnp.dtype(cfg.dtype))
+    bandwidth = measure_peak_bandwidth()
     flops = sampler_flops_per_image(cfg, settings.guidance)
+    rows = args.batch * (2 if settings.guidance else 1)
+    bytes_per_batch, roofline_s = sampler_roofline(cfg, rows, cached.cache_chunks, peak, bandwidth)
     result = {
         "variant": args.variant, "num_tokens": cfg.num_tokens, "group_size": cfg.group_size,
         "causal_num": cfg.causal_num, "batch": args.batch, "cfg_scale": args.cfg_scale, "dtype": args.dtype,
@@ -136,7 +165,10 @@ def main(argv=None):
         "speedup": None if nocache_s is None else nocache_s / cached_s,
         "compile_s": compile_s, "nocache_compile_s": ref_compile_s,
         "model_flops_per_image": flops, "achieved_flops_per_s": flops * args.batch / cached_s,
-        "peak_flops_per_s": peak,
+        "peak_flops_per_s": peak, "cache_chunks": cached.cache_chunks, "bytes_per_batch": bytes_per_batch,
+        "achieved_bytes_per_s": bytes_per_batch / cached_s, "peak_bytes_per_s": bandwidth,
+        "roofline_s_per_batch": roofline_s,
+        "roofline_speedup": None if nocache_s is None else nocache_s / roofline_s,
     }
     print()
     print(f"{'sampler':<10}{'s/batch':>10}{'img/s':>10}{'compile s':>11}")
@@ -146,6 +178,10 @@ def main(argv=None):
         print(f"speedup {nocache_s / cached_s:.1f}x")
     print(f"model FLOPs/image {flops / 1e9:.1f} G, achieved {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, "
           f"measured matmul peak {peak / 1e9:.1f} GFLOP/s ({result['achieved_flops_per_s'] / peak:.1%})")
+    print(f"reads {bytes_per_batch / 1e9:.2f} GB per batch: {result['achieved_bytes_per_s'] / 1e9:.1f} GB/s, measured "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s ({result['achieved_bytes_per_s'] / bandwidth:.1%}); roofline "
+          f"{roofline_s:.3f}s per batch ({roofline_s / cached_s:.0%} of the measured time)"
+          + ("" if nocache_s is None else f", i.e. at most {nocache_s / roofline_s:.1f}x over the reference"))
     print(json.dumps(result), flush=True)
     return result
 

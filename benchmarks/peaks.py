@@ -1,6 +1,8 @@
-"""Measured matmul peak of the current device: the denominator for model-FLOPs utilisation.
+"""Measured peaks of the current device: matmul FLOP/s (the denominator for model-FLOPs utilisation) and memory
+read bandwidth (the denominator for memory-bound work such as small-batch sampling, which streams every weight at
+every step).
 
-    python benchmarks/peak_flops.py [--dtype bf16|fp32] [--size N]
+    python benchmarks/peaks.py [--dtype bf16|fp32] [--size N]
 """
 
 from __future__ import annotations
@@ -41,13 +43,33 @@ def measure_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int 
     return chain * 2 * size ** 3 / best
 
 
+def measure_peak_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> float:
+    """Best-of-`repeats` bytes/s of reading a float32 array once (a jitted sum) on the default device.
+
+    The default array is 512 MiB on CPU (far beyond the caches) and 4 GiB on accelerators.
+    """
+    if num_bytes is None:
+        num_bytes = (512 if jax.default_backend() == "cpu" else 4096) * 2 ** 20
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    run = jax.jit(jnp.sum)
+    run(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return x.size * 4 / best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--size", type=int, default=None)
     args = parser.parse_args()
     flops = measure_peak_flops(DTYPES[args.dtype], args.size)
-    print(f"{jax.devices()[0].device_kind}: {flops / 1e12:.3f} TFLOP/s ({args.dtype} matmul)")
+    bandwidth = measure_peak_bandwidth()
+    print(f"{jax.devices()[0].device_kind}: {flops / 1e12:.3f} TFLOP/s ({args.dtype} matmul), "
+          f"{bandwidth / 1e9:.1f} GB/s (memory read)")
 
 
 if __name__ == "__main__":
