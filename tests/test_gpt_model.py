@@ -10,7 +10,8 @@ from flax import linen as nn
 
 from detailflow_jax.ar.layers import swiglu_hidden_dim
 from detailflow_jax.ar.masks import group_causal_mask
-from detailflow_jax.ar.model import GPT, GPTConfig, init_cache, init_params, stack_layers, unstack_layers
+from detailflow_jax.ar.model import (GPT, GPTConfig, decoding_params, init_cache, init_params, stack_layers,
+                                     unstack_layers)
 from detailflow_jax.ar.rope import apply_rope, rope_table_2d
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import convert_gpt_state_dict
@@ -128,6 +129,19 @@ def test_cache_decode_matches_teacher_forcing(num_chunks):
     with pytest.raises(ValueError, match="unrolled layers"):
         GPT(GPTConfig(**{**TINY, "scan_layers": True})).apply(
             {"params": stack_layers(params, cfg.n_layer)}, h[:, :1], jnp.arange(1), cache, 0, method=GPT.decode)
+
+
+def test_decoding_params_give_identical_logits():
+    """Casting the weights of a bfloat16-compute model up front (what the sampler does once per call) changes no
+    number: every module casts them to the compute dtype anyway."""
+    cfg = GPTConfig(**{**TINY, "dtype": "bfloat16"})
+    params = perturbed(cfg, seed=6)
+    prepared = decoding_params(stack_layers(params, cfg.n_layer), cfg)
+    assert {x.dtype for x in jax.tree.leaves(prepared)} == {jnp.dtype(jnp.bfloat16)}
+    tokens = jax.random.randint(jax.random.key(1), (2, cfg.num_tokens - cfg.group_size), 0, cfg.vocab_size)
+    labels = jnp.array([3, 0])
+    run = jax.jit(GPT(cfg).apply)
+    np.testing.assert_array_equal(run({"params": prepared}, tokens, labels), run({"params": params}, tokens, labels))
 
 
 def test_config_strings_and_validation():

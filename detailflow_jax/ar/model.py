@@ -310,6 +310,17 @@ def unstack_layers(params: Any, n_layer: int) -> Any:
     return params
 
 
+def decoding_params(params: Any, cfg: GPTConfig) -> Any:
+    """Params as the cached decoder runs them: per layer (`unstack_layers`) and in the compute dtype.
+
+    Every module casts its weights to the compute dtype before use, so casting them once up front gives the same
+    numbers; inside a sampling loop it saves re-reading float32 weights and converting them at every step.
+    """
+    params = unstack_layers(params, cfg.n_layer)
+    dtype = cfg.compute_dtype
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def stack_layers(params: Any, n_layer: int) -> Any:
     """The inverse of `unstack_layers`: per-layer {"layers_i"} -> {"layers": stacked} for a ``scan_layers`` model."""
     params = dict(params)

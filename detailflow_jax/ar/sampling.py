@@ -16,7 +16,8 @@ The cache is split into ``cache_chunks`` equal chunks of key positions, and the 
 run as one scan that attends to chunks 0..i only: attention then reads on average about half of the cache instead
 of all of it (what matters for long N and large batches), at the price of one compiled loop body per chunk.
 A ``scan_layers`` model is run unrolled: its stacked weights are split once per call, before the loops, because
-slicing them inside a step would copy every layer's weights at every step.
+slicing them inside a step would copy every layer's weights at every step; likewise float32 weights of a bfloat16
+model are cast once per call (`decoding_params`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from detailflow_jax import sharding as shd
 from detailflow_jax.ar.logits import SamplingSettings, select_tokens
-from detailflow_jax.ar.model import CACHE_AXES, GPT, GPTConfig, init_cache, unrolled, unstack_layers
+from detailflow_jax.ar.model import CACHE_AXES, GPT, GPTConfig, decoding_params, init_cache, unrolled
 
 __all__ = ["Sampler", "SamplingSettings", "default_cache_chunks"]
 
@@ -118,7 +119,7 @@ class Sampler:
         self.num_traces += 1  # Python side effect: runs once per trace, never per call
         cfg = self.cfg
         batch, g, c = labels.shape[0], cfg.group_size, cfg.causal_num
-        params = unstack_layers(params, cfg.n_layer)
+        params = decoding_params(params, cfg)  # once per call, outside the loops
         apply = functools.partial(self.model.apply, {"params": params})
         select = functools.partial(select_tokens, key=key, settings=settings, num_groups=cfg.num_groups,
                                    group_size=g, causal_num=c)
