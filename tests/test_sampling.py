@@ -174,7 +174,7 @@ def test_sharded_sampler_matches_single_device(small):
     key = jax.random.key(11)
     labels = np.arange(8) % 5
     mesh = shd.make_mesh((4, 2, 1))
-    sharded = Sampler(model, mesh=mesh)
+    sharded = Sampler(model, mesh=mesh, cache_chunks=2)  # the constraint covers every chunk
     out = sharded(params, labels, key, settings)
     assert out.sharding.spec[0] == shd.BATCH_AXES
     np.testing.assert_array_equal(np.asarray(out), np.asarray(Sampler(model)(params, labels, key, settings)))
