@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.linen import unbox as flax_unbox
 
 from configs import ar_fashion_mnist
 from detailflow_jax import config_lib, sharding
 from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.ar import model as gpt_model
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.train import ar as ar_train
 from detailflow_jax.train.ar_step import ARStep, self_correction_mix, split_micro_batches
@@ -153,3 +155,44 @@ def test_config_must_match_the_codes(codes_dir, tmp_path):
         ar_train.train(tiny_config(codes_dir, **{"model.vocab_size": 128}), str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="batch_size"):
         ar_train.train(tiny_config(codes_dir, batch_size=8, grad_accum=2), str(tmp_path / "b"))
+
+
+def test_sharded_step_partitions_without_replicating_activations(codes_dir, capfd, monkeypatch):
+    """On a (data, fsdp, tensor) = (2, 2, 2) mesh the training step compiles without XLA's "involuntary full
+    rematerialization" (a tensor replicated on every device to reshard it). The control — the same step with
+    gather-based embedding lookups — shows that the check sees one: the gathers' cotangents get replicated."""
+    batch = {"codes": np.zeros((8, N, 3), np.int16), "label": np.zeros((8,), np.int32)}
+
+    def compile_log():
+        trainer = ARStep(tiny_config(codes_dir), sharding.make_mesh((2, 2, 2)))
+        state, shardings = trainer.init(0)
+        capfd.readouterr()
+        trainer.compiled(shardings).lower(state, batch).compile()
+        return capfd.readouterr().err
+
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a cached executable would skip the partitioner
+    try:
+        step_log = compile_log()
+        monkeypatch.setattr(gpt_model, "_lookup", lambda table, ids, train: table(ids))
+        control_log = compile_log()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+    assert "Involuntary full rematerialization" in control_log
+    assert "Involuntary full rematerialization" not in step_log, step_log[-2000:]
+
+
+def test_training_lookup_equals_the_gather():
+    """The one-hot embedding of training mode gives the gather's values (dropouts off)."""
+    GPT, GPTConfig, init_params = gpt_model.GPT, gpt_model.GPTConfig, gpt_model.init_params
+    cfg = GPTConfig(dim=32, n_layer=1, n_head=2, num_tokens=16, group_size=4, causal_num=4, vocab_size=40,
+                    num_classes=5, multiple_of=16, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,
+                    class_dropout=0.0)
+    model = GPT(cfg)
+    params = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(1), x.shape),
+                          flax_unbox(init_params(model, jax.random.key(0))))
+    tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, cfg.vocab_size)
+    labels = jnp.array([0, 5, 2])  # 5 = the null class row
+    run = lambda train: model.apply({"params": params}, tokens, labels, train,  # noqa: E731
+                                    rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-6, atol=1e-6)

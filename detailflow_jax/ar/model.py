@@ -124,6 +124,17 @@ class GPTConfig:
                 + (self.group_size - 1) * d + d)
 
 
+def _lookup(table: nn.Embed, ids: jax.Array, train: bool) -> jax.Array:
+    """Embedding rows; in training as a one-hot matmul (MaxText's iota embedding), whose gradient XLA partitions as
+    a matmul (a reduce-scatter into the sharded table). A gather's gradient is a scatter that the SPMD partitioner
+    could only reach by replicating the whole (batch, length, dim) cotangent on every device. Same values: each
+    output sums exactly one row."""
+    if not train:
+        return table(ids)
+    one_hot = jax.nn.one_hot(ids, table.num_embeddings, dtype=table.dtype)
+    return jnp.einsum("...v,vd->...d", one_hot, table.embedding.astype(table.dtype))
+
+
 def _dense(cfg: GPTConfig, features: int, names: tuple, name: str, init=DEFAULT_INIT) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                     kernel_init=nn.with_logical_partitioning(init, names), name=name)
@@ -211,10 +222,10 @@ class GPT(nn.Module):
         if train and self.cfg.class_dropout > 0:
             drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.cfg.class_dropout
             labels = jnp.where(drop, self.cfg.num_classes, labels)
-        return self.cls_embedding(labels)[:, None, :]
+        return _lookup(self.cls_embedding, labels, train)[:, None, :]
 
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return self.tok_embeddings(tokens)
+    def embed_tokens(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        return _lookup(self.tok_embeddings, tokens, train)
 
     def special_tokens(self) -> jax.Array:
         """(g - 1, D): the learned queries of the first parallel group."""
@@ -224,7 +235,7 @@ class GPT(nn.Module):
         """The embedded official sequence for a prefix of T tokens (see module docstring)."""
         cfg = self.cfg
         parts = [self.embed_class(labels, train)]
-        emb = self.embed_tokens(tokens)
+        emb = self.embed_tokens(tokens, train)
         if tokens.shape[1] >= cfg.causal_num:
             spe = jnp.broadcast_to(self.special_tokens()[None], (tokens.shape[0], cfg.group_size - 1, cfg.dim))
             parts += [emb[:, :cfg.causal_num], spe, emb[:, cfg.causal_num:]]
