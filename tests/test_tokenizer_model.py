@@ -1,5 +1,6 @@
 """Training forward of the tokenizer: self-correction sampling, loss weighting and gradient routing (spec §1.7)."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,8 +10,9 @@ import pytest
 
 from detailflow_jax.convert.state_dict import load_state_dict
 from detailflow_jax.convert.tokenizer import convert_tokenizer_state_dict
-from detailflow_jax.tokenizer.config import from_fixture_config
+from detailflow_jax.tokenizer.config import from_fixture_config, validate
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
+from detailflow_jax.tokenizer.quantizer import entropy_loss
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,42 @@ def test_gradient_routing(setup):
     assert norm(g["decoder"]) > 0 and norm(g["post_quant_conv"]) > 0
     g = grads(params, jnp.int32(8), jnp.int32(12))
     assert norm(g["refine_conv"]) > 0 and norm(g["encoder"]["refined_tokens"]) > 0
+
+
+def test_entropy_loss_rewards_confident_and_even_code_use():
+    """The official entropy loss: -log K for sure, evenly spread codes; 0 for sure, identical codes; masked
+    positions do not count; its weighting in the forward mirrors the vq loss (off at the released weight 0)."""
+    k, temperature = 4, 0.01
+    far, near = 1.0, 0.0
+    even = jnp.full((1, 4, k), far).at[0, jnp.arange(4), jnp.arange(4)].set(near)   # token i sure of code i
+    same = jnp.full((1, 4, k), far).at[0, :, 0].set(near)                            # every token sure of code 0
+    everything = jnp.ones((4,), bool)
+    np.testing.assert_allclose(entropy_loss(even, everything, temperature), -np.log(k), atol=1e-3)
+    np.testing.assert_allclose(entropy_loss(same, everything, temperature), 0.0, atol=1e-3)
+    # Masking tokens 1..3 of `even` leaves a single sure token: no spread, loss 0.
+    np.testing.assert_allclose(entropy_loss(even, jnp.array([True, False, False, False]), temperature), 0.0,
+                               atol=1e-3)
+    # Uncertain tokens (all codes equally near) pay their own entropy: log K - log K = 0 > -log K.
+    assert float(entropy_loss(jnp.zeros((1, 4, k)), everything, temperature)) > -1e-3
+
+
+def test_entropy_loss_in_the_forward(setup):
+    cfg, _, params, images = setup
+    on = DetailFlowTokenizer(dataclasses.replace(validate(cfg), entropy_loss_ratio=0.5))
+    run = lambda model: jax.jit(lambda: model.apply(  # noqa: E731
+        {"params": params}, images, jnp.int32(16), 32, jnp.int32(8), jnp.int32(12), jax.random.key(3)))()
+    out, off = run(on), run(DetailFlowTokenizer(cfg))
+    assert "entropy_loss" not in off
+    ref = jax.jit(lambda: on.apply({"params": params}, images, jnp.int32(8), jnp.int32(12), rng=jax.random.key(3),
+                                   method=DetailFlowTokenizer.self_correct))()
+    book = _normalize(np.asarray(params["quantizer"]["codebook"]))
+    n = cfg.num_latent_tokens
+
+    def distances(pre_quant, start):
+        z = _normalize(np.asarray(pre_quant))
+        d = (z ** 2).sum(-1, keepdims=True) + (book ** 2).sum(-1) - 2 * z @ book.T
+        return jnp.asarray(d), jnp.arange(n) >= start
+
+    expected = 0.5 * (n * entropy_loss(*distances(ref["pre_quant"], 0))
+                      + (n - 12) * entropy_loss(*distances(ref["pre_quant_sc"], 12))) / (2 * n - 12)
+    np.testing.assert_allclose(out["entropy_loss"], expected, rtol=1e-4)

@@ -55,6 +55,23 @@ def test_a_few_steps_lower_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_entropy_loss_joins_the_step_loss_when_weighted():
+    images = _batch(tiny_config())
+    metrics = {}
+    for ratio in (0.0, 0.5):
+        trainer = TokenizerStep(tiny_config(**{"model.entropy_loss_ratio": ratio}),
+                                sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+        state, shardings = trainer.init(0, {})
+        tables = ResolutionTables.from_model_config(trainer.model_cfg)
+        fn = trainer.compiled(tables.canvas[tables.num_tokens], shardings, {})
+        _, metrics[ratio] = fn(state, {}, images, np.int32(tables.num_tokens),
+                               jnp.asarray(degradation_matrix(tables.num_tokens, tables)), np.int32(1), np.int32(2))
+    assert "entropy_loss" not in metrics[0.0]
+    # Same init and data: the weighted run's loss is the unweighted one plus its entropy term.
+    np.testing.assert_allclose(metrics[0.5]["loss"], metrics[0.0]["loss"] + metrics[0.5]["entropy_loss"], rtol=1e-5)
+    assert float(metrics[0.5]["entropy_loss"]) != 0.0
+
+
 @pytest.mark.parametrize("disc_type", ["none", "patchgan"])
 def test_sharded_step_equals_single_device_step(disc_type):
     config = tiny_config(**{"losses.disc_type": disc_type, "losses.disc_start": 0, "batch_size": 8})

@@ -2,7 +2,7 @@
 
 The model section (``config.model`` of ``configs/tokenizer.py``) has the fields
 image_size, patch_size, pos_grid, num_latent_tokens, group_size, causal_num, codebook_size, codebook_dim,
-ln_eps, commit_beta, vq_loss_ratio, noise_top_k, dtype, param_dtype, remat, and
+ln_eps, commit_beta, vq_loss_ratio, entropy_loss_ratio, noise_top_k, dtype, param_dtype, remat, and
 encoder / decoder = {width, depth, heads, mlp_dim}.
 """
 
@@ -20,7 +20,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Fixed by the released architecture (spec §1.3–1.5); sizes are given per variant (configs/tokenizer.py).
 ARCH_DEFAULTS = dict(patch_size=16, pos_grid=16, codebook_dim=8, ln_eps=1e-6, commit_beta=0.25, vq_loss_ratio=1.0,
-                     noise_top_k=50, dtype="float32", param_dtype="float32", remat=False)
+                     entropy_loss_ratio=0.0, noise_top_k=50, dtype="float32", param_dtype="float32", remat=False)
 
 
 def make_model_config(encoder: Mapping[str, int], decoder: Mapping[str, int], **sizes) -> ml_collections.ConfigDict:
@@ -55,6 +55,7 @@ class TokenizerConfig:
     ln_eps: float
     commit_beta: float
     vq_loss_ratio: float
+    entropy_loss_ratio: float
     noise_top_k: int
     dtype: str
     param_dtype: str
@@ -90,6 +91,8 @@ def validate(model_cfg: Any) -> TokenizerConfig:
             "must be 8 (the released quant_conv/codebook width)")
     require(m["noise_top_k"] <= m["codebook_size"], "noise_top_k", m["noise_top_k"],
             f"must be at most codebook_size={m['codebook_size']} (top-k of the codebook)")
+    require(float(m.get("entropy_loss_ratio", 0.0)) >= 0, "entropy_loss_ratio", m.get("entropy_loss_ratio"),
+            "must be >= 0 (0 turns the entropy loss off, as in every released config)")
     for key in ("dtype", "param_dtype"):
         require(m.get(key) in _DTYPES, key, m.get(key), f"must be one of {sorted(_DTYPES)}")
     vits = {}
@@ -105,7 +108,8 @@ def validate(model_cfg: Any) -> TokenizerConfig:
         image_size=m["image_size"], patch_size=m["patch_size"], pos_grid=m["pos_grid"], num_latent_tokens=n,
         group_size=g, causal_num=c, codebook_size=m["codebook_size"], codebook_dim=m["codebook_dim"],
         ln_eps=float(m.get("ln_eps", 1e-6)), commit_beta=float(m.get("commit_beta", 0.25)),
-        vq_loss_ratio=float(m.get("vq_loss_ratio", 1.0)), noise_top_k=m["noise_top_k"], dtype=m["dtype"],
+        vq_loss_ratio=float(m.get("vq_loss_ratio", 1.0)),
+        entropy_loss_ratio=float(m.get("entropy_loss_ratio", 0.0)), noise_top_k=m["noise_top_k"], dtype=m["dtype"],
         param_dtype=m["param_dtype"], remat=bool(m.get("remat", False)), **vits)
 
 

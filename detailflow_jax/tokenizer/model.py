@@ -30,7 +30,8 @@ from detailflow_jax.tokenizer.config import TokenizerConfig, validate
 from detailflow_jax.tokenizer.decoder import Decoder
 from detailflow_jax.tokenizer.encoder import Encoder
 from detailflow_jax.tokenizer.quantizer import (Quantized, VectorQuantizer, batch_usage, code_histogram,
-                                                codebook_losses, group_cosine_similarity, sample_near_codes)
+                                                codebook_losses, entropy_loss, group_cosine_similarity,
+                                                sample_near_codes)
 
 
 def _torch_linear(features: int, fan_in: int, names, name: str, dtype, param_dtype) -> nn.Dense:
@@ -125,6 +126,10 @@ class DetailFlowTokenizer(nn.Module):
                  + w_sc * batch_usage(q2.codes, cfg.codebook_size))
         losses = dict(vq_loss=w_clean * vq_c + w_sc * vq_s, commit_loss=w_clean * commit_c + w_sc * commit_s,
                       codebook_usage=usage, code_histogram=code_histogram(qc.codes, cfg.codebook_size))
+        if cfg.entropy_loss_ratio > 0:  # a (B, N, K) softmax: skipped at the released weight 0
+            losses["entropy_loss"] = cfg.entropy_loss_ratio * (
+                w_clean * entropy_loss(qc.distances, jnp.ones((n,), bool))
+                + w_sc * entropy_loss(q2.distances, ~prefix_end))
         return dict(pre_quant=pre_quant, pre_quant_sc=pre_quant_sc, quant_clean=qc.quant, quant_sc=quant_sc,
                     clean=qc.codes, input=idx_input, label=idx_label, active=active, losses=losses)
 
@@ -138,7 +143,8 @@ class DetailFlowTokenizer(nn.Module):
         recon_weight (2B,) = 1 for the clean half, 0/1 for the corrected half (0 when noise_idx < 0, i.e. t = 1).
         train=False: the official eval behaviour, recon (B, …) of the self-corrected sequence (clean when
         noise_idx < 0), recon_weight all ones.
-        Also returns vq_loss, commit_loss (weighted as in step 7), codebook_usage, code_histogram,
+        Also returns vq_loss, commit_loss (weighted as in step 7; entropy_loss too when its ratio is > 0),
+        codebook_usage, code_histogram,
         fea_cosine_sim, quant (the decoded codes) and indices (B, N, 3) = [clean, input, label].
         """
         sc = self.self_correct(images, noise_idx, noise_end, rng=rng)

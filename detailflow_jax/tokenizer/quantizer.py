@@ -1,7 +1,8 @@
 """l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True, spec §1.4).
 
 Everything here runs in float32. The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts).
-The entropy loss of the official code has weight 0 in every released config and is not implemented.
+The official entropy loss (`entropy_loss`) has weight 0 in every released config; it is computed only when a
+config gives it a weight.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ def codebook_losses(q: Quantized, valid: jax.Array, beta: float, vq_ratio: float
     vq = jnp.sum(weight * (q.hard - jax.lax.stop_gradient(q.z)) ** 2) / count
     commit = jnp.sum(weight * (jax.lax.stop_gradient(q.hard) - q.z) ** 2) / count
     return vq * vq_ratio, commit * beta
+
+
+def entropy_loss(distances: jax.Array, valid: jax.Array, temperature: float = 0.01) -> jax.Array:
+    """Official `compute_entropy_loss(-d)` (LlamaGen), over the token positions where ``valid`` (N,) is True.
+
+    With p = softmax(-d / temperature) per token: mean per-token entropy of p minus the entropy of the mean p. It is
+    lowest (−log K) when every token is sure of its code and the codes are used evenly, and 0 when all tokens are
+    sure of the same code.
+    """
+    logits = -distances.astype(jnp.float32) / temperature
+    probs = jax.nn.softmax(logits, axis=-1)
+    weight = valid.astype(jnp.float32)[None, :, None]
+    count = jnp.maximum(jnp.sum(weight) * distances.shape[0], 1.0)
+    sample_entropy = -jnp.sum(weight * probs * jax.nn.log_softmax(logits, axis=-1)) / count
+    mean_probs = jnp.sum(weight * probs, axis=(0, 1)) / count
+    mean_entropy = -jnp.sum(mean_probs * jnp.log(mean_probs + 1e-5))
+    return sample_entropy - mean_entropy
 
 
 def code_histogram(codes: jax.Array, codebook_size: int) -> jax.Array:

@@ -175,6 +175,9 @@ class TokenizerStep:
             loss = losses.mse_weight * mse + out["vq_loss"] + out["commit_loss"]
             metrics = dict(mse=mse, vq_loss=out["vq_loss"], commit_loss=out["commit_loss"],
                            codebook_usage=out["codebook_usage"], fea_cosine_sim=out["fea_cosine_sim"])
+            if "entropy_loss" in out:
+                loss = loss + out["entropy_loss"]
+                metrics["entropy_loss"] = out["entropy_loss"]
             if self.lpips is not None:
                 lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon), weight)
                 loss = loss + self.schedule.perceptual(step1) * lp
