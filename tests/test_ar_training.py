@@ -2,6 +2,10 @@
 a preemption equal to the uninterrupted run. Codes are synthetic (written directly, no tokenizer)."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -157,29 +161,35 @@ def test_config_must_match_the_codes(codes_dir, tmp_path):
         ar_train.train(tiny_config(codes_dir, batch_size=8, grad_accum=2), str(tmp_path / "b"))
 
 
-def test_sharded_step_partitions_without_replicating_activations(codes_dir, capfd, monkeypatch):
+def compile_step_log(codes_dir: str, gather: bool) -> None:
+    """Compiles the AR step on a (2, 2, 2) mesh (8 CPU devices); with ``gather`` the embeddings are looked up by
+    gathers. Run in a fresh process (see below): XLA's warnings land on its stderr."""
+    if gather:
+        gpt_model._lookup = lambda table, ids, train: table(ids)
+    trainer = ARStep(tiny_config(codes_dir), sharding.make_mesh((2, 2, 2)))
+    state, shardings = trainer.init(0)
+    batch = {"codes": np.zeros((8, N, 3), np.int16), "label": np.zeros((8,), np.int32)}
+    trainer.compiled(shardings).lower(state, batch).compile()
+
+
+def test_sharded_step_partitions_without_replicating_activations(codes_dir):
     """On a (data, fsdp, tensor) = (2, 2, 2) mesh the training step compiles without XLA's "involuntary full
     rematerialization" (a tensor replicated on every device to reshard it). The control — the same step with
-    gather-based embedding lookups — shows that the check sees one: the gathers' cotangents get replicated."""
-    batch = {"codes": np.zeros((8, N, 3), np.int16), "label": np.zeros((8,), np.int32)}
+    gather-based embedding lookups — shows that the check sees one: the gathers' cotangents get replicated.
 
-    def compile_log():
-        trainer = ARStep(tiny_config(codes_dir), sharding.make_mesh((2, 2, 2)))
-        state, shardings = trainer.init(0)
-        capfd.readouterr()
-        trainer.compiled(shardings).lower(state, batch).compile()
-        return capfd.readouterr().err
-
-    previous = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a cached executable would skip the partitioner
-    try:
-        step_log = compile_log()
-        monkeypatch.setattr(gpt_model, "_lookup", lambda table, ids, train: table(ids))
-        control_log = compile_log()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", previous)
-    assert "Involuntary full rematerialization" in control_log
-    assert "Involuntary full rematerialization" not in step_log, step_log[-2000:]
+    Each compile runs in a new process: this one shares a disk compilation cache (a hit skips the partitioner and
+    its warnings) and XLA may not repeat a warning."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_ENABLE_COMPILATION_CACHE="false", PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+    logs = {}
+    for gather in (False, True):
+        code = f"import test_ar_training as t; t.compile_step_log({str(codes_dir)!r}, {gather})"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[gather] = done.stderr
+    assert "Involuntary full rematerialization" in logs[True]
+    assert "Involuntary full rematerialization" not in logs[False], logs[False][-2000:]
 
 
 def test_training_lookup_equals_the_gather():
