@@ -79,7 +79,7 @@ class Sampler:
         self.model = GPT(unrolled(model.cfg))
         self.cfg = model.cfg
         self.cache_chunks = default_cache_chunks(model.cfg) if cache_chunks is None else cache_chunks
-        init_cache(model.cfg, 1, self.cache_chunks, jnp.float32)  # validates the chunking before any tracing
+        jax.eval_shape(lambda: init_cache(model.cfg, 1, self.cache_chunks))  # checks the chunking, allocates nothing
         self.mesh = mesh
         self.rules = rules
         self.num_traces = 0
