@@ -134,19 +134,20 @@ def main(argv=None):
           f"cfg={args.cfg_scale} dtype={args.dtype} steps={cfg.num_steps} device={jax.devices()[0].device_kind} "
           f"params={sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.1f}M", flush=True)
 
+    def time_sampler(sampler, repeats):
+        """(first call s, steady s per batch, steady runs, compile s) of sampling and decoding one batch."""
+        first, steady, times = warm_and_time(
+            lambda: decode(sampler(params, labels, jax.random.fold_in(key, 3), settings)), repeats)
+        return first, steady, times, max(first - steady, 0.0)
+
     cached = Sampler(model)
-    run_cached = lambda: decode(cached(params, labels, jax.random.fold_in(key, 3), settings))  # noqa: E731
-    first, cached_s, cached_times = warm_and_time(run_cached, args.repeats)
-    compile_s = max(first - cached_s, 0.0)
+    first, cached_s, cached_times, compile_s = time_sampler(cached, args.repeats)
     print(f"cached:    first call {first:.2f}s (compile ~{compile_s:.2f}s), steady {cached_s:.3f}s per batch "
           f"(runs: {', '.join(f'{t:.3f}' for t in cached_times)})", flush=True)
 
     nocache_s = ref_compile_s = None
     if not args.no_reference:
-        reference = ReferenceSampler(model)
-        run_ref = lambda: decode(reference(params, labels, jax.random.fold_in(key, 3), settings))  # noqa: E731
-        ref_first, nocache_s, _ = warm_and_time(run_ref, args.reference_repeats)
-        ref_compile_s = max(ref_first - nocache_s, 0.0)
+        ref_first, nocache_s, _, ref_compile_s = time_sampler(ReferenceSampler(model), args.reference_repeats)
         print(f"reference: first pass {ref_first:.2f}s (compile ~{ref_compile_s:.2f}s over {cfg.num_steps} "
               f"lengths), steady {nocache_s:.3f}s per batch", flush=True)
 
