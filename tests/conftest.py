@@ -22,26 +22,44 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("DETAILFLOW_SHARED_DIR", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
-PARITY_DIR = pathlib.Path(os.environ.get("DETAILFLOW_PARITY_DIR", FIXTURES / "official_parity"))
+# Fixtures small enough for the repository: the official code's outputs on tiny random models.
+REPO_FIXTURES = ROOT / "tests" / "fixtures"
+# Fixtures too large for it (full-size FID Inception, LPIPS-VGG16 and DINO ViT-S/16 weights with their outputs): a
+# folder holding fid_inception/ and losses/, from $DETAILFLOW_LARGE_FIXTURES, else the optional shared folder beside
+# the checkout (where CI keeps them).
+LARGE_FIXTURES_VAR = "DETAILFLOW_LARGE_FIXTURES"
+LARGE_FIXTURES = pathlib.Path(os.environ.get(LARGE_FIXTURES_VAR, ROOT.parent / "shared" / "fixtures"))
 
 
 def parity_folders():
-    """Every fixture folder under $DETAILFLOW_PARITY_DIR (each has a config.json)."""
-    if not PARITY_DIR.is_dir():
-        return []
-    return sorted(p for p in PARITY_DIR.iterdir() if (p / "config.json").is_file())
+    """Every fixture folder (one with a config.json) under tests/fixtures/official_parity/, then under each folder
+    of $DETAILFLOW_PARITY_DIR (os.pathsep-separated), which adds folders made elsewhere."""
+    roots = [REPO_FIXTURES / "official_parity"]
+    roots += [pathlib.Path(p) for p in os.environ.get("DETAILFLOW_PARITY_DIR", "").split(os.pathsep) if p]
+    folders = []
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"parity fixture folder {root} does not exist (check $DETAILFLOW_PARITY_DIR)")
+        folders += sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+    return folders
 
 
 def pytest_generate_tests(metafunc):
     if "parity_folder" in metafunc.fixturenames:
         folders = parity_folders()
-        metafunc.parametrize("parity_folder", folders, ids=[p.name for p in folders])
+        ids = [p.name if p.parent == REPO_FIXTURES / "official_parity" else str(p) for p in folders]
+        metafunc.parametrize("parity_folder", folders, ids=ids)
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir():
-    if not FIXTURES.is_dir():
-        pytest.fail(f"fixtures not found at {FIXTURES}; set DETAILFLOW_SHARED_DIR to the folder holding fixtures/")
-    return FIXTURES
+def repo_fixtures():
+    return REPO_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def large_fixtures():
+    """The folder with fid_inception/ and losses/; the test is skipped, saying how to get them, when it is absent."""
+    if not (LARGE_FIXTURES / "fid_inception").is_dir() or not (LARGE_FIXTURES / "losses").is_dir():
+        pytest.skip(f"large fixtures not found at {LARGE_FIXTURES}: set ${LARGE_FIXTURES_VAR} to a folder holding "
+                    "fid_inception/ and losses/ (how they are made: tests/fixtures/README.md)")
+    return LARGE_FIXTURES

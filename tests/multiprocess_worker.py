@@ -10,7 +10,9 @@ Both runs use a global (data, fsdp, tensor) = (2, 2, 2) mesh of 8 CPU devices an
               shardings, 2 more steps;
   data        one epoch of this process's slice of the training data (the ``index`` of every image).
 Written to --out by process 0 (metrics.jsonl stays in the tokenizer work directory): ``gpt_losses.json``,
-``<part>_params.npz`` (full parameters gathered from all processes); every process writes ``indices_<p>.json``.
+``<part>_start.npz`` and ``<part>_params.npz`` (full parameters before and after, gathered from all processes);
+every process writes ``indices_<p>.json``. Both parts train with plain SGD, so the runs can be compared update for
+update with a tolerance from float32 summation order.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from detailflow_jax import distributed, sharding
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_train_iter
 from detailflow_jax.train import tokenizer as tokenizer_train
+from detailflow_jax.train import optim
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.checkpoint import Checkpointer
+from detailflow_jax.train.tokenizer_step import TokenizerStep
+from tests.float_tolerance import plain_sgd
 
 MESH = (2, 2, 2)
 FIRST_STEPS, MORE_STEPS = 2, 2
@@ -62,6 +67,8 @@ def save_npz(path: str, tree) -> None:
 
 def run_tokenizer(out: str) -> None:
     config, workdir = tokenizer_config(), os.path.join(out, "tokenizer")
+    start, _ = TokenizerStep(config, sharding.make_mesh(MESH)).init(config.seed, {})  # what train() starts from
+    save_npz(os.path.join(out, "tokenizer_start.npz"), start["params"])
     tokenizer_train.train(config, workdir, stop_at=FIRST_STEPS)
     state, _ = tokenizer_train.train(config, workdir, stop_at=FIRST_STEPS + MORE_STEPS)
     save_npz(os.path.join(out, "tokenizer_params.npz"), state["params"])
@@ -89,6 +96,7 @@ def run_gpt(out: str) -> None:
     mesh = sharding.make_mesh(MESH)
     trainer = ARStep(config, mesh)
     state, shardings = trainer.init(config.seed)
+    save_npz(os.path.join(out, "gpt_start.npz"), state["params"])
     step_fn = trainer.compiled(shardings)
     losses = []
 
@@ -129,6 +137,8 @@ def main() -> None:
     parser.add_argument("--parts", default="data,tokenizer,gpt", help="comma list of: data, tokenizer, gpt")
     args = parser.parse_args()
     distributed.maybe_initialize()  # from DETAILFLOW_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID (local.sh)
+    # Plain SGD instead of Adam: the runs are compared update for update (tests/float_tolerance.py says why).
+    optim.adam = optim.adamw = plain_sgd()
     # CPU time is this test's budget. The models are tiny, so XLA's optimisations cost more than they save (as in
     # tests/conftest.py); the resumed tokenizer run builds a new trainer, and the disk cache turns its second
     # compile into a load.

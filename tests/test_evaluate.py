@@ -79,7 +79,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, fixtures_dir):
+def tiny_run(tmp_path_factory, large_fixtures):
     """Converted-style parameter directories of a tiny GPT / tokenizer and an 8-image ADM reference batch."""
     from configs import gpt as gpt_configs
     from configs import tokenizer as tokenizer_configs
@@ -102,7 +102,7 @@ def tiny_run(tmp_path_factory, fixtures_dir):
     tokenizer_cfg = tokenizer_configs.model_config("tiny")
     save_params(root / "tok", jax.jit(lambda key: tokenizer_init(tokenizer_cfg, key))(jax.random.key(2)))
 
-    inception = fixtures_dir / "fid_inception" / "inception_state_dict_fp16.npz"
+    inception = large_fixtures / "fid_inception" / "inception_state_dict_fp16.npz"
     images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     np.savez(root / "real.npz", arr_0=images)
     # The command's extractor (all devices, ADM preprocessing): the compiled function is shared.

@@ -15,8 +15,8 @@ from detailflow_jax.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")
-def fixture_files(fixtures_dir):
-    folder = fixtures_dir / "fid_inception"
+def fixture_files(large_fixtures):
+    folder = large_fixtures / "fid_inception"
     return folder / "inception_state_dict_fp16.npz", folder / "inception_io.npz"
 
 

@@ -26,8 +26,8 @@ def fp16(values):
 
 
 @pytest.fixture(scope="module")
-def dino_fixture(fixtures_dir):
-    folder = fixtures_dir / "losses"
+def dino_fixture(large_fixtures):
+    folder = large_fixtures / "losses"
     backbone = load_state_dict(folder / "dino_vits16_state_dict_fp16.npz")
     heads = load_state_dict(folder / "dino_disc_heads_state_dict_fp16.npz")
     # The fixture generator rounded every float tensor of the module to float16, including the x_scale / x_shift
@@ -129,11 +129,11 @@ def test_tiny_discriminator_trains_heads_only():
     assert np.abs(np.asarray(g_img)).max() > 0  # the generator gets gradients through the frozen backbone
 
 
-def test_cli_without_heads_writes_the_backbone_only(dino_fixture, fixtures_dir, tmp_path):
+def test_cli_without_heads_writes_the_backbone_only(dino_fixture, large_fixtures, tmp_path):
     from detailflow_jax.convert.dino import main
 
     _, tree, _, _ = dino_fixture
-    main(["--backbone", str(fixtures_dir / "losses" / "dino_vits16_state_dict_fp16.npz"), "--out",
+    main(["--backbone", str(large_fixtures / "losses" / "dino_vits16_state_dict_fp16.npz"), "--out",
           str(tmp_path / "dino")])
     backbone, heads = load_dino_params(tmp_path / "dino")
     assert heads is None

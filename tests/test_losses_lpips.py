@@ -25,9 +25,9 @@ def nhwc(a):
 
 
 @pytest.fixture(scope="module")
-def lpips_fixture(fixtures_dir):
-    state = load_state_dict(fixtures_dir / "losses" / "lpips_state_dict_fp16.npz")
-    return state, convert_lpips(state, state), np.load(fixtures_dir / "losses" / "lpips_io.npz")
+def lpips_fixture(large_fixtures):
+    state = load_state_dict(large_fixtures / "losses" / "lpips_state_dict_fp16.npz")
+    return state, convert_lpips(state, state), np.load(large_fixtures / "losses" / "lpips_io.npz")
 
 
 @pytest.mark.parity
@@ -111,11 +111,11 @@ def test_channel_normalize_of_a_dead_pixel_has_a_finite_gradient():
     assert np.isfinite(np.asarray(grad)).all()
 
 
-def test_cli_round_trip(lpips_fixture, fixtures_dir, tmp_path):
+def test_cli_round_trip(lpips_fixture, large_fixtures, tmp_path):
     from detailflow_jax.convert.lpips import main
 
     _, params, _ = lpips_fixture
-    npz = str(fixtures_dir / "losses" / "lpips_state_dict_fp16.npz")
+    npz = str(large_fixtures / "losses" / "lpips_state_dict_fp16.npz")
     main(["--vgg", npz, "--lpips", npz, "--out", str(tmp_path / "lpips")])
     restored = load_lpips_params(tmp_path / "lpips")
     jax.tree.map(np.testing.assert_array_equal, restored["params"], params)

@@ -50,8 +50,8 @@ def test_unknown_variant_and_argument():
         get_config("DF-16,bogus=3")
 
 
-def test_from_fixture_config(fixtures_dir):
-    folder = fixtures_dir / "official_parity" / "tiny_a"
+def test_from_fixture_config(repo_fixtures):
+    folder = repo_fixtures / "official_parity" / "tiny_a"
     fixture = json.loads((folder / "config.json").read_text())
     cfg = validate(from_fixture_config(fixture))
     assert cfg.num_latent_tokens == fixture["num_latent_tokens"]

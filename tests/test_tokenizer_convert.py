@@ -23,13 +23,13 @@ VARIANTS = {"DF-16": 128, "DF-32": 256, "DF-64": 512}
 
 
 @pytest.fixture(scope="module")
-def real_shapes(fixtures_dir):
-    return json.loads((fixtures_dir / "official_parity" / "real_checkpoint_shapes.json").read_text())
+def real_shapes(repo_fixtures):
+    return json.loads((repo_fixtures / "official_parity" / "real_checkpoint_shapes.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def tiny(fixtures_dir):
-    folder = fixtures_dir / "official_parity" / "tiny_a"
+def tiny(repo_fixtures):
+    folder = repo_fixtures / "official_parity" / "tiny_a"
     cfg = from_fixture_config(json.loads((folder / "config.json").read_text()))
     return folder, cfg, load_state_dict(folder / "tokenizer_state_dict.npz")
 

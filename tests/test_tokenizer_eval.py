@@ -102,11 +102,11 @@ def test_curve_covers_every_admissible_token_count(tiny_tokenizer):
         tokenizer_eval.evaluate_tokenizer(evaluator, params, [(images, keep)], counts=[5], progress=False)
 
 
-def test_command_end_to_end(tiny_tokenizer, tmp_path, fixtures_dir, capsys):
+def test_command_end_to_end(tiny_tokenizer, tmp_path, large_fixtures, capsys):
     from detailflow_jax.convert.params_io import save_params
     cfg, params = tiny_tokenizer
     save_params(tmp_path / "tok", params)
-    inception = fixtures_dir / "fid_inception" / "inception_state_dict_fp16.npz"
+    inception = large_fixtures / "fid_inception" / "inception_state_dict_fp16.npz"
     out = tmp_path / "eval"
     rows = tokenizer_eval.main([
         "--tokenizer", str(tmp_path / "tok"), "--tokenizer_config", "configs/tokenizer.py:tiny",

@@ -16,9 +16,9 @@ from detailflow_jax.tokenizer.quantizer import entropy_loss
 
 
 @pytest.fixture(scope="module")
-def setup(fixtures_dir):
+def setup(repo_fixtures):
     """Official-fixture weights (non-trivial everywhere) and images; no random init needed."""
-    folder = fixtures_dir / "official_parity" / "tiny_a"
+    folder = repo_fixtures / "official_parity" / "tiny_a"
     cfg = from_fixture_config(json.loads((folder / "config.json").read_text()))
     params = convert_tokenizer_state_dict(load_state_dict(folder / "tokenizer_state_dict.npz"), cfg).params
     images = jnp.asarray(np.load(folder / "tokenizer_io.npz")["image"].transpose(0, 2, 3, 1))
