@@ -1,7 +1,7 @@
 """Sampled tokens -> images through the DetailFlow tokenizer, with coarse-to-fine previews (spec §4.4).
 
 A prefix of t tokens decodes at the canvas `ResolutionTables.canvas[t]`, so previews for increasing t show the image
-sharpening as groups arrive. Pixel conversion is the official ``clamp(127.5 x + 128, 0, 255)`` with truncation.
+sharpening as groups arrive. Pixels are converted as the official sampler does (``detailflow_jax.pixels``).
 """
 
 from __future__ import annotations
@@ -14,13 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-
-
-def to_uint8(images) -> np.ndarray:
-    """Float images ~[-1, 1] -> uint8, exactly as the official sampler (truncation, not rounding)."""
-    return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
 
 
 class TokenDecoder:
@@ -47,7 +43,7 @@ class TokenDecoder:
         """Coarse-to-fine: [(t, uint8 images (B, canvas_t, canvas_t, 3))] for increasing t (default: every
         admissible t)."""
         counts = self.tables.token_counts if counts is None else sorted(int(t) for t in counts)
-        return [(t, to_uint8(self.decode(codes, t))) for t in counts]
+        return [(t, np.asarray(to_uint8(self.decode(codes, t)))) for t in counts]
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> Image.Image:

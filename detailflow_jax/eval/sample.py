@@ -31,12 +31,13 @@ import numpy as np
 from tqdm import tqdm
 
 from detailflow_jax import distributed, sharding
-from detailflow_jax.ar.images import TokenDecoder, image_grid, preview_strip, to_uint8
+from detailflow_jax.ar.images import TokenDecoder, image_grid, preview_strip
 from detailflow_jax.ar.logits import SamplingSettings
 from detailflow_jax.ar.model import GPT, GPTConfig
 from detailflow_jax.ar.sampling import Sampler
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import load_config_file
+from detailflow_jax.pixels import to_uint8
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.train import cli
 from detailflow_jax.train.weights import is_training_workdir, load_gpt, load_tokenizer, workdir_config
@@ -75,7 +76,7 @@ class ImageGenerator:
         pad = (-len(tokens)) % self.data_parallelism
         padded = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
         codes = jax.device_put(padded.astype(np.int32), sharding.batch_sharding(self.mesh, 2))
-        return to_uint8(distributed.to_host(self.decoder.decode(codes, t)))[:len(tokens)]
+        return np.asarray(to_uint8(distributed.to_host(self.decoder.decode(codes, t))))[:len(tokens)]
 
     def generate(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
         return self.decode(self.tokens(labels, key, params))

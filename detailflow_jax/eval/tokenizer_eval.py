@@ -29,6 +29,7 @@ pass ``--token_counts`` to evaluate fewer.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from detailflow_jax.eval.fid import fid_between
 from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES
 from detailflow_jax.eval.metrics import RunningStats
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.pixels import to_uint8
 
 METRICS = ("psnr", "ssim", "rfid")
 STANDARD_SSIM_NOTE = ("SSIM: standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1] images "
@@ -60,11 +62,10 @@ OFFICIAL_SSIM_NOTE = ("SSIM: the official DetailFlow number, skimage.metrics.str
                       "higher than the standard definition.")
 
 
-@jax.jit
-def _to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] -> uint8 with the official truncation, as ``ar.images.to_uint8`` but on device (the result feeds the
-    Inception, so it stays a sharded global array)."""
-    return jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+# On device: the result feeds the Inception, so it stays a sharded global array. The official evaluation converts
+# its float32 inputs in float32 and the bf16 decoder's reconstructions in bfloat16 (``detailflow_jax.pixels``).
+_real_to_uint8 = jax.jit(functools.partial(to_uint8, arithmetic="float32"))
+_recon_to_uint8 = jax.jit(functools.partial(to_uint8, arithmetic="bfloat16"))
 
 
 @jax.jit
@@ -115,10 +116,10 @@ def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches:
         keep = np.asarray(keep, bool)
         quant = evaluator.encode(params, images)
         if extractor is not None:
-            acc.real.update(distributed.to_host(extractor(_to_uint8(images))["pool"])[keep])
+            acc.real.update(distributed.to_host(extractor(_real_to_uint8(images))["pool"])[keep])
         for t in counts:
             psnr, recon = evaluator.decode_and_score(params, quant, images, tables.canvas[t], t)
-            recon_u8 = _to_uint8(recon)
+            recon_u8 = _recon_to_uint8(recon)
             acc.psnr[t].append(distributed.to_host(psnr)[keep])
             acc.ssim[t].append(distributed.to_host(ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings))[keep])
             if extractor is not None:

@@ -22,11 +22,12 @@ import ml_collections
 import numpy as np
 
 from detailflow_jax import distributed, sharding
-from detailflow_jax.ar.images import image_grid, preview_strip, to_uint8
+from detailflow_jax.ar.images import image_grid, preview_strip
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_eval_iter, make_train_iter
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
 from detailflow_jax.tokenizer.resolution import ResolutionTables
 from detailflow_jax.train import cli
@@ -102,9 +103,9 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
         inputs, full, previews = distributed.to_host((images, full, previews))
         if not distributed.is_main_process():
             return
-        grid = np.concatenate([to_uint8(inputs), to_uint8(full)])
+        grid = np.asarray(jnp.concatenate([to_uint8(inputs, "float32"), to_uint8(full)]))  # real, decoded
         image_grid(grid, columns=len(inputs)).save(os.path.join(workdir, "images", f"step_{step}.png"))
-        strip = [(t, to_uint8(p)) for t, p in zip(shown, previews)]
+        strip = [(t, np.asarray(to_uint8(p))) for t, p in zip(shown, previews)]
         preview_strip(strip).save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
 
     return hook
