@@ -133,11 +133,13 @@ def test_cache_decode_matches_teacher_forcing(num_chunks):
 
 def test_decoding_params_give_identical_logits():
     """Casting the weights of a bfloat16-compute model up front (what the sampler does once per call) changes no
-    number: every module casts them to the compute dtype anyway."""
+    number: every module casts them to the compute (kernels) or residual dtype (the rest) anyway."""
     cfg = GPTConfig(**{**TINY, "dtype": "bfloat16"})
     params = perturbed(cfg, seed=6)
     prepared = decoding_params(stack_layers(params, cfg.n_layer), cfg)
-    assert {x.dtype for x in jax.tree.leaves(prepared)} == {jnp.dtype(jnp.bfloat16)}
+    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(prepared) if path[-1].key == "kernel"]
+    assert {x.dtype for x in kernels} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(prepared)} == {jnp.dtype(jnp.bfloat16), jnp.dtype(cfg.residual_dtype)}
     tokens = jax.random.randint(jax.random.key(1), (2, cfg.num_tokens - cfg.group_size), 0, cfg.vocab_size)
     labels = jnp.array([3, 0])
     run = jax.jit(GPT(cfg).apply)
@@ -186,3 +188,24 @@ def test_converter_names_bad_keys_and_shapes():
     bad = {**state, "tok_embeddings.weight": np.zeros((33, 32), np.float32)}
     with pytest.raises(ConversionError, match=r"tok_embeddings/embedding: checkpoint \(33, 32\) vs model \(32, 32\)"):
         convert_gpt_state_dict(bad, cfg)
+
+
+@pytest.mark.parametrize("residual_dtype", ["float32", "bfloat16"])
+def test_bf16_gpt_keeps_the_residual_stream_in_residual_dtype(residual_dtype):
+    """Official bf16 training is autocast: Linear layers run in bf16, while the embeddings, every block's residual
+    sum and the norms stay float32. ``residual_dtype="bfloat16"`` keeps the whole stream in the compute dtype."""
+    cfg = GPTConfig(dim=32, n_layer=2, n_head=2, num_tokens=16, group_size=4, causal_num=4, vocab_size=40,
+                    num_classes=5, multiple_of=16, dtype="bfloat16", residual_dtype=residual_dtype)
+    model = GPT(cfg)
+    params = nn.unbox(init_params(model, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    for train in (False, True):
+        logits, state = model.apply({"params": params}, tokens, jnp.array([0, 3]), train,
+                                    rngs={"dropout": jax.random.key(2)}, capture_intermediates=True)
+        seen = state["intermediates"]
+        stream = [seen[f"layers_{i}"]["__call__"][0][0] for i in range(cfg.n_layer)]
+        assert {h.dtype for h in stream} == {jnp.dtype(residual_dtype)}, train
+        assert seen["norm"]["__call__"][0].dtype == jnp.dtype(residual_dtype)
+        # The Linear layers still compute in bf16.
+        assert seen["layers_0"]["attention"]["wqkv"]["__call__"][0].dtype == jnp.bfloat16
+        assert logits.dtype == jnp.float32

@@ -64,6 +64,9 @@ class GPTConfig:
     ffn_dropout: float = 0.1
     class_dropout: float = 0.1
     dtype: str = "float32"         # compute dtype ("bfloat16" for speed); params stay param_dtype
+    # Embeddings, residual stream and RMSNorm outputs. float32 is what the official bf16 autocast training does
+    # (only Linear layers run in bf16); set it to the compute dtype to keep the whole stream in bf16.
+    residual_dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False      # nn.scan over layers (params get a leading "layers" axis)
     remat: bool = False            # rematerialise each block in the backward pass
@@ -91,7 +94,7 @@ class GPTConfig:
             f"must be at most num_tokens={self.num_tokens}")
         for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
             req(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
-        for key in ("dtype", "param_dtype"):
+        for key in ("dtype", "param_dtype", "residual_dtype"):
             req(getattr(self, key) in ("float32", "bfloat16", "float16"), key, getattr(self, key),
                 "must be float32, bfloat16 or float16")
         return self
@@ -117,6 +120,11 @@ class GPTConfig:
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
+    @property
+    def stream_dtype(self) -> Any:
+        """The residual stream's dtype (``residual_dtype``)."""
+        return jnp.dtype(self.residual_dtype)
+
     def param_count(self) -> int:
         d, f = self.dim, self.ffn_dim
         per_layer = 3 * d * d + d * d + 3 * d * f + 2 * d
@@ -132,7 +140,9 @@ def _lookup(table: nn.Embed, ids: jax.Array, train: bool) -> jax.Array:
     if not train:
         return table(ids)
     one_hot = jax.nn.one_hot(ids, table.num_embeddings, dtype=table.dtype)
-    return jnp.einsum("...v,vd->...d", one_hot, table.embedding.astype(table.dtype))
+    # HIGHEST: a float32 row must come out exact on TPUs too, whose default float32 matmul rounds inputs to bf16.
+    return jnp.einsum("...v,vd->...d", one_hot, table.embedding.astype(table.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def _dense(cfg: GPTConfig, features: int, names: tuple, name: str, init=DEFAULT_INIT) -> nn.Dense:
@@ -170,7 +180,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Also returns the layer's updated cache."""
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Also returns the layer's updated cache.
+
+    The stream h keeps its dtype (``residual_dtype``): the norms return it and each sum promotes the layers'
+    compute-dtype outputs to it, as torch's autocast does."""
     cfg: GPTConfig
 
     @nn.compact
@@ -191,9 +204,9 @@ class GPT(nn.Module):
     def setup(self):
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
-        self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.compute_dtype, param_dtype=pdt,
+        self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.stream_dtype, param_dtype=pdt,
                                        embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
-        self.cls_embedding = nn.Embed(cfg.num_classes + 1, cfg.dim, dtype=cfg.compute_dtype, param_dtype=pdt,
+        self.cls_embedding = nn.Embed(cfg.num_classes + 1, cfg.dim, dtype=cfg.stream_dtype, param_dtype=pdt,
                                       embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, (None, "embed")))
         # Created after the official initialize_weights(), so it keeps torch's default N(0, 1) init.
         self.spe_tok_embeddings = self.param(
@@ -229,7 +242,7 @@ class GPT(nn.Module):
 
     def special_tokens(self) -> jax.Array:
         """(g - 1, D): the learned queries of the first parallel group."""
-        return self.spe_tok_embeddings.astype(self.cfg.compute_dtype)
+        return self.spe_tok_embeddings.astype(self.cfg.stream_dtype)
 
     def training_sequence(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
         """The embedded official sequence for a prefix of T tokens (see module docstring)."""
@@ -322,14 +335,19 @@ def unstack_layers(params: Any, n_layer: int) -> Any:
 
 
 def decoding_params(params: Any, cfg: GPTConfig) -> Any:
-    """Params as the cached decoder runs them: per layer (`unstack_layers`) and in the compute dtype.
+    """Params as the cached decoder runs them: per layer (`unstack_layers`), Linear kernels in the compute dtype and
+    embeddings and norm scales in the residual stream's dtype.
 
-    Every module casts its weights to the compute dtype before use, so casting them once up front gives the same
+    Every module casts its weights to those dtypes before use, so casting them once up front gives the same
     numbers; inside a sampling loop it saves re-reading float32 weights and converting them at every step.
     """
-    params = unstack_layers(params, cfg.n_layer)
-    dtype = cfg.compute_dtype
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    def cast(path, x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        is_kernel = getattr(path[-1], "key", None) == "kernel"
+        return x.astype(cfg.compute_dtype if is_kernel else cfg.stream_dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, unstack_layers(params, cfg.n_layer))
 
 
 def stack_layers(params: Any, n_layer: int) -> Any:
