@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
+from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.state_dict import load_state_dict
 from detailflow_jax.convert.tokenizer import convert_tokenizer_state_dict
 from detailflow_jax.tokenizer.config import from_fixture_config, validate
@@ -150,3 +152,48 @@ def test_entropy_loss_in_the_forward(setup):
     expected = 0.5 * (n * entropy_loss(*distances(ref["pre_quant"], 0))
                       + (n - 12) * entropy_loss(*distances(ref["pre_quant_sc"], 12))) / (2 * n - 12)
     np.testing.assert_allclose(out["entropy_loss"], expected, rtol=1e-4)
+
+
+def test_bf16_distances_reproduce_autocast_assignments():
+    """Under bf16 autocast the official distance einsum rounds its inputs and output to bfloat16. On a random
+    8192 x 8 codebook that reassigns a few percent of the tokens against float32; the bfloat16 mode reproduces the
+    rounded assignments (an independent float64 computation on bfloat16-rounded values), ties aside."""
+    import ml_dtypes
+    from detailflow_jax.tokenizer.quantizer import VectorQuantizer, l2_normalize as normalize
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, 2048, 8)).astype(np.float32)
+    quantizer = {d: VectorQuantizer(8192, 8, distance_dtype=d) for d in ("float32", "bfloat16")}
+    variables = nn.unbox(quantizer["float32"].init(jax.random.key(0), z))
+    codes = {d: np.asarray(q.apply(variables, z).codes) for d, q in quantizer.items()}
+
+    zn = np.asarray(normalize(jnp.asarray(z)))
+    book = np.asarray(normalize(variables["params"]["codebook"]))
+    as_bf16 = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64)  # noqa: E731
+    dots = (as_bf16(zn) @ as_bf16(book).T).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    dist = (zn ** 2).sum(-1, keepdims=True) + (book ** 2).sum(-1) - 2 * dots
+    expected = dist.argmin(-1)
+    best_two = np.sort(dist, axis=-1)[..., :2]
+    clear = best_two[..., 1] - best_two[..., 0] > 1e-5  # not a tie up to float32 rounding of the sum
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(codes["bfloat16"][clear], expected[clear])
+    # The case the option exists for: float32 assigns other codes, also where the bf16 distances do not tie.
+    assert np.mean(codes["float32"] != codes["bfloat16"]) > 0.01
+    assert np.sum(codes["float32"][clear] != expected[clear]) > 0
+
+
+def test_quantizer_distances_follow_the_compute_dtype_unless_set():
+    from configs.tokenizer import get_config
+    from detailflow_jax.tokenizer.config import validate
+    base = get_config("tiny").model
+    assert validate(base).distance_dtype == "float32"
+    assert validate(config_override(base, dtype="bfloat16")).distance_dtype == "bfloat16"
+    assert validate(config_override(base, dtype="bfloat16", quantizer_distances="float32")).distance_dtype == "float32"
+    with pytest.raises(ConfigError, match="quantizer_distances"):
+        validate(config_override(base, quantizer_distances="half"))
+
+
+def config_override(model, **values):
+    model = model.copy_and_resolve_references()
+    model.update(values)
+    return model

@@ -2,7 +2,8 @@
 
 The model section (``config.model`` of ``configs/tokenizer.py``) has the fields
 image_size, patch_size, pos_grid, num_latent_tokens, group_size, causal_num, codebook_size, codebook_dim,
-ln_eps, commit_beta, vq_loss_ratio, entropy_loss_ratio, noise_top_k, dtype, param_dtype, remat, and
+ln_eps, commit_beta, vq_loss_ratio, entropy_loss_ratio, noise_top_k, dtype, param_dtype, quantizer_distances, remat,
+and
 encoder / decoder = {width, depth, heads, mlp_dim}.
 """
 
@@ -17,10 +18,14 @@ import ml_collections
 from detailflow_jax.config_lib import ConfigError, require
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "auto": the compute dtype. The official quantizer's code-distance einsum runs in bf16 under bf16 autocast (in
+# training and code extraction); "float32" keeps it exact whatever the compute dtype.
+DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
 
 # Fixed by the released architecture (spec §1.3–1.5); sizes are given per variant (configs/tokenizer.py).
 ARCH_DEFAULTS = dict(patch_size=16, pos_grid=16, codebook_dim=8, ln_eps=1e-6, commit_beta=0.25, vq_loss_ratio=1.0,
-                     entropy_loss_ratio=0.0, noise_top_k=50, dtype="float32", param_dtype="float32", remat=False)
+                     entropy_loss_ratio=0.0, noise_top_k=50, dtype="float32", param_dtype="float32",
+                     quantizer_distances="auto", remat=False)
 
 
 def make_model_config(encoder: Mapping[str, int], decoder: Mapping[str, int], **sizes) -> ml_collections.ConfigDict:
@@ -59,6 +64,7 @@ class TokenizerConfig:
     noise_top_k: int
     dtype: str
     param_dtype: str
+    quantizer_distances: str
     remat: bool
     encoder: ViTConfig
     decoder: ViTConfig
@@ -70,6 +76,11 @@ class TokenizerConfig:
     @property
     def params_dtype(self):
         return _DTYPES[self.param_dtype]
+
+    @property
+    def distance_dtype(self) -> str:
+        """The dtype of the quantizer's code distances: ``quantizer_distances``, "auto" meaning ``dtype``."""
+        return self.dtype if self.quantizer_distances == "auto" else self.quantizer_distances
 
 
 def validate(model_cfg: Any) -> TokenizerConfig:
@@ -95,6 +106,8 @@ def validate(model_cfg: Any) -> TokenizerConfig:
             "must be >= 0 (0 turns the entropy loss off, as in every released config)")
     for key in ("dtype", "param_dtype"):
         require(m.get(key) in _DTYPES, key, m.get(key), f"must be one of {sorted(_DTYPES)}")
+    distances = m.get("quantizer_distances", "auto")  # absent from configs saved before it existed
+    require(distances in DISTANCE_DTYPES, "quantizer_distances", distances, f"must be one of {DISTANCE_DTYPES}")
     vits = {}
     for part in ("encoder", "decoder"):
         sub = _as_dict(m.get(part) or {})
@@ -110,7 +123,7 @@ def validate(model_cfg: Any) -> TokenizerConfig:
         ln_eps=float(m.get("ln_eps", 1e-6)), commit_beta=float(m.get("commit_beta", 0.25)),
         vq_loss_ratio=float(m.get("vq_loss_ratio", 1.0)),
         entropy_loss_ratio=float(m.get("entropy_loss_ratio", 0.0)), noise_top_k=m["noise_top_k"], dtype=m["dtype"],
-        param_dtype=m["param_dtype"], remat=bool(m.get("remat", False)), **vits)
+        param_dtype=m["param_dtype"], quantizer_distances=distances, remat=bool(m.get("remat", False)), **vits)
 
 
 def check_canvas(cfg: TokenizerConfig, canvas: int) -> None:

@@ -60,7 +60,7 @@ class DetailFlowTokenizer(nn.Module):
                                          cfg.params_dtype)
         self.post_quant_conv = _torch_linear(dec_w, d, ("code_dim", "embed"), "post_quant_conv", cfg.compute_dtype,
                                              cfg.params_dtype)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, d)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, d, distance_dtype=cfg.distance_dtype)
 
     # ---------------------------------------------------------------- inference API (spec §1.9)
 

@@ -1,6 +1,7 @@
 """l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True, spec §1.4).
 
-Everything here runs in float32. The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts).
+Everything here runs in float32, except, with ``distance_dtype="bfloat16"``, the code-distance einsum, which is
+then rounded as the official one is under bf16 autocast (its inputs and its output to bfloat16). The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts).
 The official entropy loss (`entropy_loss`) has weight 0 in every released config; it is computed only when a
 config gives it a weight.
 """
@@ -12,6 +13,8 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from detailflow_jax.pixels import round_to_bfloat16
 
 
 def _codebook_init(key, shape, dtype=jnp.float32):
@@ -39,6 +42,7 @@ class VectorQuantizer(nn.Module):
 
     codebook_size: int
     codebook_dim: int
+    distance_dtype: str = "float32"
 
     def setup(self):
         self.codebook = self.param(
@@ -47,6 +51,16 @@ class VectorQuantizer(nn.Module):
 
     def normalized_codebook(self) -> jax.Array:
         return l2_normalize(self.codebook.astype(jnp.float32))
+
+    def _similarities(self, z: jax.Array, book: jax.Array) -> jax.Array:
+        """(B, N, K) dot products of tokens and codes. In bf16 autocast torch rounds the einsum's inputs to bf16,
+        accumulates in float32 and rounds the output to bf16; the products of bf16 values are exact in float32, so
+        HIGHEST precision plus explicit roundings reproduce it on every backend."""
+        if self.distance_dtype == "float32":
+            return jnp.einsum("bnd,kd->bnk", z, book)
+        dots = jnp.einsum("bnd,kd->bnk", round_to_bfloat16(z), round_to_bfloat16(book),
+                          precision=jax.lax.Precision.HIGHEST)
+        return round_to_bfloat16(dots)
 
     def lookup(self, codes: jax.Array) -> jax.Array:
         """(…) int codes -> (…, d) normalised codebook vectors (official `get_codebook_entry`)."""
@@ -57,7 +71,7 @@ class VectorQuantizer(nn.Module):
         book = self.normalized_codebook()
         # Same formula as the official code, so argmin ties resolve identically.
         distances = (jnp.sum(z ** 2, axis=-1, keepdims=True) + jnp.sum(book ** 2, axis=-1)
-                     - 2.0 * jnp.einsum("bnd,kd->bnk", z, book))
+                     - 2.0 * self._similarities(z, book))
         codes = jnp.argmin(distances, axis=-1).astype(jnp.int32)
         hard = jnp.take(book, codes, axis=0)
         return Quantized(z, codes, hard, z + jax.lax.stop_gradient(hard - z), distances)
