@@ -61,7 +61,6 @@ def test_tokenizer_matches_official(parity_folder):
 
 @pytest.mark.parity
 def test_pt_checkpoint_matches_npz(parity_folder):
-    pytest.importorskip("torch")
     npz = load_state_dict(parity_folder / "tokenizer_state_dict.npz")
     pt = load_state_dict(parity_folder / "tokenizer_state_dict.pt")
     assert sorted(pt) == sorted(npz)

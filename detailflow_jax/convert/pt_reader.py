@@ -1,20 +1,24 @@
 """Reads ``torch.save`` checkpoints (.pt/.pth/.bin) without torch and without running their pickles.
 
-A checkpoint is a pickle, and unpickling normally calls whatever the file names: a downloaded ``.pt`` can run any
-code. Here the unpickler resolves only an allow-list of globals, each replaced by an inert stand-in:
+A checkpoint is a pickle, and unpickling normally calls whatever the file names: a downloaded
+``.pt`` can run any code. Here the unpickler resolves only an allow-list of globals, each replaced
+by an inert stand-in:
 
-* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_tensor`` / ``_rebuild_parameter``: they build a ``TensorRef``
-  (storage, offset, shape, stride) that is read into numpy only when asked for;
-* the storage types ``torch.FloatStorage``, ``HalfStorage``, ``BFloat16Storage``, ``DoubleStorage``,
-  ``LongStorage``, ``IntStorage``, ``ShortStorage``, ``CharStorage``, ``ByteStorage``, ``BoolStorage``: dtypes;
+* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_tensor`` / ``_rebuild_parameter``: they build a
+  ``TensorRef`` (storage, offset, shape, stride) that is read into numpy only when asked for;
+* the storage types ``torch.FloatStorage``, ``HalfStorage``, ``BFloat16Storage``,
+  ``DoubleStorage``, ``LongStorage``, ``IntStorage``, ``ShortStorage``, ``CharStorage``,
+  ``ByteStorage``, ``BoolStorage``: dtypes;
 * ``collections.OrderedDict``: the container of every ``state_dict()``;
-* ``argparse.Namespace``: the official training scripts store their command line as ``args`` next to ``model``
-  and ``ema``; it is rebuilt as a ``PickledNamespace`` holding the saved attributes as plain data.
+* ``argparse.Namespace``: the official training scripts save their command line as ``args`` next
+  to ``model`` and ``ema``; it becomes a ``PickledNamespace`` holding the attributes as plain data.
 
-Any other global (``posix.system``, ``builtins.eval``, a model class, ...) is refused before it is looked up, so
-nothing from the file runs. Both torch formats are read: the zip archive of torch >= 1.6 (``<name>/data.pkl`` plus
-one file per storage under ``<name>/data/``) and the older single-stream format (pickles followed by the raw
-storages). TorchScript archives and the pre-0.4 tar format are refused with what to do instead.
+Any other global (``posix.system``, ``builtins.eval``, a model class, ...) is refused before it is
+looked up, so nothing from the file runs. Plain data (dicts, lists, tuples, numbers, strings) needs
+no global, so optimizer state loads too. Both torch formats are read: the zip archive of
+torch >= 1.6 (``<name>/data.pkl`` plus one file per storage under ``<name>/data/``) and the older
+single stream (pickles followed by the raw storages). TorchScript archives and the pre-0.4 tar
+format are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 import io
 import os
 import pickle
+import tarfile
 import zipfile
 from typing import Any, Callable
 
@@ -34,11 +39,13 @@ from detailflow_jax.convert.errors import ConversionError
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-    "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 torch.save stream
 _LEGACY_PROTOCOL = 1001
+_RESAVE = "re-save it with torch>=1.6: torch.save(torch.load(f), out)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +64,8 @@ class _Storage:
 
 @dataclasses.dataclass(frozen=True)
 class TensorRef:
-    """A tensor of the checkpoint; its values are read only by ``PtCheckpoint.array`` (so optimizer state that
-    sits beside the weights is never read)."""
+    """A tensor of the checkpoint; its values are read only by ``PtCheckpoint.array`` (so the
+    optimizer state beside the weights is never read)."""
     storage: _Storage
     offset: int
     shape: tuple[int, ...]
@@ -66,15 +73,16 @@ class TensorRef:
 
 
 class PickledNamespace:
-    """Inert stand-in for ``argparse.Namespace``: the saved attributes, restored as data, no code run."""
+    """Inert stand-in for ``argparse.Namespace``: the saved attributes as data, no code run."""
 
     def __setstate__(self, state):
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise pickle.UnpicklingError("argparse.Namespace state is not a dict of attributes")
+            raise pickle.UnpicklingError("argparse.Namespace state is not a dict of names")
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return "PickledNamespace(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"PickledNamespace({fields})"
 
 
 def _int_tuple(values, what: str) -> tuple[int, ...]:
@@ -87,7 +95,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
     # requires_grad, backward hooks and metadata do not change the values.
     if not isinstance(storage, _Storage) or not isinstance(storage_offset, int):
         raise pickle.UnpicklingError("a tensor is rebuilt from something that is not a storage")
-    return TensorRef(storage, storage_offset, _int_tuple(size, "size"), _int_tuple(stride, "stride"))
+    return TensorRef(storage, storage_offset, _int_tuple(size, "size"),
+                     _int_tuple(stride, "stride"))
 
 
 def _rebuild_parameter(data, *_unused):
@@ -102,7 +111,8 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): PickledNamespace,
-    **{("torch", name): _StorageType(name, np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()},
+    **{("torch", name): _StorageType(name, np.dtype(dtype))
+       for name, dtype in _STORAGE_DTYPES.items()},
 }
 
 
@@ -118,8 +128,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise ConversionError(f"refusing to load '{module}.{name}' from {self._path}: a checkpoint may only "
-                                  "contain tensors (and plain data beside them)") from None
+            raise ConversionError(
+                f"refusing to load '{module}.{name}' from {self._path}: a checkpoint may only "
+                "contain tensors (and plain data beside them)") from None
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
@@ -129,16 +140,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _storage_from(pid: tuple, expected_len: int) -> _Storage:
     """('storage', storage type, key, location, numel[, view metadata]) -> _Storage."""
-    if len(pid) != expected_len or not isinstance(pid[1], _StorageType) or not isinstance(pid[4], int):
+    if (len(pid) != expected_len or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[4], int)):
         raise pickle.UnpicklingError(f"malformed storage id {str(pid)[:80]}")
     return _Storage(str(pid[2]), pid[1].dtype, pid[4])
 
 
 class PtCheckpoint:
-    """An open checkpoint: ``tree`` is its contents with each tensor a ``TensorRef``; ``array(ref)`` reads one."""
+    """An open checkpoint: ``tree`` is its contents, each tensor a ``TensorRef`` that
+    ``array(ref)`` reads."""
 
-    def __init__(self, path: str, tree: Any, read_bytes: Callable[[str], bytes], little_endian: bool,
-                 close: Callable[[], None]):
+    def __init__(self, path: str, tree: Any, read_bytes: Callable[[str], bytes],
+                 little_endian: bool, close: Callable[[], None]):
         self.path, self.tree = path, tree
         self._read_bytes, self._little_endian, self._close = read_bytes, little_endian, close
 
@@ -149,28 +162,31 @@ class PtCheckpoint:
         self._close()
 
     def array(self, ref: TensorRef) -> np.ndarray:
-        """The tensor as a fresh numpy array (native byte order; bfloat16 as ``ml_dtypes.bfloat16``)."""
+        """The tensor as a fresh C-ordered numpy array (native byte order; bfloat16 as
+        ``ml_dtypes.bfloat16``)."""
         storage = ref.storage
         itemsize = storage.dtype.itemsize
         raw = self._read_bytes(storage.key)
         if len(raw) < (storage.offset + storage.numel) * itemsize:
-            raise ConversionError(f"{self.path}: storage {storage.key!r} holds {len(raw)} bytes, fewer than its "
-                                  f"{storage.numel} elements need; the file is damaged, download it again")
+            raise ConversionError(
+                f"{self.path}: storage {storage.key!r} holds {len(raw)} bytes, fewer than its "
+                f"{storage.numel} elements need; the file is damaged, download it again")
         order = "<" if self._little_endian else ">"
-        words = np.frombuffer(raw, np.dtype(f"u{itemsize}").newbyteorder(order), count=storage.numel,
-                              offset=storage.offset * itemsize)
+        words = np.frombuffer(raw, np.dtype(f"u{itemsize}").newbyteorder(order),
+                              count=storage.numel, offset=storage.offset * itemsize)
         flat = words.astype(f"=u{itemsize}", copy=False).view(storage.dtype)
-        if len(ref.shape) != len(ref.stride) or min(ref.shape + ref.stride + (ref.offset,), default=0) < 0:
-            raise ConversionError(f"{self.path}: tensor with shape {ref.shape}, stride {ref.stride}, offset "
-                                  f"{ref.offset} is malformed")
+        layout = f"tensor with shape {ref.shape}, stride {ref.stride}, offset {ref.offset}"
+        if len(ref.shape) != len(ref.stride) or min(ref.shape + ref.stride + (ref.offset,)) < 0:
+            raise ConversionError(f"{self.path}: {layout} is malformed")
         if 0 in ref.shape:
             return np.zeros(ref.shape, storage.dtype)
         last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
         if last >= storage.numel:
-            raise ConversionError(f"{self.path}: tensor with shape {ref.shape}, stride {ref.stride}, offset "
-                                  f"{ref.offset} reaches past its storage of {storage.numel} elements")
-        view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape, [s * itemsize for s in ref.stride])
-        return np.array(view)
+            raise ConversionError(f"{self.path}: {layout} reaches past its storage of "
+                                  f"{storage.numel} elements")
+        view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape,
+                                               [s * itemsize for s in ref.stride])
+        return np.array(view, order="C")  # a copy: nothing keeps the file's buffer alive
 
     def materialize(self, tree: Any) -> Any:
         """``tree`` with every TensorRef inside dicts, lists and tuples replaced by its array."""
@@ -184,21 +200,27 @@ class PtCheckpoint:
 
 
 def open_pt(path: str | os.PathLike) -> PtCheckpoint:
-    """Opens a torch checkpoint (use as a context manager); raises ConversionError for anything unreadable."""
+    """Opens a torch checkpoint (use as a context manager); anything unreadable raises
+    ConversionError."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if zipfile.is_zipfile(path):
         return _open_zip(path)
     if head.startswith(b"PK"):
-        raise ConversionError(f"{path} is truncated or corrupt (a zip archive without its directory); "
-                              "download it again")
+        raise ConversionError(f"{path} is truncated or corrupt (a zip archive without its "
+                              "directory); download it again")
     if head.startswith(b"\x80"):
         return _open_legacy(path)
     if len(head) < 4:
-        raise ConversionError(f"{path} is empty or truncated ({len(head)} bytes); download it again")
-    raise ConversionError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a legacy torch "
-                          "pickle); pass a file written by torch.save, or a .npz / .safetensors")
+        raise ConversionError(f"{path} is empty or truncated ({len(head)} bytes); "
+                              "download it again")
+    if tarfile.is_tarfile(path):
+        raise ConversionError(f"{path} is in the tar format of torch < 0.4, which is not read "
+                              f"here; {_RESAVE}")
+    raise ConversionError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor "
+                          "a legacy torch pickle); pass a file written by torch.save, or a .npz / "
+                          ".safetensors")
 
 
 def load_pt(path: str | os.PathLike) -> Any:
@@ -212,7 +234,7 @@ def _unpickle(file, path: str, make_storage: Callable[[tuple], _Storage]) -> Any
         return _RestrictedUnpickler(file, path, make_storage).load()
     except ConversionError:
         raise
-    except Exception as e:  # the pickle is damaged: every failure of the unpickler means the same to the user
+    except Exception as e:  # any failure of the unpickler means the same: a damaged file
         raise ConversionError(f"{path}: its pickle is corrupt or not a torch checkpoint "
                               f"({type(e).__name__}: {e}); download it again") from None
 
@@ -223,13 +245,15 @@ def _open_zip(path: str) -> PtCheckpoint:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            kind = ("a TorchScript archive (torch.jit.save); save model.state_dict() with torch.save instead"
-                    if any(n.endswith("constants.pkl") for n in names) else "not a torch checkpoint (no data.pkl)")
-            raise ConversionError(f"{path} is {kind}")
+            if any(n.endswith("constants.pkl") for n in names):
+                raise ConversionError(f"{path} is a TorchScript archive (torch.jit.save); save "
+                                      "model.state_dict() with torch.save instead")
+            raise ConversionError(f"{path} is not a torch checkpoint (no data.pkl inside)")
         prefix = pickles[0][:-len("data.pkl")]
         byteorder = (archive.read(prefix + "byteorder").decode().strip()
                      if prefix + "byteorder" in names else "little")
-        tree = _unpickle(io.BytesIO(archive.read(pickles[0])), path, lambda pid: _storage_from(pid, 5))
+        tree = _unpickle(io.BytesIO(archive.read(pickles[0])), path,
+                         lambda pid: _storage_from(pid, 5))
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ConversionError(f"{path} is truncated or corrupt ({e}); download it again") from None
 
@@ -241,14 +265,15 @@ def _open_zip(path: str) -> PtCheckpoint:
             raise ConversionError(f"{path}: storage {member!r} is missing; the file is incomplete, "
                                   "download it again") from None
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ConversionError(f"{path}: storage {member!r} is corrupt ({e}); download it again") from None
+            raise ConversionError(f"{path}: storage {member!r} is corrupt ({e}); "
+                                  "download it again") from None
 
     return PtCheckpoint(path, tree, read_bytes, byteorder == "little", archive.close)
 
 
 def _open_legacy(path: str) -> PtCheckpoint:
-    """torch < 1.6: magic, protocol and sys-info pickles, the data pickle, the list of storage keys, then each
-    storage as an int64 element count followed by its raw bytes."""
+    """torch < 1.6: magic, protocol and sys-info pickles, the data pickle, the list of storage
+    keys, then each storage as an int64 element count followed by its raw bytes."""
     f = open(path, "rb")
     try:
         return _read_legacy(f, path)
@@ -265,15 +290,17 @@ def _read_legacy(f, path: str) -> PtCheckpoint:
         view = pid[5]
         if view is None:
             return root
-        _, offset, size = view  # (view key, element offset, element count) of a storage slice
+        _, offset, size = view  # (view key, element offset, element count): a slice
         return dataclasses.replace(root, numel=size, offset=root.offset + offset)
 
     no_storage = _no_storages(path)
     magic = _unpickle(f, path, no_storage)
-    protocol, sys_info = (_unpickle(f, path, no_storage) for _ in range(2)) if magic == _LEGACY_MAGIC else (0, 0)
+    protocol, sys_info = None, None
+    if magic == _LEGACY_MAGIC:
+        protocol, sys_info = _unpickle(f, path, no_storage), _unpickle(f, path, no_storage)
     if protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict):
-        raise ConversionError(f"{path} is a pickle but not a torch checkpoint that this reader knows; re-save "
-                              "it with torch>=1.6: torch.save(torch.load(f), out)")
+        raise ConversionError(f"{path} is a pickle but not a torch checkpoint that this reader "
+                              f"knows; {_RESAVE}")
     little = bool(sys_info.get("little_endian", True))
     tree = _unpickle(f, path, make_storage)
     keys = _unpickle(f, path, no_storage)
@@ -282,7 +309,8 @@ def _read_legacy(f, path: str) -> PtCheckpoint:
     for key in keys:
         count = f.read(8)
         if len(count) < 8 or str(key) not in storages:
-            raise ConversionError(f"{path} is truncated or corrupt (storage {key!r}); download it again")
+            raise ConversionError(f"{path} is truncated or corrupt (storage {key!r}); "
+                                  "download it again")
         numel = int.from_bytes(count, "little" if little else "big", signed=True)
         offsets[str(key)] = (f.tell(), numel * storages[str(key)].dtype.itemsize)
         f.seek(offsets[str(key)][1], os.SEEK_CUR)
@@ -292,7 +320,8 @@ def _read_legacy(f, path: str) -> PtCheckpoint:
 
     def read_bytes(key: str) -> bytes:
         if key not in offsets:
-            raise ConversionError(f"{path}: storage {key!r} is missing; the file is incomplete, download it again")
+            raise ConversionError(f"{path}: storage {key!r} is missing; the file is incomplete, "
+                                  "download it again")
         f.seek(offsets[key][0])
         return f.read(offsets[key][1])
 
@@ -301,5 +330,6 @@ def _read_legacy(f, path: str) -> PtCheckpoint:
 
 def _no_storages(path: str) -> Callable[[tuple], _Storage]:
     def refuse(pid: tuple) -> _Storage:
-        raise ConversionError(f"{path}: a storage appears outside the data pickle; the file is corrupt")
+        raise ConversionError(f"{path}: a storage appears outside the data pickle; "
+                              "the file is corrupt")
     return refuse

@@ -30,8 +30,8 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
                     wrappers: Iterable[str] = ("model", "state_dict")) -> dict[str, np.ndarray]:
     """Loads ``{key: float32/int array}`` from a .pt/.pth/.bin, .npz or .safetensors file.
 
-    ``.pt`` files are read by ``pt_reader`` (no torch needed, and the file's pickle runs no code); their
-    floating-point tensors come back as float32, like torch's ``tensor.float()``.
+    ``.pt`` files are read by ``pt_reader`` (no torch needed, and the file's pickle runs no
+    code); their floating-point tensors come back as float32, like torch's ``tensor.float()``.
 
     Args:
       path: the checkpoint file.
@@ -52,7 +52,8 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
             return {key: _as_float32(ckpt.materialize(value)) for key, value in chosen.items()}
     else:
         raise ConversionError(f"{path!r}: unknown checkpoint format {suffix!r}; use .pt, .npz or .safetensors")
-    return {key: np.asarray(value) for key, value in _unwrap(raw, entry, tuple(wrappers), path).items()}
+    chosen = _unwrap(raw, entry, tuple(wrappers), path)
+    return {key: np.asarray(value) for key, value in chosen.items()}
 
 
 def _as_float32(value: Any) -> np.ndarray:
@@ -62,23 +63,25 @@ def _as_float32(value: Any) -> np.ndarray:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
-    # Checked before numpy sees it: numpy takes any non-zip file for a pickle and suggests loading it unsafely.
+    # Checked before numpy sees it: numpy takes any non-zip file for a pickle and suggests
+    # loading it unsafely.
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(4)
+        truncated = head.startswith(b"PK")
         reason = ("the file is empty" if not head else
-                  "a truncated zip archive" if head.startswith(b"PK") else "it is not a zip archive")
+                  "a truncated zip archive" if truncated else "it is not a zip archive")
         raise _not_npz(path, reason)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays, damaged members
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays, bad members
         raise _not_npz(path, str(e)) from None
 
 
 def _not_npz(path: str, reason: str) -> ConversionError:
-    return ConversionError(f"{path} is not a numpy .npz archive of arrays ({reason}); write one with "
-                           "numpy.savez(out, **state_dict)")
+    return ConversionError(f"{path} is not a numpy .npz archive of arrays ({reason}); write "
+                           "one with numpy.savez(out, **state_dict)")
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -87,13 +90,14 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ConversionError(f"{path} is not a readable .safetensors file ({e}); it may be truncated, "
-                              "download it again") from None
+        raise ConversionError(f"{path} is not a readable .safetensors file ({e}); it may be "
+                              "truncated, download it again") from None
 
 
 def _unwrap(raw: Mapping[str, Any], entry: str | None, wrappers: tuple[str, ...], path: str) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
-        raise ConversionError(f"{path!r} holds a {type(raw).__name__}, not a state dict {{name: tensor}}")
+        raise ConversionError(
+            f"{path!r} holds a {type(raw).__name__}, not a state dict {{name: tensor}}")
     if entry is not None:
         if entry not in raw or not isinstance(raw[entry], Mapping):
             raise ConversionError(f"{path!r} has no entry {entry!r}; top-level keys: {sorted(raw)[:20]}")
