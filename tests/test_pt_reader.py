@@ -153,7 +153,8 @@ def test_storage_dtypes(tmp_path, byteorder):
               "Double": np.float64([1e-300, 3]), "Long": np.int64([-2 ** 40, 7]),
               "BFloat16": np.array([1.0078125, -3e38], ml_dtypes.bfloat16),
               "Int": np.int32([-5, 2 ** 30]), "Short": np.int16([-300, 4]),
-              "Char": np.int8([-128, 1]), "Byte": np.uint8([255, 0]), "Bool": np.array([True, False])}
+              "Char": np.int8([-128, 1]), "Byte": np.uint8([255, 0]),
+              "Bool": np.array([True, False])}
     tree = {kind: _tensor(kind, kind, v) for kind, v in values.items()}
     path = _write_pt(tmp_path / "dtypes.pt", tree, values, byteorder=byteorder)
     raw = load_pt(path)
