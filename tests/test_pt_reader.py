@@ -242,6 +242,23 @@ def test_code_in_the_pickle_is_refused_and_never_runs(tmp_path, func, name):
     assert marker.exists()
 
 
+@pytest.mark.parametrize("target", ["torch\nFloatStorage", "torch._utils\n_rebuild_tensor_v2",
+                                    "argparse\nNamespace", "collections\nOrderedDict"])
+@pytest.mark.parametrize("state", [(None, {"dtype": 5, "fn": 5, "__setstate__": 5}), {"dtype": 5},
+                                   ("Float", 5)])
+def test_pickle_cannot_rewrite_the_allowed_globals(tmp_path, target, state):
+    # GLOBAL <target>, <state>, BUILD: would rewrite an object shared by every later load.
+    body = pickle.dumps(state, protocol=2)[2:-1]
+    data_pkl = b"\x80\x02c" + target.encode() + b"\n" + body + b"b."
+    with pytest.raises(ConversionError, match="tamper.pt"):
+        load_state_dict(_write_pt(tmp_path / "tamper.pt", None, {}, data_pkl=data_pkl))
+    values = np.float32([1.5, -2])
+    later = load_state_dict(_write_pt(tmp_path / "later.pt", {"w": _tensor("0", "Float", values)},
+                                      {"0": values}))
+    assert later["w"].dtype == np.float32
+    np.testing.assert_array_equal(later["w"], values)
+
+
 def test_a_model_class_is_refused(tmp_path):
     # torch.save(model) pickles the module's class: refused by name, though it is importable.
     data_pkl = pickle.dumps({"model": collections.Counter(a=1)}, protocol=2)

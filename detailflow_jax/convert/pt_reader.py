@@ -48,21 +48,30 @@ _LEGACY_PROTOCOL = 1001
 _RESAVE = "re-save it with torch>=1.6: torch.save(torch.load(f), out)"
 
 
-@dataclasses.dataclass(frozen=True)
+def _refuse_setstate(self, state):
+    # A pickle's BUILD opcode calls __setstate__; without this one, dataclass(frozen=True,
+    # slots=True) supplies one that rewrites the fields, and the allow-listed objects are shared
+    # by every load in the process.
+    raise pickle.UnpicklingError(f"{type(self).__name__} cannot be modified by the pickle")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _StorageType:
     name: str
     dtype: np.dtype
+    __setstate__ = _refuse_setstate
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Storage:
     key: str
     dtype: np.dtype
     numel: int
     offset: int = 0  # elements into the stored buffer (legacy storage views)
+    __setstate__ = _refuse_setstate
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TensorRef:
     """A tensor of the checkpoint; its values are read only by ``PtCheckpoint.array`` (so the
     optimizer state beside the weights is never read)."""
@@ -70,9 +79,15 @@ class TensorRef:
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    __setstate__ = _refuse_setstate
 
 
-class PickledNamespace:
+class _Sealed(type):
+    def __setattr__(cls, name, value):
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+
+class PickledNamespace(metaclass=_Sealed):
     """Inert stand-in for ``argparse.Namespace``: the saved attributes as data, no code run."""
 
     def __setstate__(self, state):
@@ -105,10 +120,20 @@ def _rebuild_parameter(data, *_unused):
     return data
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rebuild:
+    """A rebuild function as the unpickler hands it out: callable, but with no attributes to set."""
+    fn: Callable
+    __setstate__ = _refuse_setstate
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _Rebuild(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor"): _Rebuild(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _Rebuild(_rebuild_parameter),
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): PickledNamespace,
     **{("torch", name): _StorageType(name, np.dtype(dtype))
