@@ -145,7 +145,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only ``_ALLOWED_GLOBALS``; storages come from ``make_storage(persistent id)``."""
 
     def __init__(self, file, path: str, make_storage: Callable[[tuple], _Storage]):
-        super().__init__(file)
+        super().__init__(file, encoding="utf-8")  # as torch.load: Python 2 str keys -> str
         self._path = path
         self._make_storage = make_storage
 
@@ -298,7 +298,7 @@ def _open_zip(path: str) -> PtCheckpoint:
 
 def _open_legacy(path: str) -> PtCheckpoint:
     """torch < 1.6: magic, protocol and sys-info pickles, the data pickle, the list of storage
-    keys, then each storage as an int64 element count followed by its raw bytes."""
+    keys, then each storage as a little-endian int64 element count and its raw bytes."""
     f = open(path, "rb")
     try:
         return _read_legacy(f, path)
@@ -326,17 +326,18 @@ def _read_legacy(f, path: str) -> PtCheckpoint:
     if protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict):
         raise ConversionError(f"{path} is a pickle but not a torch checkpoint that this reader "
                               f"knows; {_RESAVE}")
-    little = bool(sys_info.get("little_endian", True))
     tree = _unpickle(f, path, make_storage)
     keys = _unpickle(f, path, no_storage)
     size = os.fstat(f.fileno()).st_size
     offsets = {}
     for key in keys:
+        # torch writes counts and storages little-endian whatever the machine (sys_info's
+        # little_endian only describes the writer), and reads them back that way.
         count = f.read(8)
-        if len(count) < 8 or str(key) not in storages:
+        numel = int.from_bytes(count, "little", signed=True)
+        if len(count) < 8 or str(key) not in storages or numel < 0:
             raise ConversionError(f"{path} is truncated or corrupt (storage {key!r}); "
                                   "download it again")
-        numel = int.from_bytes(count, "little" if little else "big", signed=True)
         offsets[str(key)] = (f.tell(), numel * storages[str(key)].dtype.itemsize)
         f.seek(offsets[str(key)][1], os.SEEK_CUR)
     if f.tell() > size:
@@ -350,7 +351,7 @@ def _read_legacy(f, path: str) -> PtCheckpoint:
         f.seek(offsets[key][0])
         return f.read(offsets[key][1])
 
-    return PtCheckpoint(path, tree, read_bytes, little, f.close)
+    return PtCheckpoint(path, tree, read_bytes, True, f.close)
 
 
 def _no_storages(path: str) -> Callable[[tuple], _Storage]:
