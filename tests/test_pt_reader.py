@@ -12,6 +12,8 @@ import os
 import pickle
 import zipfile
 
+import pathlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from detailflow_jax.convert.pt_reader import PickledNamespace, load_pt, open_pt
 from detailflow_jax.convert.state_dict import ConversionError, load_state_dict
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+TORCH_MADE = pathlib.Path(__file__).resolve().parent / "fixtures" / "pt_reader"  # make_fixtures.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,28 @@ def test_official_pt_matches_npz(parity_folder, name):
     for key in npz:
         assert pt[key].dtype == npz[key].dtype, key
         np.testing.assert_array_equal(pt[key], npz[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["torch_zip.pt", "torch_legacy.pt"])
+def test_files_written_by_torch(name):
+    """torch 2.13's own output, both formats: views, offsets, stride 0, every dtype, a Parameter,
+    AdamW state and argparse args beside the weights."""
+    expected = np.load(TORCH_MADE / "expected.npz")
+    tree = load_pt(TORCH_MADE / name)
+    model = tree["model"]
+    assert sorted(model) == sorted(expected.files)
+    for key in expected.files:
+        want = expected[key]
+        got = model[key].astype(np.float32) if key == "bfloat16" else model[key]
+        assert model[key].dtype == (ml_dtypes.bfloat16 if key == "bfloat16" else want.dtype), key
+        assert got.shape == want.shape, key
+        np.testing.assert_array_equal(got, want, err_msg=key)
+    assert vars(tree["args"]) == dict(lr=1e-4, ema=True, results_dir="out", gpt_ckpt=None,
+                                      image_size=256)
+    adam = tree["optimizer"]["state"][0]
+    assert float(adam["step"]) == 1.0 and adam["exp_avg"].shape == (2, 3)
+    np.testing.assert_array_equal(load_state_dict(TORCH_MADE / name, entry="ema")["transposed"],
+                                  expected["transposed"])
 
 
 def test_strided_and_offset_views_of_one_storage(tmp_path):
