@@ -58,12 +58,3 @@ def test_tokenizer_matches_official(parity_folder):
         np.testing.assert_array_equal(out["input"], io[f"sc{k}_input"], err_msg=f"sc{k}_input")
         np.testing.assert_array_equal(out["label"], io[f"sc{k}_label"], err_msg=f"sc{k}_label")
 
-
-@pytest.mark.parity
-def test_pt_checkpoint_matches_npz(parity_folder):
-    pytest.importorskip("torch")
-    npz = load_state_dict(parity_folder / "tokenizer_state_dict.npz")
-    pt = load_state_dict(parity_folder / "tokenizer_state_dict.pt")
-    assert sorted(pt) == sorted(npz)
-    for key in npz:
-        np.testing.assert_array_equal(pt[key], npz[key], err_msg=key)

@@ -1,7 +1,7 @@
 """Imports the pytorch-fid FID Inception-v3 weights (``pt_inception-2015-12-05-6726825d.pth``) into ``InceptionV3``.
 
-The ``.pth`` is a plain PyTorch state dict (download it yourself from the pytorch-fid release page; reading it needs
-torch). A ``.npz``/``.safetensors`` with the same keys works without torch.
+The ``.pth`` is a plain PyTorch state dict (download it yourself from the pytorch-fid release page; it is read
+without torch). A ``.npz``/``.safetensors`` with the same keys works too.
 
     python -m detailflow_jax.convert.inception --checkpoint pt_inception-2015-12-05-6726825d.pth --out DIR
 """
@@ -67,7 +67,7 @@ def load_inception_params(path: str | os.PathLike) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="pt_inception-2015-12-05-6726825d.pth (needs torch) or a .npz/.safetensors state dict")
+                        help="pt_inception-2015-12-05-6726825d.pth, or a .npz/.safetensors state dict")
     parser.add_argument("--out", required=True, help="output orbax directory")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)

@@ -12,20 +12,26 @@ Every converter in this package follows the same pattern:
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 
+from detailflow_jax.convert import pt_reader
+from detailflow_jax.convert.errors import ConversionError
 
-class ConversionError(ValueError):
-    """A checkpoint that does not fit the model: the message names every offending key and both shapes."""
+__all__ = ["ConversionError", "StateDictReader", "assign_to_tree", "load_state_dict"]
 
 
 def load_state_dict(path: str | os.PathLike, entry: str | None = None,
                     wrappers: Iterable[str] = ("model", "state_dict")) -> dict[str, np.ndarray]:
     """Loads ``{key: float32/int array}`` from a .pt/.pth/.bin, .npz or .safetensors file.
+
+    ``.pt`` files are read by ``pt_reader`` (no torch needed, and the file's pickle runs no
+    code); their floating-point tensors come back as float32, like torch's ``tensor.float()``.
 
     Args:
       path: the checkpoint file.
@@ -37,34 +43,61 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            raw: Mapping[str, Any] = {k: data[k] for k in data.files}
+        raw: Mapping[str, Any] = _load_npz(path)
     elif suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        raw = load_file(path)
+        raw = _load_safetensors(path)
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ConversionError(
-                f"{path!r} is a PyTorch file and reading it needs torch, which is not installed. Either "
-                "`pip install torch` (CPU is enough), or convert it elsewhere to .npz/.safetensors with "
-                "`numpy.savez(out, **{k: v.float().numpy() for k, v in sd.items()})`.") from e
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        with pt_reader.open_pt(path) as ckpt:
+            chosen = _unwrap(ckpt.tree, entry, tuple(wrappers), path)
+            return {key: _as_float32(ckpt.materialize(value)) for key, value in chosen.items()}
     else:
         raise ConversionError(f"{path!r}: unknown checkpoint format {suffix!r}; use .pt, .npz or .safetensors")
+    chosen = _unwrap(raw, entry, tuple(wrappers), path)
+    return {key: np.asarray(value) for key, value in chosen.items()}
 
-    raw = _unwrap(raw, entry, tuple(wrappers), path)
-    out = {}
-    for key, value in raw.items():
-        if hasattr(value, "detach"):  # torch tensor
-            value = value.detach().cpu()
-            value = value.float().numpy() if value.is_floating_point() else value.numpy()
-        out[key] = np.asarray(value)
-    return out
+
+def _as_float32(value: Any) -> np.ndarray:
+    value = np.asarray(value)
+    floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
+    return value.astype(np.float32) if floating else value
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    # Checked before numpy sees it: numpy takes any non-zip file for a pickle and suggests
+    # loading it unsafely.
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        truncated = head.startswith(b"PK")
+        reason = ("the file is empty" if not head else
+                  "a truncated zip archive" if truncated else "it is not a zip archive")
+        raise _not_npz(path, reason)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays, bad members
+        raise _not_npz(path, str(e)) from None
+
+
+def _not_npz(path: str, reason: str) -> ConversionError:
+    return ConversionError(f"{path} is not a numpy .npz archive of arrays ({reason}); write "
+                           "one with numpy.savez(out, **state_dict)")
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path} is not a readable .safetensors file ({e}); it may be "
+                              "truncated, download it again") from None
 
 
 def _unwrap(raw: Mapping[str, Any], entry: str | None, wrappers: tuple[str, ...], path: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConversionError(
+            f"{path!r} holds a {type(raw).__name__}, not a state dict {{name: tensor}}")
     if entry is not None:
         if entry not in raw or not isinstance(raw[entry], Mapping):
             raise ConversionError(f"{path!r} has no entry {entry!r}; top-level keys: {sorted(raw)[:20]}")

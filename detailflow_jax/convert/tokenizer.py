@@ -3,7 +3,7 @@
     python -m detailflow_jax.convert.tokenizer --checkpoint 128.pt --config configs/tokenizer.py:DF-16 \
         --out /ckpt/df16_params [--force] [--config.model.dtype=bfloat16]
 
-Accepts .pt (flat or wrapped in {"model": …}; needs torch), .npz and .safetensors. Train-only tensors —
+Accepts .pt (flat or wrapped in {"model": …}; read without torch), .npz and .safetensors. Train-only tensors —
 ``repa_model.*`` (the frozen 27-layer SigLIP2 of the alignment loss), ``global_token_proj.*`` and
 ``quantize.codebook_used`` — are reported and skipped, or returned in a side dict with ``keep_train_only``.
 """
