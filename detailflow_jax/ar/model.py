@@ -1,4 +1,5 @@
-"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, spec §3.1–3.3).
+"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, official `Transformer`;
+docs/model.md#gpt-sequence-layout).
 
 Sequence layout for a prefix of T tokens (the official training / `basic_group_inference` branch):
 

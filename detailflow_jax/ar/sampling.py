@@ -1,6 +1,6 @@
 """The KV-cache group-parallel sampler: one jitted function (params, labels, key, settings) -> tokens (B, N).
 
-Inside one jit (spec §4.1, jax-practices §5.3):
+Inside one jit (the steps of the official `generate_group_par`, docs/model.md#sampling-steps):
   * ``lax.scan`` over the C token-causal steps: step 0 feeds the class token at position 0, step s > 0 feeds
     token s - 1 at position s; each writes one cache slot and samples token s;
   * ``lax.scan`` over the (N - C) / g group steps: group step k feeds g inputs at positions C + k g ...

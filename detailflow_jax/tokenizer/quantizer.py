@@ -1,4 +1,4 @@
-"""l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True, spec §1.4).
+"""l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True; docs/model.md#quantizer).
 
 Everything here runs in float32. The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts).
 The official entropy loss (`entropy_loss`) has weight 0 in every released config; it is computed only when a
