@@ -10,7 +10,7 @@ and the visible cache once and copies nothing else.
 The cache is split into ``cache_chunks`` chunks of key positions; the steps whose slots fall in chunk i run as one
 scan that attends to chunks 0..i only, so attention reads about half of the cache on average (what matters for
 long N and large batches), at the price of one compiled loop body per chunk. Stacked ``scan_layers`` weights are
-split, and float32 weights of a bfloat16 model cast, once per call before the loops (`decoding_params`): doing it
+split, and weights cast to the dtypes they run in, once per call before the loops (`decoding_params`): doing it
 inside a step would copy every layer's weights at every step.
 """
 
