@@ -9,7 +9,7 @@
 
 N = 32 tokens in groups of 4 (token-causal first group of 4), codebook 512, 10 classes; each training image gives
 two code sequences (centre and mirror). GPT: width 192, 4 layers, 6 heads (2.0M parameters), batch 64, 2,000
-steps of AdamW at lr 1e-3, sized for about 8 minutes on an idle 2-core CPU (0.38 s of CPU time per step measured).
+steps of AdamW at lr 1e-3, sized so that a small CPU trains it in minutes.
 Arguments: "steps=N" to change the length, "smoke" for a test-sized run on the tiny synthetic tokenizer.
 """
 

@@ -51,7 +51,7 @@ def mesh_overrides(name: str) -> list[str]:
 
 
 def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Training fields of the tokenizer recipes; the values are the official ImageNet recipe (spec §1.1, §1.8)."""
+    """Training fields of the tokenizer recipes; the official ImageNet values (docs/fidelity.md#losses)."""
     c = ml_collections.ConfigDict()
     c.model = model
     c.data = data
@@ -85,7 +85,7 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
 
 def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.ConfigDict,
                 views: str) -> ml_collections.ConfigDict:
-    """Every field of an AR recipe; the values are the official ImageNet ones (spec §3.4)."""
+    """Every field of an AR recipe; the values are the official ImageNet ones (docs/fidelity.md#training)."""
     c = ml_collections.ConfigDict()
     c.model = gpt.model                # GPTConfig fields; N, g, C, vocab and classes must match the codes
     c.sampling = gpt.sampling          # cfg_scale, temperature, top_k, top_p, ... for the sample grids

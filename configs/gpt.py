@@ -22,7 +22,7 @@ from detailflow_jax.ar.model import VARIANTS, GPTConfig
 
 # Sizes of `tiny`: (n_layer, n_head, dim, N, g, vocab, classes, multiple_of).
 _TINY = dict(n_layer=2, n_head=4, dim=64, num_tokens=32, group_size=4, vocab_size=64, num_classes=10, multiple_of=32)
-# README eval CFG per token count (spec §4.3).
+# Official eval CFG per token count (scripts/eval_c2i.sh; docs/fidelity.md#sampling).
 _README_CFG = {128: 1.45, 256: 1.5, 512: 1.32}
 
 

@@ -6,10 +6,10 @@
     python -m detailflow_jax.convert.tokenizer --config configs/tokenizer.py:DF-16 ...
         --config.model.decoder.depth=6      # ml_collections flag overrides work on every field
 
-Variants: DF-16 / DF-32 / DF-64 (spec §1.1: SigLIP2-so400m 12-layer encoder, width-768 12-layer decoder, codebook
-8192×8, g = C = 8, 256² images), and `tiny` / `small` for tests and smoke runs. Argument keys (0 or "" = the
-variant's value): N, g, C, K (codebook size), image, enc_width, enc_depth, enc_heads, enc_mlp, dec_width,
-dec_depth, dec_heads, dec_mlp, dtype, remat.
+Variants: DF-16 / DF-32 / DF-64 (SigLIP2-so400m 12-layer encoder, width-768 12-layer decoder, codebook 8192×8,
+g = C = 8, 256² images; docs/model.md#configurations), and `tiny` / `small` for tests and smoke runs. Argument
+keys (0 or "" = the variant's value): N, g, C, K (codebook size), image, enc_width, enc_depth, enc_heads,
+enc_mlp, dec_width, dec_depth, dec_heads, dec_mlp, dtype, remat.
 """
 
 from __future__ import annotations

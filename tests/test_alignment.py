@@ -1,5 +1,6 @@
-"""Alignment loss (spec §1.8 L_align): SigLIP2 conversion against a NumPy re-computation of the HF vision tower, the
-double post-LayerNorm, conversion errors, the so400m parameter count, and the loss inside the tokenizer step."""
+"""Alignment loss (official ``global_token_learning``): SigLIP2 conversion against a NumPy re-computation of the HF
+vision tower, the double post-LayerNorm, conversion errors, the so400m parameter count, and the loss inside the
+tokenizer step."""
 
 import math
 
@@ -137,7 +138,7 @@ def test_so400m_tower_and_projection_parameter_counts():
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == expected
     proj = jax.eval_shape(lambda k: init_projection(k, 8, 1152), jax.random.key(0))
     expected_proj = (8 + 1) * 1024 + (1024 + 1) * 1024 + (1024 + 1) * 1152
-    assert sum(math.prod(x.shape) for x in jax.tree.leaves(proj)) == expected_proj == 2_239_616  # §1.12: 2.24M
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(proj)) == expected_proj == 2_239_616  # 2.24M, docs/model.md
 
 
 def test_alignment_loss_is_minus_mean_cosine():

@@ -1,4 +1,4 @@
-"""ADM crops, ten-crop and scaling (spec §1.2, §2) against hand-computed results."""
+"""ADM crops, ten-crop and scaling (docs/model.md#data-transforms) against hand-computed results."""
 
 import io
 import math

@@ -60,7 +60,7 @@ def test_sizes_and_parameter_counts():
     l_cfg = GPTConfig.from_variant("L")
     abstract = jax.eval_shape(lambda: init_params(GPT(l_cfg), jax.random.key(0)))
     count = sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(abstract)))
-    assert count == l_cfg.param_count() and round(count / 1e6, 1) == 326.1     # spec §9.9
+    assert count == l_cfg.param_count() and round(count / 1e6, 1) == 326.1     # docs/model.md#parameter-counts
     assert round(GPTConfig.from_variant("B").param_count() / 1e6, 1) == 98.3
 
 

@@ -36,7 +36,7 @@ def test_released_counts_and_canvases():
     tables = ResolutionTables(256, 128, 8, 8)
     assert tables.token_counts[:9] == [1, 2, 3, 4, 5, 6, 7, 8, 16]
     assert len(tables.token_counts) == 8 + 15
-    assert len(tables.canvas_sizes) == 14  # one compiled step per canvas (spec §9.1)
+    assert len(tables.canvas_sizes) == 14  # one compiled step per canvas (docs/model.md#static-shapes)
     assert len(ResolutionTables(256, 256, 8, 8).canvas_sizes) == 16
 
 

@@ -52,7 +52,8 @@ def test_released_checkpoint_shapes_map_onto_model(variant, real_shapes):
 
 
 def test_df16_param_count(real_shapes):
-    # Encoder 184.50M + decoder 85.94M + convs/codebook 0.09M (spec §1.12); global_token_proj (2.24M) is train-only.
+    # Encoder 184.50M + decoder 85.94M + convs/codebook 0.09M (docs/model.md#parameter-counts);
+    # global_token_proj (2.24M) is train-only.
     assert count_params(abstract_params(get_config("DF-16").model)) == 270_533_832
 
 

@@ -1,4 +1,4 @@
-"""Attention masks (spec §1.3, §9.1) and the patch orders (spec §1.3, §1.5)."""
+"""Attention masks (docs/model.md#attention-masks) and the patch orders (docs/model.md#encoder, #decoder)."""
 
 import jax.numpy as jnp
 import numpy as np

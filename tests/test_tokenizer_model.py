@@ -1,4 +1,5 @@
-"""Training forward of the tokenizer: self-correction sampling, loss weighting and gradient routing (spec §1.7)."""
+"""Training forward of the tokenizer: self-correction sampling, loss weighting and gradient routing
+(docs/model.md#self-correction)."""
 
 import dataclasses
 import json

@@ -1,4 +1,5 @@
-"""Sampled tokens -> images through the DetailFlow tokenizer, with coarse-to-fine previews (spec §4.4).
+"""Sampled tokens -> images through the DetailFlow tokenizer, with coarse-to-fine previews
+(official `VQModel.decode_code`; docs/model.md#sampling-steps).
 
 A prefix of t tokens decodes at the canvas `ResolutionTables.canvas[t]`, so previews for increasing t show the image
 sharpening as groups arrive. Pixels are converted as the official sampler does (``detailflow_jax.pixels``).

@@ -1,5 +1,6 @@
-"""Logit processing shared by the cached and the reference sampler (spec §4.2): CFG with the official constant and
-gradual schedules, temperature, HF-style top-k / top-p filtering, then independent per-slot sampling or argmax.
+"""Logit processing shared by the cached and the reference sampler (docs/model.md#sampling-steps): CFG with the
+official constant and gradual schedules, temperature, HF-style top-k / top-p filtering, then independent per-slot
+sampling or argmax.
 
 Sampler step s counts forward passes: s = 0 .. C-1 are the token-causal steps (step s yields token s); s >= C are the
 group steps (official group index i = C/g + (s - C)). The random key of step s is ``fold_in(key, s)``, so any two

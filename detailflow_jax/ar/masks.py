@@ -1,4 +1,4 @@
-"""The AR group-causal attention mask (official `create_group_causal_mask`, spec §3.3)."""
+"""The AR group-causal attention mask (official `create_group_causal_mask`; docs/model.md#attention-masks)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,13 @@
-"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, spec §3.1–3.3).
+"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, official `Transformer`).
 
-Sequence layout for a prefix of T tokens (the official training / `basic_group_inference` branch):
-
-    T <  C:  [cls, t_0 .. t_{T-1}]                                          length 1 + T
-    T >= C:  [cls, t_0 .. t_{C-1}, s_0 .. s_{g-2}, t_C .. t_{T-1}]          length T + g
-
-where s are the g - 1 learned special tokens. Training uses T = N - g, so the length is N and output position i
-predicts t_i. Attention uses the group-causal mask (`masks.py`) and 2D RoPE over (group, slot) (`rope.py`).
+The sequence is [cls, t_0 .. t_{C-1}, s_0 .. s_{g-2}, t_C ..] with g - 1 learned special tokens, the group-causal
+mask (`masks.py`) and 2D RoPE over (group, slot) (`rope.py`); docs/model.md#gpt-sequence-layout has the table.
+Training feeds N - g tokens, so the length is N and output position i predicts t_i.
 
 Two entry points share every parameter:
-  * ``GPT.__call__(tokens, labels, train)``: the teacher-forced forward above (training, reference sampler).
-  * ``GPT.decode(h, positions, cache, write_index)``: runs embedded inputs at given sequence positions against an
-    explicit per-layer KV cache of length N and writes their keys/values at ``write_index`` (the cached sampler).
+  * ``GPT.__call__(tokens, labels, train)``: the teacher-forced forward (training, reference sampler);
+  * ``GPT.decode(h, positions, cache, write_index)``: embedded inputs at given positions against an explicit
+    per-layer KV cache of length N, writing their keys/values at ``write_index`` (the cached sampler).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reference sampler without KV cache: the official `generate_group_par` loop (spec §4.1).
+"""Reference sampler without KV cache: the official `generate_group_par` loop (docs/model.md#sampling-steps).
 
 Every step re-runs the teacher-forced forward over the whole prefix (class token, special tokens inserted once the
 prefix holds C tokens, group-causal mask, 2D RoPE) and samples from the logits of the last 1 (token steps) or last g

@@ -1,5 +1,5 @@
 """2D rotary position embedding over (group row, slot column), exactly as the official
-`precompute_freqs_cis_2d_nonsquare` / `apply_rotary_emb` (spec §3.3, §9.4).
+`precompute_freqs_cis_2d_nonsquare` / `apply_rotary_emb` (docs/model.md#2d-rope).
 
 Table row 0 is the class token and is all zeros (its q and k become zero). Sequence position p >= 1 uses grid cell
 p - 1, i.e. row (p - 1) // g and column (p - 1) % g: the RoPE grid is shifted by one relative to the mask groups.

@@ -1,23 +1,17 @@
 """The KV-cache group-parallel sampler: one jitted function (params, labels, key, settings) -> tokens (B, N).
 
-Inside one jit (spec §4.1, jax-practices §5.3):
-  * ``lax.scan`` over the C token-causal steps: step 0 feeds the class token at position 0, step s > 0 feeds
-    token s - 1 at position s; each writes one cache slot and samples token s;
-  * ``lax.scan`` over the (N - C) / g group steps: group step k feeds g inputs at positions C + k g ...
-    (for k = 0 the last causal token plus the g - 1 special tokens, afterwards the previous group's tokens), writes
-    g cache slots with ``dynamic_update_slice`` and samples g tokens independently.
-Forward passes: C + (N - C) / g (23 / 39 / 71 for N = 128 / 256 / 512 with g = C = 8).
+The steps of the official `generate_group_par` (docs/model.md#sampling-steps), as two ``lax.scan`` loops: C
+token-causal steps writing one cache slot each, then (N - C) / g group steps writing g slots with
+``dynamic_update_slice`` and sampling g tokens independently (23 / 39 / 71 forward passes for N = 128 / 256 / 512).
+CFG is one doubled [cond; null] batch. The cache is an explicit pytree (`init_cache`) because Linen's
+``decode=True`` cache takes one token per call; each layer writes its slots in place, so a step reads the weights
+and the visible cache once and copies nothing else.
 
-CFG runs a doubled [cond; null] batch. The cache is an explicit pytree (`init_cache`) — Linen's ``decode=True``
-cache can only take one token per call. Each layer writes its slots in place and attends to its own buffers, so a
-step reads the weights and the visible cache once and copies nothing else.
-
-The cache is split into ``cache_chunks`` equal chunks of key positions, and the steps whose slots fall in chunk i
-run as one scan that attends to chunks 0..i only: attention then reads on average about half of the cache instead
-of all of it (what matters for long N and large batches), at the price of one compiled loop body per chunk.
-A ``scan_layers`` model is run unrolled: its stacked weights are split once per call, before the loops, because
-slicing them inside a step would copy every layer's weights at every step; likewise float32 weights of a bfloat16
-model are cast once per call (`decoding_params`).
+The cache is split into ``cache_chunks`` chunks of key positions; the steps whose slots fall in chunk i run as one
+scan that attends to chunks 0..i only, so attention reads about half of the cache on average (what matters for
+long N and large batches), at the price of one compiled loop body per chunk. Stacked ``scan_layers`` weights are
+split, and weights cast to the dtypes they run in, once per call before the loops (`decoding_params`): doing it
+inside a step would copy every layer's weights at every step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Converts the SigLIP2 vision tower of the alignment loss (spec §1.8 ``L_align``) to an orbax directory.
+"""Converts the SigLIP2 vision tower of the alignment loss (official ``repa_model``) to an orbax directory.
 
     python -m detailflow_jax.convert.siglip2 --checkpoint model.safetensors --out DIR [--layers 27] [--heads 16]
 

@@ -1,4 +1,5 @@
-"""Extracted token codes for AR training (spec §2): ArrayRecord chunk files, their metadata, and the grain pipeline.
+"""Extracted token codes for AR training (official ``extract_codes_c2i.py``): ArrayRecord chunk files, their
+metadata, and the grain pipeline.
 
 A codes directory holds
 

@@ -28,11 +28,12 @@ half of 1,000 consecutive records are unreadable the iterator raises instead of 
   rgb             fashion_mnist only: repeat the gray channel to 3 channels (default True).
   train_split     default "train".
   eval_split      None: "val" (imagefolder, synthetic) or "test" (fashion_mnist).
-  train_crop      "adm_random" (spec §1.2, default) | "center" (ADM centre crop; no scale augmentation).
+  train_crop      "adm_random" (official ``random_crop_arr``, default) | "center" (ADM centre crop; no scale
+                  augmentation).
   min_crop_frac / max_crop_frac   ADM random crop range; short side ~ U{ceil(S/max)..ceil(S/min)} (0.8 / 1.0).
   flip            random horizontal flip p=0.5 in training (default True).
-  eval_crop       "center" (ADM ``center_crop_arr``) | "ten_crop" (spec §2: centre crop to int(S*ten_crop_scale),
-                  then TenCrop(S): 4 corners + centre, and the same of the mirror image).
+  eval_crop       "center" (ADM ``center_crop_arr``) | "ten_crop" (official extraction: centre crop to
+                  int(S*ten_crop_scale), then TenCrop(S): 4 corners + centre, and the same of the mirror image).
   ten_crop_scale  1.1.
   num_threads     decode/augment threads per process (grain ReadOptions.num_threads), default 16.
   prefetch        elements buffered per process (ReadOptions.prefetch_buffer_size), default 256.

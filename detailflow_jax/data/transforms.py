@@ -1,4 +1,5 @@
-"""Per-image transforms of the official pipelines (spec §1.2 and §2), on PIL images and uint8 numpy arrays.
+"""Per-image transforms of the official pipelines (docs/model.md#data-transforms), on PIL images and uint8
+numpy arrays.
 
 * ``random_crop_arr`` / ``center_crop_arr``: the ADM (guided-diffusion ``image_datasets.py``) crops, step for step:
   BOX halving while the short side is at least twice the target, BICUBIC resize of the short side, then a crop.

@@ -7,7 +7,7 @@ Fréchet distance between its ``FEATURE_DIM``-d penultimate features of generate
 Images are what ``data.pipeline`` yields for ``name="fashion_mnist", pad_to=32, image_size=32``: (B, 32, 32, 3) NHWC,
 the gray channel repeated, either uint8 or float in [-1, 1].
 
-    params, info = load_or_train_classifier(workdir, data_cfg)   # trains once: ~150 s of CPU time, 91% test accuracy
+    params, info = load_or_train_classifier(workdir, data_cfg)   # trains once (about 91% test accuracy)
     out = classify(params, images)                               # {"logits": (B, 10), "features": (B, 128)}
 """
 

@@ -12,9 +12,10 @@ recall) against an ADM reference batch, in one resumable run.
 ``eval/sample.py`` does (``load_generator``; sampling settings default to the GPT config's ``sampling`` section).
 ``INCEPTION`` is the orbax directory of ``python -m detailflow_jax.convert.inception`` or the pytorch-fid ``.pth``.
 
-Labels: ``random`` draws K labels uniformly (the official DetailFlow/LlamaGen protocol, spec §4.3); ``per_class``
-gives every class K / num_classes samples (VAR, MAR, TiTok; 50 per class at K = 50,000), interleaved (0, 1, ..., 999,
-0, 1, ...) so that each Inception-Score split of 5,000 sees every class equally often.
+Labels: ``random`` draws K labels uniformly (the official DetailFlow/LlamaGen protocol,
+docs/fidelity.md#evaluation); ``per_class`` gives every class K / num_classes samples (VAR, MAR, TiTok; 50 per class
+at K = 50,000), interleaved (0, 1, ..., 999, 0, 1, ...) so that each Inception-Score split of 5,000 sees every class
+equally often.
 
 Resumable: images are generated in chunks of ``--chunk_size``; each finished chunk is written atomically to
 ``DIR/chunks/chunk_{i:05d}.npz`` (images + labels). Rerunning the command skips finished chunks. The label list comes
@@ -26,8 +27,8 @@ Outputs: ``DIR/samples_<K>.npz`` (``arr_0``: uint8 (K, R, R, 3), the ADM evaluat
 ``DIR/results.json`` (settings, metrics, throughput). Several processes (``jax.distributed``) each feed their devices'
 share of every batch; process 0 writes chunks and computes the metrics on its local devices.
 
-The numbers use our JAX port of the FID Inception with the ADM preprocessing; the spec recommends publishing numbers
-from the TF ADM evaluator run on ``samples_<K>.npz`` (peers.md §5).
+The numbers use our JAX port of the FID Inception with the ADM preprocessing; publish numbers from the TF ADM
+evaluator run on ``samples_<K>.npz`` (docs/recipes.md#reproducing-the-tables).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Two settings:
   * ``OFFICIAL``: what DetailFlow's ``inference/reconstruct_vq.py`` computes: ``skimage.metrics.structural_similarity(
     restored, gt, channel_axis=-1, data_range=2.0)`` on [0, 1] images, i.e. skimage's defaults (7x7 uniform window,
     sample covariance N/(N-1)) with a data range of 2, which makes C1, C2 four times too large and SSIM too high
-    (spec §8 item 14). Use it only to compare with the paper's numbers.
+    (docs/fidelity.md#evaluation). Use it only to compare with the paper's numbers.
 
 Like skimage, statistics are only taken where the whole window fits in the image (valid filtering, equivalent to
 skimage's filter-then-crop), and the map is averaged over positions and channels.

@@ -8,18 +8,18 @@ admissible t, on the validation split.
 
 Data: ``--data_config FILE.py:ARG`` (its ``data`` section), else the tokenizer work directory's own config; the
 ``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are ADM
-centre-cropped (spec §5).
+centre-cropped (docs/fidelity.md#evaluation).
 
 Per t, every image is encoded once, decoded from its first t tokens at the canvas of t, bicubic-upsampled to the
 full size R (``ReconstructionEvaluator``) and scored:
   * PSNR (dB): ``eval/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
     quantises it to uint8 first, a difference of about 1e-3 dB);
   * SSIM: the standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1 on [0, 1]) of the
-    uint8 reconstruction against the original. The official script uses skimage with ``data_range=2.0`` (spec §8
-    item 14), which inflates SSIM; ``--official_ssim`` reproduces that number instead;
+    uint8 reconstruction against the original. The official script uses skimage with ``data_range=2.0``
+    (docs/fidelity.md#evaluation), which inflates SSIM; ``--official_ssim`` reproduces that number instead;
   * rFID: Fréchet distance between the Inception pool features of the uint8 reconstructions and of the real
-    centre-cropped images (the convention of peers.md §5; the official script uses torchmetrics, whose Inception
-    input matches ``--preprocess adm``).
+    centre-cropped images (the ImageNet-val convention of peer tokenizers; the official script uses torchmetrics,
+    whose Inception input matches ``--preprocess adm``).
 
 Writes DIR/tokenizer_eval.json (settings + one row per t), DIR/tokenizer_curve.png (PSNR, SSIM and rFID against t)
 and prints the table. Each t keeps a 2048x2048 float64 covariance (32 MiB): all 71 counts of N = 512 need 2.3 GiB;
@@ -56,10 +56,10 @@ from detailflow_jax.pixels import to_uint8
 METRICS = ("psnr", "ssim", "rfid")
 STANDARD_SSIM_NOTE = ("SSIM: standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1] images "
                       "with data_range 1. The official DetailFlow script calls skimage with data_range=2.0 on [0, 1] "
-                      "images (spec §8 item 14), which inflates SSIM; --official_ssim reproduces it.")
+                      "images (docs/fidelity.md#evaluation), which inflates SSIM; --official_ssim reproduces it.")
 OFFICIAL_SSIM_NOTE = ("SSIM: the official DetailFlow number, skimage.metrics.structural_similarity defaults (7x7 "
-                      "uniform window, sample covariance) with data_range=2.0 on [0, 1] images (spec §8 item 14); "
-                      "higher than the standard definition.")
+                      "uniform window, sample covariance) with data_range=2.0 on [0, 1] images "
+                      "(docs/fidelity.md#evaluation); higher than the standard definition.")
 
 
 # On device: the result feeds the Inception, so it stays a sharded global array. The official evaluation converts

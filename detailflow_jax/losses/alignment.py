@@ -1,4 +1,5 @@
-"""Alignment loss of token 1 against a frozen SigLIP2 (spec §1.8 ``L_align``, official ``global_token_learning``).
+"""Alignment loss of token 1 against a frozen SigLIP2 (official ``global_token_learning``;
+docs/fidelity.md#losses).
 
     tower, tower_params = load_siglip_tower(path)                     # a convert.siglip2 directory
     target = siglip_target(tower, tower_params, clean_images)         # (B, 1152), unit norm, no gradient
@@ -70,7 +71,7 @@ class SiglipVisionTower(nn.Module):
         x = ViTStack(self.depth, self.width, self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.param_dtype,
                      name="layers")(x)
         post_layernorm = layer_norm("post_layernorm", self.ln_eps, self.param_dtype)
-        # Official quirk (spec §1.8 ⚠): HF's vision transformer ends with post_layernorm and the official
+        # Official quirk (docs/fidelity.md#losses): HF's vision transformer ends with post_layernorm and the official
         # forward_features applies the same LayerNorm again.
         x = post_layernorm(post_layernorm(x))
         return l2_normalize(jnp.mean(x, axis=1))

@@ -1,4 +1,4 @@
-"""DiffAugment (Zhao et al. 2020) as used by DetailFlow's discriminator (spec §1.8), in pure JAX.
+"""DiffAugment (Zhao et al. 2020) as used by DetailFlow's discriminator (official ``utils/diff_aug.py``), in pure JAX.
 
 ``diff_augment(key, x, "color,translation,cutout_0.2", p=0.5)`` applies each comma-separated policy group with
 probability ``p``, decided once per call for the whole batch; the group's random parameters are drawn per sample:

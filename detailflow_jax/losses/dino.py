@@ -1,4 +1,4 @@
-"""Frozen DINO ViT-S/16 feature extractor of the DINO discriminator (spec §1.8; VAR's ``FrozenDINOSmallNoDrop``).
+"""Frozen DINO ViT-S/16 feature extractor of the DINO discriminator (official / VAR ``FrozenDINOSmallNoDrop``).
 
 ``dino_preprocess`` brings [-1, 1] NHWC images to ImageNet normalisation at 224² in float32; ``DinoViT`` returns
 the read-outs ``patch_tokens + cls_token`` (B, 196, 384) after the patch + position embedding and after blocks

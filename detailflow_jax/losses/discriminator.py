@@ -1,4 +1,4 @@
-"""DINO discriminator (spec §1.8; VAR / Infinity ``DinoDisc``): trainable heads on a frozen DINO ViT-S/16.
+"""DINO discriminator (official, from VAR / Infinity: ``DinoDisc``): trainable heads on a frozen DINO ViT-S/16.
 
 One head per backbone read-out (5 of them), each on (B, L=196, C=384) tokens:
 

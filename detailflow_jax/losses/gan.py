@@ -1,4 +1,4 @@
-"""Adversarial loss terms and their step schedules (spec §1.8, official ``losses/vq_loss.py``).
+"""Adversarial loss terms and their step schedules (official ``VQLoss`` in ``losses/vq_loss.py``).
 
 Generator:      L_adv = w_d(step) * hinge_g(D(Aug(x_hat)))
 Discriminator:  L_D   = w_d(step) * [hinge_d(D(Aug(y)), D(Aug(x_hat))) + 0.001 * LeCAM] + c(step) * L_CR

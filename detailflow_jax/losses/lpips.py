@@ -1,4 +1,4 @@
-"""LPIPS-VGG16 perceptual distance (spec §1.8; taming-transformers / DetailFlow ``modelling/lpips/lpips.py``).
+"""LPIPS-VGG16 perceptual distance (taming-transformers / DetailFlow ``modelling/lpips/lpips.py``).
 
     d(x, y) = sum_l mean_hw( w_l . (n(f_l(s(x))) - n(f_l(s(y))))^2 )
 

@@ -1,4 +1,4 @@
-"""Image resizing that reproduces PyTorch's ``F.interpolate`` exactly (spec §9.10).
+"""Image resizing that reproduces PyTorch's ``F.interpolate`` exactly (docs/model.md#pytorch-exact-resampling).
 
 ``jax.image.resize`` does not match torch for the two modes DetailFlow needs: torch ``area`` is adaptive average
 pooling (not an antialiased linear filter) and torch ``bicubic`` uses the Keys kernel with a = -0.75 (JAX uses

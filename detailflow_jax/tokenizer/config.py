@@ -22,7 +22,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # training and code extraction); "float32" keeps it exact whatever the compute dtype.
 DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
 
-# Fixed by the released architecture (spec §1.3–1.5); sizes are given per variant (configs/tokenizer.py).
+# Fixed by the released architecture (docs/model.md#configurations); sizes per variant in configs/tokenizer.py.
 ARCH_DEFAULTS = dict(patch_size=16, pos_grid=16, codebook_dim=8, ln_eps=1e-6, commit_beta=0.25, vq_loss_ratio=1.0,
                      entropy_loss_ratio=0.0, noise_top_k=50, dtype="float32", param_dtype="float32",
                      quantizer_distances="auto", remat=False)

@@ -1,4 +1,5 @@
-"""Tokenizer decoder: mask-token canvas + the first t tokens -> pixels (spec §1.5, official `SiglipDecoder`)."""
+"""Tokenizer decoder: mask-token canvas + the first t tokens -> pixels (official `SiglipDecoder`;
+docs/model.md#decoder)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from detailflow_jax.tokenizer.patches import resized_position_table, unpatchify
 class Decoder(nn.Module):
     """tokens (B, N, width) (post_quant_conv output) -> pixels (B, canvas, canvas, 3) float32, unclamped.
 
-    The latent length stays N; latents at index >= ``num_tokens`` are masked out as keys (spec §9.1), which is
-    exactly the official "concatenate only the first t" because a masked key gets zero attention weight.
+    The latent length stays N; latents at index >= ``num_tokens`` are masked out as keys (docs/model.md#static-shapes),
+    which is exactly the official "concatenate only the first t" because a masked key gets zero attention weight.
     ``num_tokens`` may be traced; ``canvas`` must be a static multiple of the patch size.
     """
 

@@ -1,4 +1,5 @@
-"""Per-step random choices of coarse-to-fine training (spec §1.6, §1.7), drawn on the host.
+"""Per-step random choices of coarse-to-fine training (official ``ResolutionDegradation``;
+docs/model.md#degradation, docs/model.md#self-correction), drawn on the host.
 
 The token count t picks the decoder canvas, which is a static shape, so it is drawn on the host and selects one of
 the compiled train steps; the noise position is passed into that step as a traced integer.

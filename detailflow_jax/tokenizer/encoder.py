@@ -1,4 +1,5 @@
-"""Tokenizer encoder: SigLIP2 ViT over [image patches | N latent queries] (spec §1.3, official `SiglipEncoder`)."""
+"""Tokenizer encoder: SigLIP2 ViT over [image patches | N latent queries] (official `SiglipEncoder`;
+docs/model.md#encoder)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def token_table(name: str, module: nn.Module, length: int, width: int, init) -> 
 class Encoder(nn.Module):
     """images (B, H, W, 3) in [-1, 1] -> latent features (B, N, width) after post_layernorm.
 
-    Queries: ``latent_tokens`` for the normal pass. For the self-correction re-encode (spec §1.7 step 4) pass
-    ``prefix`` (B, N, width), used at positions < ``noise_end`` (refine_conv of the clean+noisy codes), with
-    ``refined_tokens`` after it; ``noise_end`` may be traced.
+    Queries: ``latent_tokens`` for the normal pass. For the self-correction re-encode
+    (docs/model.md#self-correction, step 4) pass ``prefix`` (B, N, width), used at positions < ``noise_end``
+    (refine_conv of the clean+noisy codes), with ``refined_tokens`` after it; ``noise_end`` may be traced.
     """
 
     cfg: TokenizerConfig

@@ -1,4 +1,4 @@
-"""Turn a training split into AR training codes with the tokenizer (spec §2, official ``extract_codes_c2i.py``).
+"""Turn a training split into AR training codes with the tokenizer (official ``extract_codes_c2i.py``).
 
     python -m detailflow_jax.tokenizer.extract --config configs/ar_fashion_mnist.py --tokenizer workdir/tok \
         --out codes/fashion_mnist

@@ -1,6 +1,6 @@
 """Attention masks of the tokenizer ViTs (True = may attend), as in the official `create_attn_mask_for_x_z`.
 
-Encoder sequence = [P patches | N latent queries] (spec §1.3):
+Encoder sequence = [P patches | N latent queries] (docs/model.md#attention-masks):
   * patch -> patch: always; patch -> latent: never (patch features do not depend on the latents);
   * latent -> patch: always;
   * latent i -> latent j: inside the token-causal prefix (i < C) iff j <= i; after it iff floor(j/g) <= floor(i/g)

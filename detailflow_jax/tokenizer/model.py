@@ -10,10 +10,10 @@ Images are NHWC in [-1, 1]; decoded pixels are NHWC float32, unclamped. Paramete
 post_layernorm), ``quant_conv``, ``quantizer/codebook``, ``refine_conv``, ``post_quant_conv``, ``decoder``
 (mask_token, position_embedding, latent_pos_embed, layers/layers_i, post_layernorm, to_pixel).
 
-Training forward (``__call__``, spec §1.7): clean pass + self-correction re-encode, both halves decoded as one 2B
-batch from the first t tokens at ``canvas``. For t = 1 the official code does no self-correction; here the 2B
-graph still runs (one compiled graph for every t): pass ``noise_idx = -1`` and the self-corrected half gets
-``recon_weight`` 0 and codebook-loss weight 0, so the losses equal the official clean-only ones as long as the
+Training forward (``__call__``, docs/model.md#self-correction): clean pass + self-correction re-encode, both halves
+decoded as one 2B batch from the first t tokens at ``canvas``. For t = 1 the official code does no self-correction;
+here the 2B graph still runs (one compiled graph for every t): pass ``noise_idx = -1`` and the self-corrected half
+gets ``recon_weight`` 0 and codebook-loss weight 0, so the losses equal the official clean-only ones as long as the
 pixel losses are weighted per sample with ``recon_weight`` (sum(w·loss) / sum(w)).
 """
 
@@ -62,7 +62,7 @@ class DetailFlowTokenizer(nn.Module):
                                              cfg.params_dtype)
         self.quantizer = VectorQuantizer(cfg.codebook_size, d, distance_dtype=cfg.distance_dtype)
 
-    # ---------------------------------------------------------------- inference API (spec §1.9)
+    # ---------------------------------------------------------------- inference API (official VQModel.encode/decode)
 
     def encode(self, images: jax.Array) -> dict[str, jax.Array]:
         """images (B, R, R, 3) -> pre_quant (B, N, 8), quant (B, N, 8) straight-through, indices (B, N) int32."""
@@ -82,7 +82,8 @@ class DetailFlowTokenizer(nn.Module):
 
     def self_correct(self, images: jax.Array, noise_idx: jax.Array | int, noise_end: jax.Array | int,
                      noisy_codes: jax.Array | None = None, rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        """The self-correction re-encode (spec §1.7 steps 1–5, official eval-mode `encode_image` with noise_idx).
+        """The self-correction re-encode (docs/model.md#self-correction steps 1–5; official eval-mode
+        `encode_image` with noise_idx).
 
         Positions [noise_idx, noise_end) get ``noisy_codes`` — (B, N) (only that window is read), or
         (B, noise_end − noise_idx) when both are Python ints — or, when None, codes drawn with ``rng`` uniformly
@@ -137,7 +138,7 @@ class DetailFlowTokenizer(nn.Module):
 
     def __call__(self, images: jax.Array, t: jax.Array | int, canvas: int, noise_idx: jax.Array | int,
                  noise_end: jax.Array | int, rng: jax.Array, train: bool = True) -> dict[str, jax.Array]:
-        """Spec §1.7 steps 1–7.
+        """docs/model.md#self-correction, steps 1–6.
 
         train=True: recon (2B, canvas, canvas, 3) = decode([clean; self-corrected]) from the first t tokens;
         recon_weight (2B,) = 1 for the clean half, 0/1 for the corrected half (0 when noise_idx < 0, i.e. t = 1).

@@ -33,8 +33,8 @@ def unpatchify(tokens: jax.Array, patch: int, channels: int = 3) -> jax.Array:
 def resized_position_table(table: jax.Array, grid: int) -> jax.Array:
     """(G·G, D) learned table -> (grid·grid, D) for a grid×grid patch layout.
 
-    Matches torch `F.interpolate(bilinear, align_corners=False, antialias=True)` (spec §9.10); at grid == G the
-    table is used as is.
+    Matches torch `F.interpolate(bilinear, align_corners=False, antialias=True)` (docs/model.md#encoder); at grid == G
+    the table is used as is.
     """
     size = int(round(table.shape[0] ** 0.5))
     if grid == size:

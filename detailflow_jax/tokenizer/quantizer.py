@@ -1,4 +1,4 @@
-"""l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True, spec §1.4).
+"""l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True; docs/model.md#quantizer).
 
 Everything here runs in float32, except, with ``distance_dtype="bfloat16"``, the code-distance einsum, which is
 then rounded as the official one is under bf16 autocast (its inputs and its output to bfloat16). The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts).

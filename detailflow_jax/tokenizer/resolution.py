@@ -1,4 +1,5 @@
-"""Token count <-> resolution mapping of DetailFlow (spec §1.6, official ``ResolutionDegradation``).
+"""Token count <-> resolution mapping of DetailFlow (official ``ResolutionDegradation``;
+docs/model.md#resolution-mapping).
 
 R(t) = R - b (N - t)^alpha with b = (R - 1) / (N - 1)^alpha, so R(1) = 1 and R(N) = R. The first ``causal_num``
 prefix lengths are admissible one by one, after that only whole groups.

@@ -1,4 +1,5 @@
-"""The AR train step (spec §3.3–§3.4): teacher-forced cross-entropy with the 30% self-correction mix, AdamW, EMA.
+"""The AR train step (docs/model.md#ar-training): teacher-forced cross-entropy with the 30% self-correction mix,
+AdamW, EMA.
 
 State (a plain pytree, checkpointed as is):
   step    int32, number of updates done

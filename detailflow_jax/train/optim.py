@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of the official recipes (spec §1.8 and §3.4)."""
+"""Optimisers and learning-rate schedules of the official recipes (docs/fidelity.md#training)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The tokenizer train step (spec §1.6–§1.8): generator update, then discriminator update, one jit per canvas.
+"""The tokenizer train step: generator update, then discriminator update, one jit per canvas
+(docs/model.md#degradation, docs/fidelity.md#losses).
 
 State (a plain pytree, checkpointed as is):
   step        int32, number of updates done
@@ -188,7 +189,7 @@ class TokenizerStep:
                 g_adv = -_weighted_mean(jnp.mean(logits, axis=1), weight)
                 loss = loss + self.schedule.adversarial(step1) * g_adv
                 metrics["g_adv"] = g_adv
-            if self.align:  # token 1 of the clean half, straight-through (spec §1.8 L_align)
+            if self.align:  # token 1 of the clean half, straight-through (official global_token_learning)
                 align = alignment_loss(trainable["align_proj"], out["quant"][:images.shape[0], 0], align_target)
                 loss = loss + losses.align_weight * align
                 metrics["align_loss"] = align
