@@ -102,10 +102,14 @@ def main(argv=None) -> str:
     parser.add_argument("--config", default="configs/gpt.py:L/128", help="config file and argument, FILE:ARG")
     parser.add_argument("--out", required=True, help="output orbax parameter directory")
     parser.add_argument("--force", action="store_true", help="overwrite --out")
+    parser.add_argument("--print_config", action="store_true", help="print the config and exit")
     args = parser.parse_args(argv)
 
     from detailflow_jax.convert.params_io import save_params
     config = load_config_file(args.config)
+    if args.print_config:
+        print(config.to_json(indent=2))
+        return ""
     cfg = GPTConfig(**config.model).validate()
     params = jax.tree.map(jnp.asarray, load_gpt_checkpoint(args.checkpoint, cfg, args.entry))
     out = save_params(args.out, params, force=args.force)

@@ -222,6 +222,7 @@ def main(argv) -> None:
     f = flags.FLAGS
     if f.config is None:
         sys.exit(f"{__doc__.strip()}\n\nerror: --config is required")
+    cli.maybe_print_config(f.config)
     tokenizer = f.tokenizer or f.config.tokenizer
     out = f.out or f.config.codes_dir
     if not tokenizer or not out:

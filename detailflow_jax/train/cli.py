@@ -17,12 +17,23 @@ from detailflow_jax.config_lib import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, images); reused to resume")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the config (after the --config.key=value overrides) "
+                                  "as JSON and exit without running")
+
+
+def maybe_print_config(config) -> None:
+    """With --print_config: prints ``config`` as JSON and exits (checks a command line without running it)."""
+    if _PRINT_CONFIG.value:
+        print(config.to_json(indent=2))
+        sys.exit(0)
 
 
 def parse(argv, doc: str):
     """(config, workdir) after flag parsing; exits with a usage message when a required flag is missing."""
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
+    if _CONFIG.value is not None:
+        maybe_print_config(_CONFIG.value)
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.exit(f"{doc.strip()}\n\nerror: --config and --workdir are required")
     return _CONFIG.value, _WORKDIR.value
