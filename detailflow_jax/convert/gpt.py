@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import cli_errors, config_lib
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 
@@ -87,6 +87,7 @@ def load_gpt_checkpoint(path: str, cfg: GPTConfig, entry: str | None = None) -> 
 def load_config_file(spec: str):
     """'path/to/config.py:ARG' -> get_config(ARG) of that file."""
     path, _, arg = spec.partition(":")
+    path = config_lib.config_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} (from --config {spec!r}) does not exist")
     module_spec = importlib.util.spec_from_file_location("_gpt_config", path)
@@ -118,4 +119,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_errors.run(main)

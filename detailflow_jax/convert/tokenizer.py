@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from detailflow_jax import cli_errors
 from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree,
                                                load_state_dict)
 from detailflow_jax.tokenizer.config import TokenizerConfig, validate
@@ -165,4 +166,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

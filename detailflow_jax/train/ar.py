@@ -127,4 +127,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
 
 
 if __name__ == "__main__":
-    cli.run(cli.train_main(__doc__, train))
+    cli.run(cli.train_main(__doc__, train, ("model", "codes_dir", "extract", "correction_prob"),
+                           "an AR training config (e.g. configs/ar_fashion_mnist.py)"))

@@ -168,4 +168,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
 
 
 if __name__ == "__main__":
-    cli.run(cli.train_main(__doc__, train))
+    cli.run(cli.train_main(__doc__, train, ("model", "data", "losses", "degradation_prob"),
+                           "a tokenizer training config (e.g. configs/tokenizer_fashion_mnist.py)"))
