@@ -6,8 +6,8 @@ import os
 
 import ml_collections
 
-# The repository (or installed tree) holding configs/: relative config paths that are not found from the working
-# directory are looked up here, so defaults like "configs/gpt.py" work from anywhere.
+# The repository (or installed tree) holding configs/: relative config paths not found from the
+# working directory are looked up here, so defaults like "configs/gpt.py" work from anywhere.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,8 +53,8 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
 
 
 def config_path(path: str) -> str:
-    """``path`` as given when it exists (or is absolute), else the same relative path under REPO_ROOT if that
-    exists there."""
+    """``path`` as given when it exists (or is absolute), else the same relative path under
+    REPO_ROOT if that exists there."""
     if os.path.isabs(path) or os.path.exists(path):
         return path
     candidate = os.path.join(REPO_ROOT, path)

@@ -1,6 +1,6 @@
-"""The documented command lines parse: every `python -m detailflow_jax.X ... --config ...` command in README.md (and
-docs/*.md) goes through that command's own flag parser (``--print_config``: parse, apply the overrides, print the
-config, exit) and each ``--config.key=value`` lands in the config."""
+"""The documented command lines parse: every `python -m detailflow_jax.X ... --config ...` command
+in README.md (and docs/*.md) goes through that command's own flag parser (``--print_config``: parse,
+apply the overrides, print the config, exit) and each ``--config.key=value`` lands in the config."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ _COMMAND = re.compile(r"python -m (detailflow_jax\.[\w.]+)((?:[^`\n]|\\\n)*)")
 def documented_commands() -> list[tuple[str, str, list[str]]]:
     """(file, module, arguments) of every documented command that takes --config."""
     found = []
-    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+    docs = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    for path in [os.path.join(ROOT, "README.md"), *docs]:
         with open(path) as f:
             text = f.read().replace("\\|", "|")
         for module, rest in _COMMAND.findall(text):
@@ -51,19 +52,21 @@ def test_the_readme_documents_overrides_of_unset_fields():
     assert {"data.data_dir", "extract.data.data_dir", "losses.lpips_weights"} <= keys, keys
 
 
-@pytest.mark.parametrize("source,module,args", COMMANDS, ids=[f"{m}:{i}" for i, (_, m, _) in enumerate(COMMANDS)])
+@pytest.mark.parametrize("source,module,args", COMMANDS,
+                         ids=[f"{m}:{i}" for i, (_, m, _) in enumerate(COMMANDS)])
 def test_documented_command_parses(source, module, args):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", module, *args, "--print_config"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--print_config"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{source}: {module} {' '.join(args)}\n{proc.stderr[-2000:]}"
     config = json.loads(proc.stdout[proc.stdout.index("{"):])
     for key, value in overrides(args).items():
         assert str(lookup(config, key)) == value, (source, key)
 
 
-RECIPES = [("tokenizer_imagenet", "DF-16"), ("tokenizer_fashion_mnist", ""), ("tokenizer_fashion_mnist", "smoke"),
-           ("ar_imagenet", "N=128"), ("ar_fashion_mnist", ""), ("ar_fashion_mnist", "smoke")]
+RECIPES = [("tokenizer_imagenet", "DF-16"), ("tokenizer_fashion_mnist", ""),
+           ("tokenizer_fashion_mnist", "smoke"), ("ar_imagenet", "N=128"),
+           ("ar_fashion_mnist", ""), ("ar_fashion_mnist", "smoke")]
 
 
 @pytest.mark.parametrize("name,arg", RECIPES)

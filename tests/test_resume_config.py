@@ -1,4 +1,5 @@
-"""A resume checks the work directory's config.json: other model settings are refused, other changes listed."""
+"""A resume checks the work directory's config.json: other model settings are refused, other
+changes listed."""
 
 import logging
 import os
@@ -21,7 +22,8 @@ def test_other_model_settings_are_refused_naming_the_field_and_both_values(tmp_p
     workdir = trained_workdir(tmp_path, tokenizer_fashion_mnist.get_config("smoke"))
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.model.encoder.width = 64
-    with pytest.raises(ConfigError, match=r"trained with model\.encoder\.width=32, you asked for 64"):
+    refusal = r"trained with model\.encoder\.width=32, you asked for 64"
+    with pytest.raises(ConfigError, match=refusal):
         run_config.check_resume(config, workdir)
 
 
@@ -36,7 +38,8 @@ def test_other_training_settings_are_listed_and_allowed(tmp_path, caplog):
 
 
 def test_a_work_directory_without_checkpoints_is_a_fresh_start(tmp_path):
-    run_config.save(tokenizer_fashion_mnist.get_config("smoke"), str(tmp_path))  # stopped before the first save
+    # Stopped before the first checkpoint: config.json without checkpoints.
+    run_config.save(tokenizer_fashion_mnist.get_config("smoke"), str(tmp_path))
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.model.encoder.width = 64
     assert run_config.check_resume(config, str(tmp_path)) == {}

@@ -144,7 +144,8 @@ def main(argv=None) -> None:
     flags.DEFINE_bool("force", False, "overwrite --out if it exists")
     flags.DEFINE_string("entry", None, "top-level entry of a wrapped checkpoint (default: 'model' if present)")
     config_flags.DEFINE_config_file("config", None, "tokenizer config, e.g. configs/tokenizer.py:DF-16")
-    flags.DEFINE_bool("print_config", False, "print the config (after --config.key=value overrides) and exit")
+    flags.DEFINE_bool("print_config", False,
+                      "print the config (after --config.key=value overrides) and exit")
     flags.mark_flags_as_required(["checkpoint", "out", "config"])
 
     def run(_):

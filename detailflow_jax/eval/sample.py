@@ -221,7 +221,8 @@ def main(argv) -> None:
     if f.npz and not f.num_samples:
         raise ConfigError("--npz needs --num_samples K")
     if f.num_per_class < 1:
-        raise ConfigError(f"--num_per_class={f.num_per_class}: must be >= 1 (samples per class in samples.png)")
+        raise ConfigError(f"--num_per_class={f.num_per_class}: must be >= 1 (samples per class "
+                          "in samples.png)")
     paths = sample(f.gpt, f.out, f.tokenizer, f.gpt_config, f.tokenizer_config,
                    [int(c) for c in f.classes] if f.classes else None, f.num_per_class, f.num_samples, f.npz,
                    f.batch_size, f.seed, not f.no_ema, f.dtype, cfg_scale=f.cfg_scale,

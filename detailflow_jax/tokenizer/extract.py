@@ -225,7 +225,8 @@ def main(argv) -> None:
         print(__doc__.strip() + "\n", file=sys.stderr)
         raise ConfigError("--config is required")
     cli.maybe_print_config(config)
-    cli.require_fields(config, ("extract", "codes_dir", "tokenizer"), "an AR config (e.g. configs/ar_fashion_mnist.py)")
+    cli.require_fields(config, ("extract", "codes_dir", "tokenizer"),
+                       "an AR config (e.g. configs/ar_fashion_mnist.py)")
     tokenizer = f.tokenizer or config.tokenizer
     out = f.out or config.codes_dir
     if not tokenizer or not out:

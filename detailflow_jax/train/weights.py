@@ -59,12 +59,12 @@ def model_section(path: str, config_spec: str | None, what: str) -> ml_collectio
         model = workdir_config(path).model
         if _MODEL_MARKER[what] not in model:
             other = next((k for k, field in _MODEL_MARKER.items() if field in model), "different")
-            raise ConfigError(f"{path} is a {other} training work directory; pass a {what} work directory (or a "
-                              f"converted {what} parameter directory) as --{what}")
+            raise ConfigError(f"{path} is a {other} training work directory; pass a {what} work "
+                              f"directory (or a converted {what} parameter directory) as --{what}")
         return model
     example = "configs/gpt.py:L/128" if what == "gpt" else "configs/tokenizer.py:DF-16"
-    raise ConfigError(f"{path} is a converted {what} parameter directory: pass its model config as well "
-                     f"(--{what}_config FILE.py:ARG, e.g. {example})")
+    raise ConfigError(f"{path} is a converted {what} parameter directory: pass its model config "
+                      f"as well (--{what}_config FILE.py:ARG, e.g. {example})")
 
 
 def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = None) -> Any:
