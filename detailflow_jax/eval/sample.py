@@ -131,7 +131,7 @@ def load_generator(gpt: str, mesh: jax.sharding.Mesh, tokenizer: str | None = No
     tok_model = None
     if not tokenizer:
         if config is None or "codes_dir" not in config:
-            raise ValueError("pass --tokenizer (the GPT directory does not say which tokenizer it was trained on)")
+            raise ConfigError("pass --tokenizer (the GPT directory does not say which tokenizer it was trained on)")
         tokenizer, tok_model, spec = ar_workdir_tokenizer(config)
         tokenizer_config = tokenizer_config or spec
     tok_cfg, tok_params = load_tokenizer(tokenizer, mesh, tokenizer_config, model_cfg=tok_model)
