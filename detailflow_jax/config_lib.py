@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+# The repository (or installed tree) holding configs/: relative config paths not found from the
+# working directory are looked up here, so defaults like "configs/gpt.py" work from anywhere.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ConfigError(ValueError):
@@ -44,6 +50,15 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
         else:
             raise ConfigError(f"unknown config flag {part!r} in {arg!r}; known: {sorted(spec)}")
     return out
+
+
+def config_path(path: str) -> str:
+    """``path`` as given when it exists (or is absolute), else the same relative path under
+    REPO_ROOT if that exists there."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(REPO_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
 
 
 def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -25,8 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
-from detailflow_jax import sharding
-from detailflow_jax.config_lib import ConfigError
+from detailflow_jax import cli_errors, sharding
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.eval.sample import load_generator, round_up, sample
@@ -159,11 +157,8 @@ def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
     workdir = os.path.abspath(flags.FLAGS.workdir or DEFAULT_WORKDIR)  # --workdir is defined by train.cli
-    try:
-        timings = run_main_job(workdir, _SMOKE.value, _TOKENIZER_STEPS.value, _GPT_STEPS.value,
-                               _EXTRACT_IMAGES.value, _QUALITY_SAMPLES.value)
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    timings = run_main_job(workdir, _SMOKE.value, _TOKENIZER_STEPS.value, _GPT_STEPS.value,
+                           _EXTRACT_IMAGES.value, _QUALITY_SAMPLES.value)
     report = os.path.join(workdir, "quality.json")
     if os.path.exists(report):
         with open(report) as f:
@@ -181,4 +176,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.take_verbose_flag()
+    app.run(cli_errors.guard(main))

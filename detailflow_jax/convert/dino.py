@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import cli_errors
 from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.losses.dino import DinoViT
@@ -151,4 +152,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import cli_errors, config_lib
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 
@@ -87,6 +87,7 @@ def load_gpt_checkpoint(path: str, cfg: GPTConfig, entry: str | None = None) -> 
 def load_config_file(spec: str):
     """'path/to/config.py:ARG' -> get_config(ARG) of that file."""
     path, _, arg = spec.partition(":")
+    path = config_lib.config_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} (from --config {spec!r}) does not exist")
     module_spec = importlib.util.spec_from_file_location("_gpt_config", path)
@@ -102,10 +103,14 @@ def main(argv=None) -> str:
     parser.add_argument("--config", default="configs/gpt.py:L/128", help="config file and argument, FILE:ARG")
     parser.add_argument("--out", required=True, help="output orbax parameter directory")
     parser.add_argument("--force", action="store_true", help="overwrite --out")
+    parser.add_argument("--print_config", action="store_true", help="print the config and exit")
     args = parser.parse_args(argv)
 
     from detailflow_jax.convert.params_io import save_params
     config = load_config_file(args.config)
+    if args.print_config:
+        print(config.to_json(indent=2))
+        return ""
     cfg = GPTConfig(**config.model).validate()
     params = jax.tree.map(jnp.asarray, load_gpt_checkpoint(args.checkpoint, cfg, args.entry))
     out = save_params(args.out, params, force=args.force)
@@ -114,4 +119,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_errors.run(main)

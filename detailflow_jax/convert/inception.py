@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from detailflow_jax import cli_errors
 from detailflow_jax.convert.params_io import restore_params, save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.eval.inception import abstract_params
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import cli_errors
 from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.losses.lpips import LPIPS
@@ -69,4 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from detailflow_jax import cli_errors
 from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree,
                                                load_state_dict)
 from detailflow_jax.tokenizer.config import TokenizerConfig, validate
@@ -143,6 +144,8 @@ def main(argv=None) -> None:
     flags.DEFINE_bool("force", False, "overwrite --out if it exists")
     flags.DEFINE_string("entry", None, "top-level entry of a wrapped checkpoint (default: 'model' if present)")
     config_flags.DEFINE_config_file("config", None, "tokenizer config, e.g. configs/tokenizer.py:DF-16")
+    flags.DEFINE_bool("print_config", False,
+                      "print the config (after --config.key=value overrides) and exit")
     flags.mark_flags_as_required(["checkpoint", "out", "config"])
 
     def run(_):
@@ -150,6 +153,9 @@ def main(argv=None) -> None:
         from detailflow_jax.tokenizer.model import count_params
 
         f = flags.FLAGS
+        if f.print_config:
+            print(f.config.to_json(indent=2))
+            return
         state = load_state_dict(f.checkpoint, entry=f.entry)
         result = convert_tokenizer_state_dict(state, f.config.model)
         path = save_params(f.out, result.params, force=f.force)
@@ -161,4 +167,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

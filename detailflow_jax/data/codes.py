@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 
+from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.data.pipeline import DataStream, SkipCounter
 
 METADATA_FILE = "metadata.json"
@@ -138,7 +139,7 @@ def open_codes(directory: str) -> tuple[CodesMetadata, list[str]]:
     stray = set(glob.glob(os.path.join(directory, "codes-*.array_record"))) - {
         chunk_path(directory, c, meta.num_chunks) for c in range(meta.num_chunks)}
     if stray:
-        raise ValueError(f"{directory} holds chunk files of another extraction ({sorted(stray)[0]}, ...); use a clean "
+        raise ConfigError(f"{directory} holds chunk files of another extraction ({sorted(stray)[0]}, ...); use a clean "
                          "directory")
     return meta, [chunk_path(directory, c, meta.num_chunks) for c in range(meta.num_chunks)]
 
@@ -162,7 +163,7 @@ def make_code_iter(directory: str, batch_size: int, seed: int, process_index: in
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if batch_size <= 0 or batch_size % count:
-        raise ValueError(f"batch_size={batch_size} (global) must be a positive multiple of the {count} processes")
+        raise ConfigError(f"batch_size={batch_size} (global) must be a positive multiple of the {count} processes")
     source = grain.sources.ArrayRecordDataSource(files)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     # Pick the view before slicing so each element's RNG depends on its global position, not on the process.

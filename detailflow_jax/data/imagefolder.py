@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from detailflow_jax import cli_errors
 from detailflow_jax.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

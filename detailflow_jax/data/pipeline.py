@@ -52,6 +52,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import transforms
@@ -64,6 +65,8 @@ EVAL_CROPS = ("center", "ten_crop")
 _ERROR_KEY = "error"  # marks a record whose image could not be decoded; removed before batching
 # Raise (grain checks every 1,000 records) instead of spinning forever when most images are unreadable.
 _MAX_CORRUPT_FRACTION = 0.5
+# Fields whose default is None ("not set"), with the type a command-line override gives them.
+_OPTIONAL_FIELDS = {"data_dir": str, "pad_to": int, "eval_split": str}
 
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
@@ -79,6 +82,9 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
     if unknown:
         raise ConfigError(f"unknown data config fields {unknown}; known: {sorted(fields)}")
     fields.update(overrides)
+    for key, kind in _OPTIONAL_FIELDS.items():
+        # A typed reference, so `--config.data.<key>=...` can set a field whose value is None.
+        fields[key] = config_dict.FieldReference(fields[key], field_type=kind)
     return ml_collections.ConfigDict(fields)
 
 

@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 import zipfile
 from typing import Callable, Iterator
@@ -46,8 +45,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from detailflow_jax import distributed, sharding
-from detailflow_jax.config_lib import ConfigError
+from detailflow_jax import cli_errors, distributed, sharding
 from detailflow_jax.eval.fid import evaluate_samples
 from detailflow_jax.eval.inception import PREPROCESS_MODES, InceptionFeatures
 from detailflow_jax.eval.reference_stats import iter_images
@@ -369,7 +367,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, ResumeError) as e:
-        sys.exit(f"error: {e}")
+    cli_errors.run(main)

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from detailflow_jax import cli_errors
 from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES, SPATIAL_DIM
 from detailflow_jax.eval.metrics import InceptionScoreAccumulator, RunningStats
 
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

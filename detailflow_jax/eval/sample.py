@@ -132,7 +132,7 @@ def load_generator(gpt: str, mesh: jax.sharding.Mesh, tokenizer: str | None = No
     tok_model = None
     if not tokenizer:
         if config is None or "codes_dir" not in config:
-            raise ValueError("pass --tokenizer (the GPT directory does not say which tokenizer it was trained on)")
+            raise ConfigError("pass --tokenizer (the GPT directory does not say which tokenizer it was trained on)")
         tokenizer, tok_model, spec = ar_workdir_tokenizer(config)
         tokenizer_config = tokenizer_config or spec
     tok_cfg, tok_params = load_tokenizer(tokenizer, mesh, tokenizer_config, model_cfg=tok_model)
@@ -217,16 +217,17 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore through absl at INFO
     f = flags.FLAGS
     if not f.gpt or not f.out:
-        sys.exit(f"{__doc__.strip()}\n\nerror: --gpt and --out are required")
+        print(__doc__.strip() + "\n", file=sys.stderr)
+        raise ConfigError("--gpt and --out are required")
     if f.npz and not f.num_samples:
-        sys.exit("error: --npz needs --num_samples K")
-    try:
-        paths = sample(f.gpt, f.out, f.tokenizer, f.gpt_config, f.tokenizer_config,
-                       [int(c) for c in f.classes] if f.classes else None, f.num_per_class, f.num_samples, f.npz,
-                       f.batch_size, f.seed, not f.no_ema, f.dtype, cfg_scale=f.cfg_scale,
-                       cfg_schedule=f.cfg_schedule, top_k=f.top_k, top_p=f.top_p, temperature=f.temperature)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        sys.exit(f"error: {e}")
+        raise ConfigError("--npz needs --num_samples K")
+    if f.num_per_class < 1:
+        raise ConfigError(f"--num_per_class={f.num_per_class}: must be >= 1 (samples per class "
+                          "in samples.png)")
+    paths = sample(f.gpt, f.out, f.tokenizer, f.gpt_config, f.tokenizer_config,
+                   [int(c) for c in f.classes] if f.classes else None, f.num_per_class, f.num_samples, f.npz,
+                   f.batch_size, f.seed, not f.no_ema, f.dtype, cfg_scale=f.cfg_scale,
+                   cfg_schedule=f.cfg_schedule, top_k=f.top_k, top_p=f.top_p, temperature=f.temperature)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -33,7 +33,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -44,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import cli_errors, distributed, sharding
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval.fid import fid_between
@@ -338,7 +337,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli_errors.run(main)

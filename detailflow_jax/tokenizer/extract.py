@@ -220,16 +220,18 @@ def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore through absl at INFO
     f = flags.FLAGS
-    if f.config is None:
-        sys.exit(f"{__doc__.strip()}\n\nerror: --config is required")
-    tokenizer = f.tokenizer or f.config.tokenizer
-    out = f.out or f.config.codes_dir
+    config = cli.loaded_config()
+    if config is None:
+        print(__doc__.strip() + "\n", file=sys.stderr)
+        raise ConfigError("--config is required")
+    cli.maybe_print_config(config)
+    cli.require_fields(config, ("extract", "codes_dir", "tokenizer"),
+                       "an AR config (e.g. configs/ar_fashion_mnist.py)")
+    tokenizer = f.tokenizer or config.tokenizer
+    out = f.out or config.codes_dir
     if not tokenizer or not out:
-        sys.exit("error: pass --tokenizer and --out (or set tokenizer / codes_dir in the config)")
-    try:
-        result = extract_codes(f.config, tokenizer, out, f.tokenizer_config or f.config.tokenizer_config or None)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        raise ConfigError("pass --tokenizer and --out (or set tokenizer / codes_dir in the config)")
+    result = extract_codes(config, tokenizer, out, f.tokenizer_config or config.tokenizer_config or None)
     print(f"{result['images']} images in {result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s); "
           f"{result['chunks_done']} chunks written, {result['chunks_skipped']} already done; codes in {result['out']}")
 

@@ -26,7 +26,7 @@ from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.eval.sample import ImageGenerator, default_classes, round_up, sampling_settings
-from detailflow_jax.train import cli
+from detailflow_jax.train import cli, run_config
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
@@ -95,10 +95,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     meta = read_metadata(config.codes_dir)
     mesh = sharding.make_mesh(validate(config, meta, jax.device_count()))
     trainer = ARStep(config, mesh)
+    run_config.check_resume(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
 
     data = make_code_iter(config.codes_dir, config.batch_size, config.seed, num_threads=config.data_threads)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
@@ -111,6 +109,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         state = checkpointer.restore(abstract, data.iterator)
         state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
         log.info("resumed from step %d", start)
+    if distributed.is_main_process():
+        run_config.save(config, workdir)
     step = trainer.compiled(state_shardings)
     hook = sample_hook(workdir, config, meta, trainer, state_shardings["ema"]) if samples else None
 
@@ -127,4 +127,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
 
 
 if __name__ == "__main__":
-    cli.run(cli.train_main(__doc__, train))
+    cli.run(cli.train_main(__doc__, train, ("model", "codes_dir", "extract", "correction_prob"),
+                           "an AR training config (e.g. configs/ar_fashion_mnist.py)"))

@@ -61,33 +61,37 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
         bar.set_postfix(shown, refresh=False)
 
     step = start_step
-    with (stop or StopRequest()) as stop:
-        while step < cfg.total_steps:
-            state, metrics = step_fn(state, next(data_iter), step)
-            step += 1
-            bar.update(1)
-            if pending is not None:
-                log(*flush(pending))
-                pending = None
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                pending = (step, metrics)
-            if step == cfg.stop_at:
-                stop.request()
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop.requested:
-                # Check this step's numbers before writing: never save a diverged state.
-                entry = flush((step, metrics))
+    try:
+        with (stop or StopRequest()) as stop:
+            while step < cfg.total_steps:
+                state, metrics = step_fn(state, next(data_iter), step)
+                step += 1
+                bar.update(1)
                 if pending is not None:
-                    log(*entry)
+                    log(*flush(pending))
                     pending = None
-                checkpointer.save(step, state, data_iter)
-                last_saved = step
-            if cfg.hook_every and step % cfg.hook_every == 0:
-                for hook in hooks:
-                    hook(step, state)
-            if stop.requested:
-                if is_main_process():
-                    bar.write(f"stop requested: saved step {step} to {checkpointer.directory}")
-                break
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    pending = (step, metrics)
+                if step == cfg.stop_at:
+                    stop.request()
+                if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop.requested:
+                    # Check this step's numbers before writing: never save a diverged state.
+                    entry = flush((step, metrics))
+                    if pending is not None:
+                        log(*entry)
+                        pending = None
+                    checkpointer.save(step, state, data_iter)
+                    last_saved = step
+                if cfg.hook_every and step % cfg.hook_every == 0:
+                    for hook in hooks:
+                        hook(step, state)
+                if stop.requested:
+                    if is_main_process():
+                        bar.write(f"stop requested: saved step {step} to {checkpointer.directory}")
+                    break
+    except BaseException:
+        bar.close()  # so an error message starts on its own line, not after the progress bar
+        raise
     if pending is not None:
         log(*flush(pending))
     checkpointer.wait()

@@ -30,7 +30,7 @@ from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train import cli
+from detailflow_jax.train import cli, run_config
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
 from detailflow_jax.train.metrics import MetricWriter
@@ -120,10 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     trainer = TokenizerStep(config, mesh)
     frozen = trainer.load_frozen()  # fails fast when a loss lacks its weights
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
+    run_config.check_resume(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
 
     data = make_train_iter(config.data, config.batch_size, config.seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
@@ -136,6 +134,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         state = checkpointer.restore(abstract, data.iterator)
         state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
         log.info("resumed from step %d", start)
+    if distributed.is_main_process():
+        run_config.save(config, workdir)
 
     draws = HostDraws(config, tables)
 
@@ -169,4 +169,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
 
 
 if __name__ == "__main__":
-    cli.run(cli.train_main(__doc__, train))
+    cli.run(cli.train_main(__doc__, train, ("model", "data", "losses", "degradation_prob"),
+                           "a tokenizer training config (e.g. configs/tokenizer_fashion_mnist.py)"))

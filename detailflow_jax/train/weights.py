@@ -23,11 +23,16 @@ from jax.sharding import Mesh
 
 from detailflow_jax import sharding
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import load_config_file
 from detailflow_jax.convert.params_io import restore_params
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.model import abstract_params
 from detailflow_jax.train.checkpoint import Checkpointer
+
+
+# A model field only that kind of model has: tells an AR work directory from a tokenizer one.
+_MODEL_MARKER = {"gpt": "n_layer", "tokenizer": "num_latent_tokens"}
 
 
 def is_training_workdir(path: str) -> bool:
@@ -51,10 +56,15 @@ def model_section(path: str, config_spec: str | None, what: str) -> ml_collectio
     if config_spec:
         return load_config_file(config_spec).model
     if is_training_workdir(path):
-        return workdir_config(path).model
+        model = workdir_config(path).model
+        if _MODEL_MARKER[what] not in model:
+            other = next((k for k, field in _MODEL_MARKER.items() if field in model), "different")
+            raise ConfigError(f"{path} is a {other} training work directory; pass a {what} work "
+                              f"directory (or a converted {what} parameter directory) as --{what}")
+        return model
     example = "configs/gpt.py:L/128" if what == "gpt" else "configs/tokenizer.py:DF-16"
-    raise ValueError(f"{path} is a converted {what} parameter directory: pass its model config as well "
-                     f"(--{what}_config FILE.py:ARG, e.g. {example})")
+    raise ConfigError(f"{path} is a converted {what} parameter directory: pass its model config "
+                      f"as well (--{what}_config FILE.py:ARG, e.g. {example})")
 
 
 def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = None) -> Any:

@@ -1,0 +1,125 @@
+"""Mistakes on the command line end with one line `error: ...` (exit status 2), never a traceback,
+and leave what is already in the work directory as it was. Each case runs the real command in a
+fresh process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tokenizer_fashion_mnist
+from detailflow_jax.cli_errors import EXIT_STATUS, VERBOSE_ENV
+from detailflow_jax.train import tokenizer as tokenizer_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+SMOKE = os.path.join(CONFIGS, "tokenizer_fashion_mnist.py:smoke")
+AR_SMOKE = os.path.join(CONFIGS, "ar_fashion_mnist.py:smoke")
+TRAIN_TOKENIZER = "detailflow_jax.train.tokenizer"
+
+
+def run(module: str, *args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit status 2, no traceback, and the last stderr line is the message (lines before it may
+    be a progress bar or logs)."""
+    assert proc.returncode == EXIT_STATUS, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def tree_hashes(path: str) -> dict[str, str]:
+    out = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), path)] = \
+                    hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_workdir(tmp_path_factory):
+    """A finished 3-step smoke run of the tokenizer trainer."""
+    workdir = str(tmp_path_factory.mktemp("tok"))
+    config = tokenizer_fashion_mnist.get_config("smoke")
+    config.total_steps = 3
+    tokenizer_train.train(config, workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("config, message", [
+    (os.path.join(CONFIGS, "no_such_file.py"), "no_such_file.py"),
+    (os.path.join(CONFIGS, "tokenizer_fashion_mnist.py:nonsense"),
+     "unknown config flag 'nonsense'"),
+    (AR_SMOKE, "is not a tokenizer training config"),
+], ids=["missing_file", "unknown_argument", "ar_config"])
+def test_a_config_that_does_not_fit_is_one_line(tmp_path, config, message):
+    proc = run(TRAIN_TOKENIZER, "--config", config, "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(proc, message)
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_verbose_adds_the_traceback(tmp_path):
+    proc = run(TRAIN_TOKENIZER, "--config", AR_SMOKE, "--workdir", str(tmp_path), "--verbose")
+    assert proc.returncode == EXIT_STATUS
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_file_as_workdir_is_one_line_and_left_alone(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(file))
+    assert_one_line_error(proc, "is a file")
+    assert file.read_text() == "keep me"
+
+
+def test_help_shows_config_and_workdir_from_any_directory(tmp_path):
+    proc = run(TRAIN_TOKENIZER, "--help", cwd=str(tmp_path))
+    assert "--config:" in proc.stdout and "--workdir:" in proc.stdout, proc.stdout
+
+
+def test_resume_with_another_model_size_is_refused_before_touching_the_workdir(tokenizer_workdir):
+    before = tree_hashes(tokenizer_workdir)
+    proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", tokenizer_workdir,
+               "--config.total_steps=3", "--config.model.encoder.width=64")
+    assert_one_line_error(proc, "trained with model.encoder.width=32, you asked for 64")
+    assert tree_hashes(tokenizer_workdir) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "is a tokenizer training work directory"),
+    (("--num_per_class", "0"), "--num_per_class=0"),
+])
+def test_sample_refuses_a_tokenizer_workdir_and_zero_samples(tokenizer_workdir, tmp_path, args,
+                                                             message):
+    before = tree_hashes(tokenizer_workdir)
+    proc = run("detailflow_jax.eval.sample", "--gpt", tokenizer_workdir,
+               "--out", str(tmp_path / "s"), *args)
+    assert_one_line_error(proc, message)
+    assert tree_hashes(tokenizer_workdir) == before
+
+
+def test_a_diverged_run_is_one_line_and_keeps_the_last_checkpoint(tokenizer_workdir):
+    """Resumed at step 3 with an absurd learning rate: step 5's losses are NaN, so it is not
+    saved (checkpoints come every 3 steps and at the end)."""
+    checkpoints = os.path.join(tokenizer_workdir, "checkpoints")
+    before = tree_hashes(checkpoints)
+    proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", tokenizer_workdir,
+               "--config.total_steps=5", "--config.optim.lr=1e30")
+    assert_one_line_error(proc, "non-finite values at step 5")
+    assert "total_steps 3 -> 5" in proc.stderr  # a resume lists its changed settings
+    assert tree_hashes(checkpoints) == before
