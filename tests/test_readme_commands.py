@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_COMMAND = re.compile(r"python -m (detailflow_jax\.[\w.]+)((?:[^`\n]|\\\n)*)")
+_COMMAND = re.compile(r"python -m (detailflow_jax\.[\w.]+)((?:\\\n|[^`\n])*)")
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
