@@ -62,6 +62,9 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.degradation_prob = 0.2
     c.self_correction = True
     c.rounding = "ceil"          # decoder canvas rounding: "ceil" (official code) or "nearest" (paper)
+    # Official --finetune-decoder: only the decoder and post_quant_conv train; the encoder, quant_conv, codebook,
+    # refine_conv and the alignment projection keep their values and get no optimiser state.
+    c.finetune_decoder_only = False
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.95, warmup_steps=5_004, warmup_lr=1e-5, min_lr=1e-5, clip_norm=1.0))
     c.losses = ml_collections.ConfigDict(dict(

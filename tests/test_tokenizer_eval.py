@@ -6,6 +6,7 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,7 +92,9 @@ def test_curve_covers_every_admissible_token_count(tiny_tokenizer):
     evaluator = ReconstructionEvaluator(cfg)
     images = jax.random.uniform(jax.random.key(1), (8, 64, 64, 3), minval=-1, maxval=1)
     keep = np.arange(8) < 6
-    rows = tokenizer_eval.evaluate_tokenizer(evaluator, params, [(images, keep)], progress=False)
+    rows, noisy = tokenizer_eval.evaluate_tokenizer(evaluator, params, [(images, keep)],
+                                                    progress=False)
+    assert noisy == []
     assert [r["tokens"] for r in rows] == evaluator.tables.token_counts == [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
     assert [r["canvas"] for r in rows] == [evaluator.tables.canvas[t] for t in evaluator.tables.token_counts]
     full = rows[-1]
@@ -108,15 +111,27 @@ def test_command_end_to_end(tiny_tokenizer, tmp_path, large_fixtures, capsys):
     save_params(tmp_path / "tok", params)
     inception = large_fixtures / "fid_inception" / "inception_state_dict_fp16.npz"
     out = tmp_path / "eval"
-    rows = tokenizer_eval.main([
+    rows, noisy = tokenizer_eval.main([
         "--tokenizer", str(tmp_path / "tok"), "--tokenizer_config", "configs/tokenizer.py:tiny",
         "--data", "synthetic", "--image_size", "64", "--inception", str(inception), "--out", str(out),
-        "--num_images", "6", "--batch_size", "8", "--token_counts", "4,32", "--official_ssim"])
+        "--num_images", "6", "--batch_size", "8", "--token_counts", "4,32", "--official_ssim",
+        "--noisy_eval"])
     printed = capsys.readouterr().out
     assert "tokens  canvas" in printed and "data_range=2.0" in printed
+    assert "noise_idx  tokens  canvas" in printed
 
     saved = json.loads((out / "tokenizer_eval.json").read_text())
     assert saved["curve"] == rows and [r["tokens"] for r in rows] == [4, 32]
+    assert saved["noisy"] == noisy and saved["settings"]["noisy_eval"]
+    # N = 32, g = C = 4: M = 8 groups; inside the causal prefix the noise covers one token.
+    assert [r["noise_idx"] for r in noisy] == [-1, 0, 8, 16, 24, 28]
+    assert [r["noise_end"] for r in noisy] == [None, 1, 12, 20, 28, 32]
+    clean = {k: v for k, v in noisy[0].items() if k in ("psnr", "ssim", "rfid")}
+    assert clean == {k: rows[1][k] for k in clean}  # noise at -1: the clean all-token row
+    for r in noisy[1:]:
+        assert r["rfid"] > 0 and np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 and r["tokens"] == 32
+    with Image.open(out / "tokenizer_noisy.png") as png:
+        assert png.size == (3 * 380, 324)
     assert saved["settings"]["num_images"] == 6 and saved["settings"]["official_ssim"]
     assert "data_range=2.0" in saved["ssim_note"]
     for r in rows:
@@ -125,3 +140,36 @@ def test_command_end_to_end(tiny_tokenizer, tmp_path, large_fixtures, capsys):
         assert png.size == (3 * 380, 324)
         colours = np.unique(np.asarray(png.convert("RGB")).reshape(-1, 3), axis=0)
         assert len(colours) > 3  # curves in colour, not only black axes on white
+
+
+@pytest.mark.parametrize("n,g", [(32, 4), (128, 8), (256, 8), (512, 8), (64, 16), (16, 8)])
+def test_noisy_eval_indices_follow_the_official_formula(n, g):
+    m = n // g
+    official = [-1] + [i * g for i in [0, m // 4, m // 4 * 2, m // 4 * 3, m - 1]]
+    assert tokenizer_eval.noisy_eval_indices(n, g) == list(dict.fromkeys(official))
+    assert tokenizer_eval.noisy_eval_indices(128, 8) == [-1, 0, 32, 64, 96, 120]
+    assert tokenizer_eval.noisy_eval_indices(16, 8) == [-1, 0, 8]  # M = 2: the repeated 0 once
+
+
+def test_noisy_encode_keeps_the_prefix_and_perturbs_from_the_noise_index(tiny_tokenizer):
+    cfg, params = tiny_tokenizer
+    evaluator = ReconstructionEvaluator(cfg)
+    codebook = np.asarray(evaluator.model.apply(
+        {"params": params}, jnp.arange(cfg.codebook_size)[None],
+        method=lambda m, c: m.quantizer.lookup(c)))[0]
+
+    def codes(quant):  # straight-through quant = its codebook row to a few ulp; rows are far apart
+        return np.argmin(((np.asarray(quant)[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+
+    images = jax.random.uniform(jax.random.key(3), (8, 64, 64, 3), minval=-1, maxval=1)
+    clean = codes(evaluator.encode(params, images))
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(codes(evaluator.encode_noisy(params, images, -1, 0, key)), clean)
+    for start, end in [(0, 1), (8, 12), (28, 32)]:
+        noisy = codes(evaluator.encode_noisy(params, images, np.int32(start), np.int32(end), key))
+        np.testing.assert_array_equal(noisy[:, :start], clean[:, :start])  # clean prefix kept
+        # Random codes from the top-50 of 64 rarely hit the nearest one.
+        assert (noisy[:, start:end] != clean[:, start:end]).mean() > 0.5
+    with pytest.raises(ValueError, match="outside"):
+        tokenizer_eval.evaluate_tokenizer(evaluator, params, [(images, np.ones(8, bool))],
+                                          counts=[32], noise_idxs=[32], progress=False)

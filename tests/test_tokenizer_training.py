@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import tokenizer_fashion_mnist
@@ -146,3 +147,35 @@ def test_command_line_rejects_unknown_keys_and_wrong_types(tmp_path, override, m
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_finetune_decoder_only_moves_only_the_decoder():
+    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr": 3e-3,
+                            "finetune_decoder_only": True})
+    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    state, shardings = trainer.init(0, {})
+    before = jax.tree.map(np.asarray, state["params"])
+    images = jax.device_put(_batch(config), sharding.batch_sharding(trainer.mesh, 4))
+    state, _ = _run_steps(trainer, state, shardings, images, 3)
+    after = jax.tree.map(np.asarray, state["params"])
+    trained = {"decoder", "post_quant_conv"}
+    assert trained < set(before) and {"encoder", "quant_conv", "quantizer", "refine_conv"} <= set(before)
+    for part in before:
+        same = jax.tree.leaves(jax.tree.map(np.array_equal, before[part], after[part]))
+        if part in trained:
+            assert not any(same), f"{part}: some parameters did not move"
+        else:
+            assert all(same), f"{part}: frozen parameters moved"
+    # Adam moments exist for the trained parts only (the frozen ones have no optimiser state, as in PyTorch).
+    moments = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
+    trained_size = sum(x.size for p in trained for x in jax.tree.leaves(before[p]))
+    assert moments == 2 * trained_size
+
+
+def test_finetune_decoder_only_freezes_the_alignment_projection():
+    from detailflow_jax.train.tokenizer_step import _is_decoder_param
+    tree = {"tokenizer": {"decoder": jnp.ones(2), "encoder": jnp.ones(2)}, "align_proj": {"w": jnp.ones(2)}}
+    tx = optim.train_only(optax.sgd(1.0), _is_decoder_param)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
+    assert float(updates["tokenizer"]["decoder"][0]) == -1.0
+    assert float(updates["tokenizer"]["encoder"][0]) == 0.0 and float(updates["align_proj"]["w"][0]) == 0.0

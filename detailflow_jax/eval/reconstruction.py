@@ -11,7 +11,7 @@ import numpy as np
 
 from detailflow_jax import distributed
 from detailflow_jax.nn.resample import bicubic_resize
-from detailflow_jax.tokenizer.model import DetailFlowTokenizer
+from detailflow_jax.tokenizer.model import DetailFlowTokenizer, corrected_quant
 from detailflow_jax.tokenizer.resolution import ResolutionTables
 
 
@@ -34,6 +34,16 @@ class ReconstructionEvaluator:
     @functools.partial(jax.jit, static_argnums=0)
     def encode(self, params, images):
         return self.model.apply({"params": params}, images, method="encode")["quant"]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def encode_noisy(self, params, images, noise_idx, noise_end, rng):
+        """quant of the official eval-mode forward with ``noise_idx``: codes [noise_idx, noise_end)
+        drawn from each token's top-k nearest, the rest re-encoded after them
+        (``DetailFlowTokenizer.self_correct``); the clean quant when noise_idx < 0. The positions
+        are traced: one compile serves every noise index."""
+        sc = self.model.apply({"params": params}, images, noise_idx, noise_end, rng=rng,
+                              method="self_correct")
+        return corrected_quant(sc)
 
     @functools.partial(jax.jit, static_argnums=(0, 4))
     def decode_and_score(self, params, quant, images, canvas, t):

@@ -4,7 +4,8 @@ admissible t, on the validation split.
     python -m detailflow_jax.eval.tokenizer_eval --tokenizer workdir/tok --inception INCEPTION --out DIR
     python -m detailflow_jax.eval.tokenizer_eval --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 \
         --data_config configs/tokenizer_imagenet.py:DF-16 --data_dir /data/tfds --inception INCEPTION --out DIR \
-        [--num_images 50000] [--batch_size 64] [--token_counts 8,64,128] [--official_ssim]
+        [--num_images 50000] [--batch_size 64] [--token_counts 8,64,128] [--official_ssim] \
+        [--noisy_eval]
 
 Data: ``--data_config FILE.py:ARG`` (its ``data`` section), else the tokenizer work directory's own config; the
 ``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are ADM
@@ -21,8 +22,18 @@ full size R (``ReconstructionEvaluator``) and scored:
     centre-cropped images (the ImageNet-val convention of peer tokenizers; the official script uses torchmetrics,
     whose Inception input matches ``--preprocess adm``).
 
-Writes DIR/tokenizer_eval.json (settings + one row per t), DIR/tokenizer_curve.png (PSNR, SSIM and rFID against t)
-and prints the table. Each t keeps a 2048x2048 float64 covariance (32 MiB): all 71 counts of N = 512 need 2.3 GiB;
+``--noisy_eval`` adds the official robustness sweep (``reconstruct_vq.py --noisy-eval``): all N
+tokens decoded after the self-correction encode with the codes at one noise index replaced by random
+top-k codes and the rest re-encoded after them, for the indices of ``noisy_eval_indices`` (-1 =
+clean). It is off by default (the official default is on): the official script scores only t = N,
+here the default is the whole curve, and each noise index costs about two encoder passes and a
+full-size decode per image, which roughly doubles a full-curve run and multiplies a
+``--token_counts N`` run several times.
+
+Writes DIR/tokenizer_eval.json (settings, one row per t under "curve", one per noise index under
+"noisy"), DIR/tokenizer_curve.png (PSNR, SSIM and rFID against t), with the sweep
+DIR/tokenizer_noisy.png (against the noise index), and prints the tables.
+Each t keeps a 2048x2048 float64 covariance (32 MiB): all 71 counts of N = 512 need 2.3 GiB;
 pass ``--token_counts`` to evaluate fewer.
 """
 
@@ -51,6 +62,7 @@ from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES
 from detailflow_jax.eval.metrics import RunningStats
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
+from detailflow_jax.tokenizer.degradation import noise_span_at
 
 METRICS = ("psnr", "ssim", "rfid")
 STANDARD_SSIM_NOTE = ("SSIM: standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1] images "
@@ -73,61 +85,111 @@ def _ssim_inputs(recon_u8: jax.Array, images: jax.Array) -> tuple[jax.Array, jax
     return recon_u8.astype(jnp.float32) / 255.0, (images.astype(jnp.float32) + 1.0) / 2.0
 
 
-class CurveAccumulator:
-    """Per token count: PSNR and SSIM per image, and (with an extractor) streamed Inception statistics."""
+def noisy_eval_indices(num_tokens: int, group_size: int) -> list[int]:
+    """The official robustness sweep (``reconstruct_vq.py --noisy-eval``): -1 (clean), then the
+    first token of the groups 0, M/4, M/2, 3M/4 and M-1 (M = N / g groups); repeats, possible when
+    M < 4, are dropped."""
+    m = num_tokens // group_size
+    groups = (0, m // 4, m // 4 * 2, m // 4 * 3, m - 1)
+    return list(dict.fromkeys([-1] + [i * group_size for i in groups]))
 
-    def __init__(self, counts: Sequence[int], with_fid: bool):
-        self.counts = list(counts)
-        self.psnr = {t: [] for t in self.counts}
-        self.ssim = {t: [] for t in self.counts}
+
+class MetricAccumulator:
+    """Per key (token count or noise index): PSNR and SSIM per image, and (with an extractor)
+    streamed Inception statistics against the shared statistics of the real images."""
+
+    def __init__(self, keys: Sequence[int], with_fid: bool):
+        self.psnr = {k: [] for k in keys}
+        self.ssim = {k: [] for k in keys}
         self.real = RunningStats(POOL_DIM) if with_fid else None
-        self.recon = {t: RunningStats(POOL_DIM) for t in self.counts} if with_fid else None
+        self.recon = {k: RunningStats(POOL_DIM) for k in keys} if with_fid else None
 
-    def rows(self, canvas: dict[int, int]) -> list[dict]:
-        out = []
-        for t in self.counts:
-            rfid = None
-            if self.recon is not None and self.real.count >= 2:
-                rfid = fid_between(self.recon[t], self.real)
-            out.append({"tokens": t, "canvas": canvas[t], "psnr": float(np.mean(np.concatenate(self.psnr[t]))),
-                        "ssim": float(np.mean(np.concatenate(self.ssim[t]))), "rfid": rfid})
-        return out
+    def add(self, key: int, scores: tuple, keep: np.ndarray) -> None:
+        psnr, ssim, pool = scores
+        self.psnr[key].append(psnr[keep])
+        self.ssim[key].append(ssim[keep])
+        if pool is not None:
+            self.recon[key].update(pool[keep])
+
+    def metrics(self, key: int) -> dict:
+        rfid = None
+        if self.recon is not None and self.real.count >= 2:
+            rfid = fid_between(self.recon[key], self.real)
+        return {"psnr": float(np.mean(np.concatenate(self.psnr[key]))),
+                "ssim": float(np.mean(np.concatenate(self.ssim[key]))), "rfid": rfid}
+
+
+def _score(evaluator: ReconstructionEvaluator, params, quant, images, t: int, extractor,
+           ssim_settings) -> tuple:
+    """Host (psnr, ssim, Inception pool or None) per image of the reconstruction from the first t
+    tokens."""
+    psnr, recon = evaluator.decode_and_score(params, quant, images, evaluator.tables.canvas[t], t)
+    recon_u8 = _recon_to_uint8(recon)
+    ssim = ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings)
+    pool = None if extractor is None else distributed.to_host(extractor(recon_u8)["pool"])
+    return distributed.to_host(psnr), distributed.to_host(ssim), pool
 
 
 def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches: Iterable[tuple[jax.Array, Any]],
                        extractor: Callable | None = None, counts: Sequence[int] | None = None,
                        ssim_settings: ssim_lib.SSIMSettings = ssim_lib.STANDARD, total: int | None = None,
-                       progress: bool = True) -> list[dict]:
-    """One row {tokens, canvas, psnr, ssim, rfid} per token count (default: every admissible count).
+                       progress: bool = True, noise_idxs: Sequence[int] = (),
+                       seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(curve, noisy): one row {tokens, canvas, psnr, ssim, rfid} per token count (default: every
+    admissible count), and one row {noise_idx, noise_end, tokens, canvas, psnr, ssim, rfid} per
+    ``noise_idxs`` entry: all N tokens decoded after the official self-correction encode with noise
+    at that index (-1: clean; see ``noisy_eval_indices``), the noisy codes drawn from ``seed``.
 
     ``batches`` yields (images, keep): global (B, R, R, 3) arrays in [-1, 1] and a (B,) bool mask of the real rows
     (padding is dropped from every statistic); see ``padded_global_batches``. Without an ``extractor`` rFID is None.
     """
     tables = evaluator.tables
+    cfg = evaluator.model.cfg
+    n = tables.num_tokens
     counts = list(tables.token_counts if counts is None else counts)
     bad = [t for t in counts if t not in tables.canvas]
     if bad:
         raise ConfigError(f"token counts {bad} are not admissible; choose from {tables.token_counts}")
-    acc = CurveAccumulator(counts, with_fid=extractor is not None)
+    bad = [i for i in noise_idxs if not -1 <= i < n]
+    if bad:
+        raise ConfigError(f"noise indices {bad} are outside [-1, {n}): -1 is clean, else a token "
+                          "position")
+    spans = {i: noise_span_at(i, cfg.group_size, cfg.causal_num) for i in noise_idxs}
+    curve = MetricAccumulator(counts, with_fid=extractor is not None)
+    noisy = MetricAccumulator(spans, with_fid=extractor is not None)
+    noisy.real = curve.real  # one set of real-image statistics for every row
+    key = jax.random.key(seed)
     bar = tqdm(total=total, desc="tokenizer eval", unit="img", disable=not (progress and
                distributed.is_main_process()), dynamic_ncols=True)
-    for images, keep in batches:
+    num_batches = 0
+    for b, (images, keep) in enumerate(batches):
         keep = np.asarray(keep, bool)
+        num_batches += 1
         quant = evaluator.encode(params, images)
         if extractor is not None:
-            acc.real.update(distributed.to_host(extractor(_real_to_uint8(images))["pool"])[keep])
+            curve.real.update(distributed.to_host(extractor(_real_to_uint8(images))["pool"])[keep])
+        score = functools.partial(_score, evaluator, params, images=images, extractor=extractor,
+                                  ssim_settings=ssim_settings)
+        scored = {t: score(quant, t=t) for t in counts}
         for t in counts:
-            psnr, recon = evaluator.decode_and_score(params, quant, images, tables.canvas[t], t)
-            recon_u8 = _recon_to_uint8(recon)
-            acc.psnr[t].append(distributed.to_host(psnr)[keep])
-            acc.ssim[t].append(distributed.to_host(ssim_lib.ssim(*_ssim_inputs(recon_u8, images), ssim_settings))[keep])
-            if extractor is not None:
-                acc.recon[t].update(distributed.to_host(extractor(recon_u8)["pool"])[keep])
+            curve.add(t, scored[t], keep)
+        for i, (start, end) in spans.items():
+            if i < 0:  # clean: the official plain encode
+                scores = scored[n] if n in scored else score(quant, t=n)
+            else:
+                q = evaluator.encode_noisy(params, images, np.int32(start), np.int32(end),
+                                           jax.random.fold_in(jax.random.fold_in(key, b), i))
+                scores = score(q, t=n)
+            noisy.add(i, scores, keep)
         bar.update(int(keep.sum()))
     bar.close()
-    if not acc.psnr[counts[0]]:
+    if not num_batches:
         raise ValueError("the evaluation data yielded no images")
-    return acc.rows(tables.canvas)
+    curve_rows = [dict(tokens=t, canvas=tables.canvas[t], **curve.metrics(t)) for t in counts]
+    noisy_rows = [dict(noise_idx=i, noise_end=end if i >= 0 else None, tokens=n,
+                       canvas=tables.canvas[n], **noisy.metrics(i))
+                  for i, (_, end) in spans.items()]
+    return curve_rows, noisy_rows
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -180,13 +242,18 @@ def resolve_data_config(tokenizer: str, data_config: str | None, overrides: dict
 
 # ---- outputs -----------------------------------------------------------------------------------------------------
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], key: str = "tokens") -> str:
+    """The curve (key "tokens") or the noisy sweep (key "noise_idx", -1 = clean) as a text table."""
     def fmt(v, digits):
         return "n/a" if v is None else f"{v:.{digits}f}"
 
-    lines = [f"{'tokens':>6}  {'canvas':>6}  {'PSNR':>7}  {'SSIM':>6}  {'rFID':>8}"]
-    lines += [f"{r['tokens']:6d}  {r['canvas']:6d}  {fmt(r['psnr'], 2):>7}  {fmt(r['ssim'], 4):>6}  "
-              f"{fmt(r['rfid'], 3):>8}" for r in rows]
+    ints = ["tokens", "canvas"] if key == "tokens" else [key, "tokens", "canvas"]
+    widths = [max(6, len(c)) for c in ints]
+    head = "  ".join(f"{c:>{w}}" for c, w in zip(ints, widths))
+    lines = [head + f"  {'PSNR':>7}  {'SSIM':>6}  {'rFID':>8}"]
+    lines += ["  ".join(f"{r[c]:{w}d}" for c, w in zip(ints, widths))
+              + f"  {fmt(r['psnr'], 2):>7}  {fmt(r['ssim'], 4):>6}  {fmt(r['rfid'], 3):>8}"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -204,9 +271,11 @@ def _tick_label(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 10 or v == int(v) else f"{v:.2g}"
 
 
-def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
-    """One panel per metric (PSNR, SSIM, rFID) against the token count on a log2 axis, drawn with PIL."""
-    panels = [(m, [(r["tokens"], r[m]) for r in rows if r[m] is not None]) for m in METRICS]
+def plot_curves(rows: list[dict], path: str, title: str = "", x_key: str = "tokens") -> None:
+    """One panel per metric (PSNR, SSIM, rFID), drawn with PIL: against the token count on a log2
+    axis, or (x_key "noise_idx") against the noise index on a linear axis ticked at each index."""
+    log_x = x_key == "tokens"
+    panels = [(m, [(r[x_key], r[m]) for r in rows if r[m] is not None]) for m in METRICS]
     panels = [(m, pts) for m, pts in panels if pts]
     width, height, margin = 380, 300, dict(left=62, right=16, top=34, bottom=48)
     canvas = Image.new("RGB", (width * len(panels), height + (24 if title else 0)), "white")
@@ -218,8 +287,9 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
         top_offset = 24
     names = {"psnr": "PSNR (dB)", "ssim": "SSIM", "rfid": "rFID"}
     colours = {"psnr": (31, 119, 180), "ssim": (44, 160, 44), "rfid": (214, 39, 40)}
-    tokens = [r["tokens"] for r in rows]
-    x_lo, x_hi = math.log2(min(tokens)), math.log2(max(tokens))
+    tokens = [r[x_key] for r in rows]
+    scale = math.log2 if log_x else float
+    x_lo, x_hi = scale(min(tokens)), scale(max(tokens))
     x_hi = x_hi if x_hi > x_lo else x_lo + 1
     for i, (metric, points) in enumerate(panels):
         x0, y0 = i * width + margin["left"], top_offset + margin["top"]
@@ -229,7 +299,7 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
         y_lo, y_hi = ticks[0], ticks[-1]
 
         def to_px(t, v):
-            px = x0 + (math.log2(t) - x_lo) / (x_hi - x_lo) * (x1 - x0)
+            px = x0 + (scale(t) - x_lo) / (x_hi - x_lo) * (x1 - x0)
             py = y1 - (v - y_lo) / (y_hi - y_lo) * (y1 - y0)
             return px, py
 
@@ -238,12 +308,16 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
             draw.line([x0 - 4, py, x0, py], fill="black")
             draw.line([x0 + 1, py, x1 - 1, py], fill=(230, 230, 230))
             draw.text((x0 - 6, py), _tick_label(v), fill="black", font=font, anchor="rm")
-        for p in range(math.ceil(x_lo), math.floor(math.log2(max(tokens))) + 1):
-            px, _ = to_px(2 ** p, y_lo)
+        last = math.floor(scale(max(tokens)))
+        x_ticks = [2 ** p for p in range(math.ceil(x_lo), last + 1)] if log_x else tokens
+        for x in x_ticks:
+            px, _ = to_px(x, y_lo)
             draw.line([px, y1, px, y1 + 4], fill="black")
-            draw.text((px, y1 + 6), str(2 ** p), fill="black", font=font, anchor="mt")
-        draw.text(((x0 + x1) / 2, y1 + 22), "tokens (log scale)", fill="black", font=font, anchor="mt")
-        draw.text(((x0 + x1) / 2, y0 - 8), f"{names[metric]} vs tokens", fill="black", font=font, anchor="mb")
+            draw.text((px, y1 + 6), str(x), fill="black", font=font, anchor="mt")
+        x_name = "tokens (log scale)" if log_x else "noise index (-1 = clean)"
+        draw.text(((x0 + x1) / 2, y1 + 22), x_name, fill="black", font=font, anchor="mt")
+        heading = f"{names[metric]} vs {x_name.split(' (')[0]}"
+        draw.text(((x0 + x1) / 2, y0 - 8), heading, fill="black", font=font, anchor="mb")
         draw.rectangle([x0, y0, x1, y1], outline="black")  # after the grid lines, which would cover it
         pixels = [to_px(t, v) for t, v in points]
         if len(pixels) > 1:
@@ -253,12 +327,21 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     canvas.save(path)
 
 
-def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str) -> dict[str, str]:
+def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str,
+                  noisy: list[dict] = ()) -> dict[str, str]:
+    """tokenizer_eval.json (settings, curve, noisy), tokenizer_curve.png and, with a sweep,
+    tokenizer_noisy.png."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "tokenizer_eval.json"), "png": os.path.join(out_dir, "tokenizer_curve.png")}
     with open(paths["json"], "w") as f:
-        json.dump({"settings": settings, "ssim_note": note, "curve": rows}, f, indent=1)
-    plot_curves(rows, paths["png"], title=f"{settings.get('tokenizer', '')}  ({settings.get('num_images')} images)")
+        json.dump({"settings": settings, "ssim_note": note, "curve": rows, "noisy": list(noisy)}, f,
+                  indent=1)
+    title = f"{settings.get('tokenizer', '')}  ({settings.get('num_images')} images)"
+    plot_curves(rows, paths["png"], title=title)
+    if noisy:
+        paths["noisy_png"] = os.path.join(out_dir, "tokenizer_noisy.png")
+        plot_curves(noisy, paths["noisy_png"], title=f"{title}, all {noisy[0]['tokens']} tokens",
+                    x_key="noise_idx")
     return paths
 
 
@@ -283,6 +366,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token_counts", help="comma-separated token counts (default: every admissible count)")
     p.add_argument("--official_ssim", action="store_true",
                    help="SSIM as the official script computes it (skimage defaults, data_range=2.0)")
+    p.add_argument("--noisy_eval", action=argparse.BooleanOptionalAction, default=False,
+                   help="also the official robustness sweep: all N tokens after noise at token "
+                        "index -1 (clean), 0, g*M/4, g*M/2, g*3M/4, g*(M-1) (M = N/g groups); "
+                        "about 2 encoder passes and a full decode per index and image (skipped "
+                        "for a tokenizer trained without self-correction)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noisy codes of --noisy_eval")
     args = p.parse_args(argv)
     if args.num_images is not None and args.num_images < 1:
         p.error(f"--num_images {args.num_images}: must be at least 1")
@@ -309,6 +398,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  if is_training_workdir(args.tokenizer) else "ceil")
     evaluator = ReconstructionEvaluator(model_cfg, ResolutionTables.from_model_config(model_cfg, rounding))
     counts = [int(t) for t in args.token_counts.split(",")] if args.token_counts else None
+    noise_idxs = []
+    if args.noisy_eval:
+        noise_idxs = noisy_eval_indices(model_cfg.num_latent_tokens, model_cfg.group_size)
+    trained_clean = is_training_workdir(args.tokenizer) and not workdir_config(args.tokenizer).get(
+        "self_correction", True)
+    if noise_idxs and trained_clean:  # the official script turns the sweep off for these too
+        print("--noisy_eval skipped: this tokenizer was trained without self-correction")
+        noise_idxs = []
     extractor = None
     if args.inception:
         extractor = InceptionFeatures(load_inception_params(args.inception), mesh=mesh, preprocess=args.preprocess)
@@ -318,22 +415,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stream = make_eval_iter(data_cfg, args.batch_size, drop_remainder=False)
     total = stream.num_examples if args.num_images is None else min(args.num_images, stream.num_examples)
     start = time.perf_counter()
-    rows = evaluate_tokenizer(evaluator, params, padded_global_batches(stream, args.batch_size, mesh, args.num_images),
-                              extractor, counts, ssim_settings, total=total)
+    batches = padded_global_batches(stream, args.batch_size, mesh, args.num_images)
+    rows, noisy = evaluate_tokenizer(evaluator, params, batches, extractor, counts, ssim_settings,
+                                     total=total, noise_idxs=noise_idxs, seed=args.seed)
     seconds = time.perf_counter() - start
     stream.close()
     settings = dict(tokenizer=args.tokenizer, tokenizer_config=args.tokenizer_config, rounding=rounding,
                     data=data_cfg.to_dict(), num_images=total, batch_size=args.batch_size,
                     inception=args.inception, preprocess=args.preprocess, official_ssim=args.official_ssim,
-                    seconds=seconds, devices=jax.device_count())
+                    noisy_eval=bool(noise_idxs), seed=args.seed, seconds=seconds,
+                    devices=jax.device_count())
     if distributed.is_main_process():
-        paths = write_outputs(args.out, rows, settings, note)
+        paths = write_outputs(args.out, rows, settings, note, noisy)
         print(format_table(rows))
+        if noisy:
+            print(f"noisy eval (all {noisy[0]['tokens']} tokens, noise at noise_idx; -1 = clean):")
+            print(format_table(noisy, key="noise_idx"))
         print(note)
         if extractor is None:
             print("rFID skipped: pass --inception to compute it")
-        print(f"{total} images in {seconds:.1f} s; wrote {paths['json']} and {paths['png']}")
-    return rows
+        print(f"{total} images in {seconds:.1f} s; wrote {', '.join(paths.values())}")
+    return rows, noisy
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ def sample_noise_span(rng: np.random.Generator, t: int, group_size: int, causal_
     else:
         u = int(rng.integers(0, t - group_size))
         noise_idx = u if u < causal_num else (u // group_size) * group_size
+    return noise_span_at(noise_idx, group_size, causal_num)
+
+
+def noise_span_at(noise_idx: int, group_size: int, causal_num: int) -> NoiseSpan:
+    """The window the official ``encode_image`` perturbs from ``noise_idx``: one token inside the
+    causal prefix, else a whole group."""
     return NoiseSpan(noise_idx, noise_idx + (1 if noise_idx < causal_num else group_size))
 
 

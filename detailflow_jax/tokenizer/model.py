@@ -155,7 +155,7 @@ class DetailFlowTokenizer(nn.Module):
             recon_weight = jnp.concatenate([jnp.ones((b,)), jnp.broadcast_to(sc["active"].astype(jnp.float32),
                                                                             (b,))])
         else:
-            quant = jnp.where(sc["active"], sc["quant_sc"], sc["quant_clean"])
+            quant = corrected_quant(sc)
             recon_weight = jnp.ones((b,))
         recon = self.decode(quant, t, canvas)
         return dict(recon=recon, recon_weight=recon_weight, quant=quant,
@@ -180,6 +180,12 @@ class DetailFlowTokenizer(nn.Module):
             raise ValueError(f"noisy_codes has {codes.shape[1]} codes per image but the window "
                              f"[{noise_idx}, {noise_end}) holds {noise_end - noise_idx}")
         return jnp.zeros((codes.shape[0], n), jnp.int32).at[:, noise_idx:noise_end].set(codes)
+
+
+def corrected_quant(sc: dict[str, jax.Array]) -> jax.Array:
+    """The codes the official eval-mode forward decodes from a ``self_correct`` result: the
+    self-corrected sequence, or the clean one when noise_idx < 0."""
+    return jnp.where(sc["active"], sc["quant_sc"], sc["quant_clean"])
 
 
 # -------------------------------------------------------------------- construction helpers

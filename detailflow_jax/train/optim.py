@@ -47,3 +47,12 @@ def adamw(schedule: optax.Schedule, weight_decay: float = 0.05, b1: float = 0.9,
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(*parts, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask))
+
+
+def train_only(tx: optax.GradientTransformation, trains) -> optax.GradientTransformation:
+    """``tx`` on the leaves whose key path satisfies ``trains(path)``; the others get zero updates and no
+    optimiser state (PyTorch ``requires_grad=False``: Adam neither moves nor tracks them, and the gradient clip
+    inside ``tx`` measures only the trained gradients)."""
+    labels = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: "train" if trains(path) else "frozen", tree)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

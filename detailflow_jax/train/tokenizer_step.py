@@ -49,6 +49,14 @@ def _weighted_mean(per_sample: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def _is_decoder_param(path: tuple) -> bool:
+    """Whether a leaf of ``_trainable`` trains under finetune_decoder_only (official: names containing
+    'decoder.' or 'post_quant_conv'); the alignment projection stays frozen."""
+    keys = [getattr(k, "key", None) for k in path]
+    keys = keys[1:] if keys[0] == "tokenizer" else keys
+    return keys[0] in ("decoder", "post_quant_conv")
+
+
 @dataclasses.dataclass
 class TokenizerStep:
     """Builds the state, its shardings and the per-canvas compiled steps from a training config."""
@@ -70,6 +78,8 @@ class TokenizerStep:
                                       cfg.optim.warmup_lr, cfg.optim.min_lr)
         self.lr = lr
         self.tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
+        if cfg.get("finetune_decoder_only", False):
+            self.tx = optim.train_only(self.tx, _is_decoder_param)
         self.disc_tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         self.disc = {"none": None, "patchgan": PatchGANDiscriminator(losses.patchgan_width, losses.patchgan_layers),
                      "dino": DinoDiscriminator()}[losses.disc_type]
