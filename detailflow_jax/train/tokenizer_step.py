@@ -72,7 +72,9 @@ class TokenizerStep:
         self.disc_tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         self.disc = {"none": None, "patchgan": PatchGANDiscriminator(losses.patchgan_width, losses.patchgan_layers),
                      "dino": DinoDiscriminator()}[losses.disc_type]
-        self.lpips = LPIPS() if losses.lpips_weight > 0 else None
+        # Dropout in the LPIPS heads while training, as the official loss module (train mode) has it.
+        self.lpips = (LPIPS(dropout_rate=losses.get("lpips_dropout", 0.5)) if losses.lpips_weight > 0
+                      else None)
         self.align = losses.align_weight > 0
         self.siglip = None  # the frozen SigLIP2 tower module, sized by its weights in load_frozen()
         self._compiled: dict[int, Any] = {}
@@ -161,7 +163,7 @@ class TokenizerStep:
         losses = self.config.losses
         step1 = state["step"] + 1  # the official code counts from 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d = jax.random.split(key, 7)
+        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = jax.random.split(key, 8)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
         if self.align:  # frozen SigLIP2 features of the clean full-resolution input (no gradient)
@@ -179,7 +181,8 @@ class TokenizerStep:
                 loss = loss + out["entropy_loss"]
                 metrics["entropy_loss"] = out["entropy_loss"]
             if self.lpips is not None:
-                lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon), weight)
+                lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon, True,
+                                                     rngs={"dropout": k_lpips}), weight)
                 loss = loss + self.schedule.perceptual(step1) * lp
                 metrics["lpips"] = lp
             if self.disc is not None:
