@@ -164,6 +164,8 @@ class TokenizerStep:
         step1 = state["step"] + 1  # the official code counts from 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = jax.random.split(key, 8)
+        # The DINO discriminator draws its crop at every call (official FrozenDINOSmallNoDrop.forward).
+        k_d_real, k_d_fake, k_d_strong_real, k_d_strong_fake = jax.random.split(k_d, 4)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
         if self.align:  # frozen SigLIP2 features of the clean full-resolution input (no gradient)
@@ -211,16 +213,18 @@ class TokenizerStep:
             def discriminator_loss(disc_params):
                 variables = dict(state["disc"], params=disc_params)
                 aug = lambda k, x: diffaug.diff_augment(k, x, losses.diffaug_policy, losses.diffaug_prob)
-                real_logits, mut = self._disc_logits(variables, aug(k_real, target2), frozen, k_d)
+                real_logits, mut = self._disc_logits(variables, aug(k_real, target2), frozen, k_d_real)
                 variables = dict(variables, **mut)
-                fake_logits, mut = self._disc_logits(variables, aug(k_fake, fake), frozen, k_d)
+                fake_logits, mut = self._disc_logits(variables, aug(k_fake, fake), frozen, k_d_fake)
                 variables = dict(variables, **mut)
                 strong = {}
                 if losses.cr_weight > 0:
                     k_sr, k_sf = jax.random.split(k_strong)
                     strong_aug = lambda k, x: diffaug.diff_augment(k, x, losses.cr_policy, 1.0)
-                    strong["strong_real"], _ = self._disc_logits(variables, strong_aug(k_sr, target2), frozen, k_d)
-                    strong["strong_fake"], _ = self._disc_logits(variables, strong_aug(k_sf, fake), frozen, k_d)
+                    strong["strong_real"], _ = self._disc_logits(variables, strong_aug(k_sr, target2), frozen,
+                                                                 k_d_strong_real)
+                    strong["strong_fake"], _ = self._disc_logits(variables, strong_aug(k_sf, fake), frozen,
+                                                                 k_d_strong_fake)
                 loss, lecam, m = gan.discriminator_loss(self.schedule, step1, state["lecam"], real_logits,
                                                         fake_logits, **strong)
                 return loss, (lecam, variables, m)

@@ -1,0 +1,61 @@
+"""The discriminator side of the tokenizer step as the official code runs it: every DINO call draws its own crop,
+every train-mode call's spectral-norm power iteration and BatchNorm update is kept, and the t = 1 discriminator
+sees only the B clean reconstructions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detailflow_jax import sharding
+from detailflow_jax.losses import dino as dino_module
+from detailflow_jax.losses.discriminator import DinoDiscriminator, _l2_normalize
+from detailflow_jax.tokenizer.degradation import degradation_matrix
+from detailflow_jax.tokenizer.resolution import ResolutionTables
+from detailflow_jax.train.tokenizer_step import TokenizerStep
+from test_tokenizer_training import _batch, tiny_config
+
+# A tiny DINO discriminator whose 16-px input is smaller than the 32-px canvas, so every call may crop.
+TINY_DINO = dict(width=32, heads=2, patch=8, img_size=16, key_depths=(0,))
+
+
+def _tiny_dino_trainer(**overrides):
+    config = tiny_config(**{"losses.disc_type": "dino", "losses.disc_start": 0, **overrides})
+    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer.disc = DinoDiscriminator(**TINY_DINO)
+    x = jnp.zeros((1, 16, 16, 3))
+    frozen = {"dino": jax.jit(lambda: trainer.disc.backbone().init(jax.random.key(5), x)["params"])()}
+    state, shardings = trainer.init(0, frozen)
+    return trainer, state, shardings, frozen
+
+
+def _one_step(trainer, state, shardings, frozen, t, noise):
+    tables = ResolutionTables.from_model_config(trainer.model_cfg)
+    fn = trainer.compiled(tables.canvas[t], shardings, frozen)
+    images = _batch(trainer.config)
+    return fn(state, frozen, images, np.int32(t), jnp.asarray(degradation_matrix(t, tables)),
+              np.int32(noise[0]), np.int32(noise[1]))
+
+
+@pytest.fixture(scope="module")
+def tiny_dino_step():
+    return _tiny_dino_trainer()
+
+
+def test_every_dino_call_draws_its_own_crop(tiny_dino_step, monkeypatch):
+    trainer, state, shardings, frozen = tiny_dino_step
+    drawn = []
+    original = dino_module.crop_choice
+
+    def recording(key, *args):
+        choice = original(key, *args)
+        jax.debug.callback(lambda *c: drawn.append(tuple(int(v) for v in c)), *choice)
+        return choice
+
+    monkeypatch.setattr(dino_module, "crop_choice", recording)
+    trainer._compiled.clear()  # trace again with the recording crop_choice
+    jax.block_until_ready(_one_step(trainer, jax.tree.map(jnp.copy, state), shardings, frozen, 32, (4, 8)))
+    trainer._compiled.clear()
+    # generator call, then real, fake, strong real, strong fake: five calls, five independent draws
+    assert len(drawn) == 5, drawn
+    assert len(set(drawn)) == 5, drawn
