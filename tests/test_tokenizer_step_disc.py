@@ -59,3 +59,28 @@ def test_every_dino_call_draws_its_own_crop(tiny_dino_step, monkeypatch):
     # generator call, then real, fake, strong real, strong fake: five calls, five independent draws
     assert len(drawn) == 5, drawn
     assert len(set(drawn)) == 5, drawn
+
+
+def _power_iterations(kernel, u, n):
+    """n torch spectral-norm power iterations on the kernel as (out, in·k)."""
+    w = jnp.transpose(kernel, (2, 1, 0)).reshape(kernel.shape[2], -1)
+    for _ in range(n):
+        v = _l2_normalize(w.T @ u, 1e-12)
+        u = _l2_normalize(w @ v, 1e-12)
+    return u
+
+
+def test_every_train_mode_call_keeps_its_power_iteration(tiny_dino_step):
+    """Official: one generator-side call and four discriminator-side calls per step (``losses/vq_loss.py``), all in
+    train mode, each updating u, v in place; all five are kept."""
+    trainer, state, shardings, frozen = tiny_dino_step
+    before = jax.device_get(state["disc"])
+    new, _ = _one_step(trainer, jax.tree.map(jnp.copy, state), shardings, frozen, 32, (4, 8))
+    after = jax.device_get(new["disc"]["batch_stats"])
+    for head in before["params"]:
+        for conv in ("block_conv", "residual_conv"):  # "out" has one output: its u is ±1 at once
+            kernel = before["params"][head][conv]["kernel"]
+            u0 = before["batch_stats"][head][conv]["u"]
+            expected = _power_iterations(kernel, u0, 5)
+            assert not np.allclose(_power_iterations(kernel, u0, 2), expected, atol=1e-4)  # the test can tell
+            np.testing.assert_allclose(after[head][conv]["u"], expected, atol=1e-5, err_msg=f"{head}/{conv}")

@@ -172,6 +172,7 @@ class TokenizerStep:
             align_target = siglip_target(self._siglip(), frozen["siglip"], images)
 
         def generator_loss(trainable):
+            disc_stats = {}  # batch_stats after the discriminator's train-mode call on the reconstructions
             params = trainable["tokenizer"] if self.align else trainable
             out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
             recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
@@ -189,7 +190,7 @@ class TokenizerStep:
                 metrics["lpips"] = lp
             if self.disc is not None:
                 fake = diffaug.diff_augment(k_gen_aug, recon, losses.diffaug_policy, losses.diffaug_prob)
-                logits, _ = self._disc_logits(state["disc"], fake, frozen, k_gen_d)
+                logits, disc_stats = self._disc_logits(state["disc"], fake, frozen, k_gen_d)
                 g_adv = -_weighted_mean(jnp.mean(logits, axis=1), weight)
                 loss = loss + self.schedule.adversarial(step1) * g_adv
                 metrics["g_adv"] = g_adv
@@ -198,10 +199,10 @@ class TokenizerStep:
                 loss = loss + losses.align_weight * align
                 metrics["align_loss"] = align
             metrics["loss"] = loss
-            return loss, (metrics, recon)
+            return loss, (metrics, recon, disc_stats)
 
         trainable = self._trainable(state)
-        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(trainable)
+        (_, (metrics, recon, disc_stats)), grads = jax.value_and_grad(generator_loss, has_aux=True)(trainable)
         updates, opt = self.tx.update(grads, state["opt"], trainable)
         new = dict(self._with_trainable(state, optax.apply_updates(trainable, updates)), opt=opt, step=step1)
         metrics["lr"] = self.lr(state["step"])
@@ -211,20 +212,25 @@ class TokenizerStep:
             fake = jax.lax.stop_gradient(recon)
 
             def discriminator_loss(disc_params):
-                variables = dict(state["disc"], params=disc_params)
+                # Every train-mode call runs one power iteration and a BatchNorm update, and the official
+                # module keeps them all: the generator's call, then real, fake, strong real, strong fake.
+                variables = dict(state["disc"], **disc_stats, params=disc_params)
+
+                def logits(images, crop_key):
+                    nonlocal variables
+                    out, mut = self._disc_logits(variables, images, frozen, crop_key)
+                    variables = dict(variables, **mut)
+                    return out
+
                 aug = lambda k, x: diffaug.diff_augment(k, x, losses.diffaug_policy, losses.diffaug_prob)
-                real_logits, mut = self._disc_logits(variables, aug(k_real, target2), frozen, k_d_real)
-                variables = dict(variables, **mut)
-                fake_logits, mut = self._disc_logits(variables, aug(k_fake, fake), frozen, k_d_fake)
-                variables = dict(variables, **mut)
+                real_logits = logits(aug(k_real, target2), k_d_real)
+                fake_logits = logits(aug(k_fake, fake), k_d_fake)
                 strong = {}
                 if losses.cr_weight > 0:
                     k_sr, k_sf = jax.random.split(k_strong)
                     strong_aug = lambda k, x: diffaug.diff_augment(k, x, losses.cr_policy, 1.0)
-                    strong["strong_real"], _ = self._disc_logits(variables, strong_aug(k_sr, target2), frozen,
-                                                                 k_d_strong_real)
-                    strong["strong_fake"], _ = self._disc_logits(variables, strong_aug(k_sf, fake), frozen,
-                                                                 k_d_strong_fake)
+                    strong["strong_real"] = logits(strong_aug(k_sr, target2), k_d_strong_real)
+                    strong["strong_fake"] = logits(strong_aug(k_sf, fake), k_d_strong_fake)
                 loss, lecam, m = gan.discriminator_loss(self.schedule, step1, state["lecam"], real_logits,
                                                         fake_logits, **strong)
                 return loss, (lecam, variables, m)
