@@ -9,7 +9,9 @@ import pytest
 
 from detailflow_jax import sharding
 from detailflow_jax.losses import dino as dino_module
+from detailflow_jax.losses import gan
 from detailflow_jax.losses.discriminator import DinoDiscriminator, _l2_normalize
+from detailflow_jax.losses.patchgan import PatchGANDiscriminator
 from detailflow_jax.tokenizer.degradation import degradation_matrix
 from detailflow_jax.tokenizer.resolution import ResolutionTables
 from detailflow_jax.train.tokenizer_step import TokenizerStep
@@ -84,3 +86,45 @@ def test_every_train_mode_call_keeps_its_power_iteration(tiny_dino_step):
             expected = _power_iterations(kernel, u0, 5)
             assert not np.allclose(_power_iterations(kernel, u0, 2), expected, atol=1e-4)  # the test can tell
             np.testing.assert_allclose(after[head][conv]["u"], expected, atol=1e-5, err_msg=f"{head}/{conv}")
+
+
+def _close(got, want):
+    scale = max(float(np.abs(np.asarray(want)).max()), 1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("kind", ["dino", "patchgan"])
+def test_masked_samples_are_absent_from_the_discriminator_batch(kind):
+    """At t = 1 the official discriminator sees the B clean reconstructions alone; the project's 2B batch with a
+    zero-weight half must give the same logits for the B and the same BatchNorm statistics."""
+    b = 2
+    x = jax.random.uniform(jax.random.key(0), (b, 16, 16, 3), minval=-1, maxval=1)
+    junk = 3.0 * jax.random.normal(jax.random.key(1), (b, 16, 16, 3))
+    both, mask = jnp.concatenate([x, junk]), jnp.array([True] * b + [False] * b)
+    if kind == "dino":
+        disc = DinoDiscriminator(**TINY_DINO)
+        backbone = jax.jit(lambda: disc.backbone().init(jax.random.key(2), x)["params"])()
+        args = (backbone, True, None)
+        variables = jax.jit(lambda: disc.init(jax.random.key(3), x, backbone, False))()
+    else:
+        disc = PatchGANDiscriminator(ndf=8, n_layers=2)
+        args = (True,)
+        variables = jax.jit(lambda: disc.init(jax.random.key(3), x, False))()
+    run = jax.jit(lambda images, m: disc.apply(variables, images, *args, m, mutable=["batch_stats"]))
+    alone, stats_alone = run(x, None)
+    masked, stats_masked = run(both, mask)
+    _close(masked[:b], alone)
+    jax.tree.map(_close, stats_masked, stats_alone)
+
+
+def test_zero_weight_samples_do_not_count_in_the_discriminator_loss():
+    b, p = 3, 5
+    logits = [jax.random.normal(jax.random.key(i), (2 * b, p)) for i in range(4)]
+    weight = jnp.array([1.0] * b + [0.0] * b)
+    schedule = gan.GANSchedule(disc_start=0)
+    lecam = gan.LeCAMState(jnp.float32(0.3), jnp.float32(-0.2))
+    loss_w, lecam_w, m_w = gan.discriminator_loss(schedule, 1, lecam, *logits, weight=weight)
+    loss, lecam_b, m = gan.discriminator_loss(schedule, 1, lecam, *(x[:b] for x in logits))
+    _close(loss_w, loss)
+    jax.tree.map(_close, (lecam_w, m_w), (lecam_b, m))
+    _close(gan.hinge_g_loss(logits[0], weight), gan.hinge_g_loss(logits[0][:b]))

@@ -149,14 +149,17 @@ class TokenizerStep:
 
     # ------------------------------------------------------------------ the step
 
-    def _disc_logits(self, variables: dict, images: jax.Array, frozen: dict, key: jax.Array):
-        """Discriminator logits in train mode (batch statistics) and the updated batch_stats."""
+    def _disc_logits(self, variables: dict, images: jax.Array, frozen: dict, key: jax.Array,
+                     weight: jax.Array):
+        """Discriminator logits in train mode and the updated batch_stats. Only the samples of nonzero weight
+        enter the batch statistics: at t = 1 the official discriminator sees the B clean images alone."""
+        mask = weight > 0
         if self.config.losses.disc_type == "dino":
-            return self.disc.apply(variables, images, frozen["dino"], True, key, mutable=["batch_stats"])
+            return self.disc.apply(variables, images, frozen["dino"], True, key, mask, mutable=["batch_stats"])
         size = self.model_cfg.image_size
         if images.shape[1] != size:  # PatchGAN sees every canvas at full size, as DINO sees 224.
             images = bicubic_resize(images, (size, size))
-        return self.disc.apply(variables, images, True, mutable=["batch_stats"])
+        return self.disc.apply(variables, images, True, mask, mutable=["batch_stats"])
 
     def step(self, state: dict, frozen: dict, images: jax.Array, t: jax.Array, matrix: jax.Array,
              noise_idx: jax.Array, noise_end: jax.Array, *, canvas: int) -> tuple[dict, dict]:
@@ -190,8 +193,8 @@ class TokenizerStep:
                 metrics["lpips"] = lp
             if self.disc is not None:
                 fake = diffaug.diff_augment(k_gen_aug, recon, losses.diffaug_policy, losses.diffaug_prob)
-                logits, disc_stats = self._disc_logits(state["disc"], fake, frozen, k_gen_d)
-                g_adv = -_weighted_mean(jnp.mean(logits, axis=1), weight)
+                logits, disc_stats = self._disc_logits(state["disc"], fake, frozen, k_gen_d, weight)
+                g_adv = gan.hinge_g_loss(logits, weight)
                 loss = loss + self.schedule.adversarial(step1) * g_adv
                 metrics["g_adv"] = g_adv
             if self.align:  # token 1 of the clean half, straight-through (spec §1.8 L_align)
@@ -199,10 +202,11 @@ class TokenizerStep:
                 loss = loss + losses.align_weight * align
                 metrics["align_loss"] = align
             metrics["loss"] = loss
-            return loss, (metrics, recon, disc_stats)
+            return loss, (metrics, recon, weight, disc_stats)
 
         trainable = self._trainable(state)
-        (_, (metrics, recon, disc_stats)), grads = jax.value_and_grad(generator_loss, has_aux=True)(trainable)
+        (_, (metrics, recon, weight, disc_stats)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            trainable)
         updates, opt = self.tx.update(grads, state["opt"], trainable)
         new = dict(self._with_trainable(state, optax.apply_updates(trainable, updates)), opt=opt, step=step1)
         metrics["lr"] = self.lr(state["step"])
@@ -218,7 +222,7 @@ class TokenizerStep:
 
                 def logits(images, crop_key):
                     nonlocal variables
-                    out, mut = self._disc_logits(variables, images, frozen, crop_key)
+                    out, mut = self._disc_logits(variables, images, frozen, crop_key, weight)
                     variables = dict(variables, **mut)
                     return out
 
@@ -232,7 +236,7 @@ class TokenizerStep:
                     strong["strong_real"] = logits(strong_aug(k_sr, target2), k_d_strong_real)
                     strong["strong_fake"] = logits(strong_aug(k_sf, fake), k_d_strong_fake)
                 loss, lecam, m = gan.discriminator_loss(self.schedule, step1, state["lecam"], real_logits,
-                                                        fake_logits, **strong)
+                                                        fake_logits, **strong, weight=weight)
                 return loss, (lecam, variables, m)
 
             (d_loss, (lecam, variables, d_metrics)), d_grads = jax.value_and_grad(
