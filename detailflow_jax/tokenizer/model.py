@@ -14,7 +14,8 @@ Training forward (``__call__``, spec §1.7): clean pass + self-correction re-enc
 batch from the first t tokens at ``canvas``. For t = 1 the official code does no self-correction; here the 2B
 graph still runs (one compiled graph for every t): pass ``noise_idx = -1`` and the self-corrected half gets
 ``recon_weight`` 0 and codebook-loss weight 0, so the losses equal the official clean-only ones as long as the
-pixel losses are weighted per sample with ``recon_weight`` (sum(w·loss) / sum(w)).
+pixel losses are weighted per sample with ``recon_weight`` (sum(w·loss) / sum(w)) and the discriminator leaves the
+zero-weight half out of its batch (train/tokenizer_step.py masks it).
 """
 
 from __future__ import annotations
