@@ -108,7 +108,8 @@ class DiscHead(nn.Module):
         return nn.leaky_relu(h, 0.2)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, sample_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool,
+                 sample_mask: jax.Array | None = None) -> jax.Array:
         mask = None if sample_mask is None else sample_mask[:, None, None]
         h = self._block(x.astype(jnp.float32), train, 1, "block", mask)
         h = (h + self._block(h, train, self.kernel_size, "residual", mask)) * (1 / np.sqrt(2))
@@ -146,11 +147,12 @@ class DinoDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, backbone_params: Any, train: bool,
-                 crop_key: jax.Array | None = None, sample_mask: jax.Array | None = None) -> jax.Array:
+                 crop_key: jax.Array | None = None,
+                 sample_mask: jax.Array | None = None) -> jax.Array:
         images = dino_preprocess(x, self.img_size, crop_key, self.crop_prob, self.x_scale, self.x_shift)
         acts = self.backbone().apply({"params": backbone_params}, images)
-        heads = [DiscHead(self.kernel_size, self.norm_eps, self.dtype, self.param_dtype, name=f"head_{i}")
-                 for i in range(len(acts))]
+        heads = [DiscHead(self.kernel_size, self.norm_eps, self.dtype, self.param_dtype,
+                          name=f"head_{i}") for i in range(len(acts))]
         logits = [head(a, train, sample_mask) for head, a in zip(heads, acts)]
         return jnp.concatenate(logits, axis=1)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 
 def sample_mean(x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
-    """Mean of x (B, …) over the samples of nonzero ``weight`` (B,), weighted; the plain mean without weights."""
+    """Mean of x (B, …) over the samples of nonzero ``weight`` (B,), weighted; without it the plain mean."""
     x = x.astype(jnp.float32)
     if weight is None:
         return jnp.mean(x)
@@ -29,7 +29,8 @@ def sample_mean(x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
     return jnp.sum(jnp.where(w > 0, x, 0.0) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array,
+                 weight: jax.Array | None = None) -> jax.Array:
     """0.5 * (mean relu(1 - D(real)) + mean relu(1 + D(fake)))."""
     real = sample_mean(jax.nn.relu(1.0 - logits_real.astype(jnp.float32)), weight)
     fake = sample_mean(jax.nn.relu(1.0 + logits_fake.astype(jnp.float32)), weight)

@@ -47,7 +47,8 @@ class PatchGANDiscriminator(nn.Module):
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True, sample_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True,
+                 sample_mask: jax.Array | None = None) -> jax.Array:
         """``sample_mask`` (B,) bool: only those samples enter the train-mode BatchNorm statistics."""
         if self.n_layers < 1:
             raise ValueError(f"PatchGAN n_layers must be >= 1, got {self.n_layers}")

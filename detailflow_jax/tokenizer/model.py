@@ -128,10 +128,11 @@ class DetailFlowTokenizer(nn.Module):
         losses = dict(vq_loss=w_clean * vq_c + w_sc * vq_s, commit_loss=w_clean * commit_c + w_sc * commit_s,
                       codebook_usage=usage, code_histogram=code_histogram(qc.codes, cfg.codebook_size))
         if cfg.entropy_loss_ratio > 0:  # a (B, N, K) softmax: skipped at the released weight 0
-            # Unlike vq/commit, the official entropy term of the corrected pass takes all N positions.
+            # Unlike vq/commit, the official entropy of the corrected pass takes all N positions.
             every = jnp.ones((n,), bool)
             losses["entropy_loss"] = cfg.entropy_loss_ratio * (
-                w_clean * entropy_loss(qc.distances, every) + w_sc * entropy_loss(q2.distances, every))
+                w_clean * entropy_loss(qc.distances, every)
+                + w_sc * entropy_loss(q2.distances, every))
         return dict(pre_quant=pre_quant, pre_quant_sc=pre_quant_sc, quant_clean=qc.quant, quant_sc=quant_sc,
                     clean=qc.codes, input=idx_input, label=idx_label, active=active, losses=losses)
 

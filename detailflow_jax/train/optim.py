@@ -59,4 +59,5 @@ def adamw(schedule: optax.Schedule, weight_decay: float = 0.05, b1: float = 0.9,
           clip_norm: float | None = 1.0):
     """AdamW with decay only on parameters of per-layer rank >= 2 (``decay_mask``), as the AR."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    return optax.chain(*parts, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                                           mask=decay_mask))

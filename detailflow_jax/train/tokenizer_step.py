@@ -72,9 +72,9 @@ class TokenizerStep:
         self.disc_tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         self.disc = {"none": None, "patchgan": PatchGANDiscriminator(losses.patchgan_width, losses.patchgan_layers),
                      "dino": DinoDiscriminator()}[losses.disc_type]
-        # Dropout in the LPIPS heads while training, as the official loss module (train mode) has it.
-        self.lpips = (LPIPS(dropout_rate=losses.get("lpips_dropout", 0.5)) if losses.lpips_weight > 0
-                      else None)
+        # Dropout in the LPIPS heads while training, as in the official loss module (train mode).
+        lpips_dropout = losses.get("lpips_dropout", 0.5)
+        self.lpips = LPIPS(dropout_rate=lpips_dropout) if losses.lpips_weight > 0 else None
         self.align = losses.align_weight > 0
         self.siglip = None  # the frozen SigLIP2 tower module, sized by its weights in load_frozen()
         self._compiled: dict[int, Any] = {}
@@ -151,11 +151,15 @@ class TokenizerStep:
 
     def _disc_logits(self, variables: dict, images: jax.Array, frozen: dict, key: jax.Array,
                      weight: jax.Array):
-        """Discriminator logits in train mode and the updated batch_stats. Only the samples of nonzero weight
-        enter the batch statistics: at t = 1 the official discriminator sees the B clean images alone."""
+        """Discriminator logits in train mode and the updated batch_stats.
+
+        Only samples of nonzero weight enter the batch statistics: at t = 1 the official
+        discriminator sees the B clean images alone.
+        """
         mask = weight > 0
         if self.config.losses.disc_type == "dino":
-            return self.disc.apply(variables, images, frozen["dino"], True, key, mask, mutable=["batch_stats"])
+            return self.disc.apply(variables, images, frozen["dino"], True, key, mask,
+                                   mutable=["batch_stats"])
         size = self.model_cfg.image_size
         if images.shape[1] != size:  # PatchGAN sees every canvas at full size, as DINO sees 224.
             images = bicubic_resize(images, (size, size))
@@ -166,8 +170,9 @@ class TokenizerStep:
         losses = self.config.losses
         step1 = state["step"] + 1  # the official code counts from 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = jax.random.split(key, 8)
-        # The DINO discriminator draws its crop at every call (official FrozenDINOSmallNoDrop.forward).
+        keys = jax.random.split(key, 8)
+        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = keys
+        # The DINO discriminator draws a crop at every call (official FrozenDINOSmallNoDrop.forward).
         k_d_real, k_d_fake, k_d_strong_real, k_d_strong_fake = jax.random.split(k_d, 4)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
@@ -175,7 +180,7 @@ class TokenizerStep:
             align_target = siglip_target(self._siglip(), frozen["siglip"], images)
 
         def generator_loss(trainable):
-            disc_stats = {}  # batch_stats after the discriminator's train-mode call on the reconstructions
+            disc_stats = {}  # batch_stats after the discriminator's train-mode call on recon
             params = trainable["tokenizer"] if self.align else trainable
             out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
             recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
@@ -205,8 +210,8 @@ class TokenizerStep:
             return loss, (metrics, recon, weight, disc_stats)
 
         trainable = self._trainable(state)
-        (_, (metrics, recon, weight, disc_stats)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-            trainable)
+        grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
+        (_, (metrics, recon, weight, disc_stats)), grads = grad_fn(trainable)
         updates, opt = self.tx.update(grads, state["opt"], trainable)
         new = dict(self._with_trainable(state, optax.apply_updates(trainable, updates)), opt=opt, step=step1)
         metrics["lr"] = self.lr(state["step"])
@@ -216,8 +221,8 @@ class TokenizerStep:
             fake = jax.lax.stop_gradient(recon)
 
             def discriminator_loss(disc_params):
-                # Every train-mode call runs one power iteration and a BatchNorm update, and the official
-                # module keeps them all: the generator's call, then real, fake, strong real, strong fake.
+                # Every train-mode call runs a power iteration and a BatchNorm update; the official
+                # module keeps them all: generator's call, then real, fake, strong real, strong fake.
                 variables = dict(state["disc"], **disc_stats, params=disc_params)
 
                 def logits(images, crop_key):
