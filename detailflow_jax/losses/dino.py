@@ -27,8 +27,11 @@ X_SHIFT = tuple(float(v) for v in (0.5 - _MEAN) / _STD)
 
 def crop_choice(key: jax.Array, h: int, w: int, img_size: int = 224,
                 crop_prob: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(crop or resize, top, left) for one batch of h x w images: the official draw of every discriminator call
-    (``random.random() <= 0.5`` then ``RandomCrop``); a caller passes each call its own key."""
+    """(crop or resize, top, left) for one batch of h x w images.
+
+    The official draw of every discriminator call (``random.random() <= 0.5``, then ``RandomCrop``);
+    a caller passes each call its own key.
+    """
     k_coin, k_top, k_left = jax.random.split(key, 3)
     top = jax.random.randint(k_top, (), 0, h - img_size + 1)
     left = jax.random.randint(k_left, (), 0, w - img_size + 1)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 
 def sample_mean(x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
-    """Mean of x (B, …) over the samples of nonzero ``weight`` (B,), weighted; without it the plain mean."""
+    """Weighted mean of x (B, …) over the samples of nonzero ``weight`` (B,); else the plain mean."""
     x = x.astype(jnp.float32)
     if weight is None:
         return jnp.mean(x)

@@ -42,7 +42,7 @@ def channel_normalize(f: jax.Array) -> jax.Array:
 
 
 class LPIPS(nn.Module):
-    """``LPIPS()(x, y, train)`` -> (B,) perceptual distances between NHWC batches in [-1, 1] (size >= 16)."""
+    """``LPIPS()(x, y, train)`` -> (B,) distances between NHWC batches in [-1, 1] (size >= 16)."""
 
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32

@@ -49,7 +49,7 @@ class PatchGANDiscriminator(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True,
                  sample_mask: jax.Array | None = None) -> jax.Array:
-        """``sample_mask`` (B,) bool: only those samples enter the train-mode BatchNorm statistics."""
+        """``sample_mask`` (B,) bool: only those samples enter train-mode BatchNorm statistics."""
         if self.n_layers < 1:
             raise ValueError(f"PatchGAN n_layers must be >= 1, got {self.n_layers}")
         h = nn.leaky_relu(self._conv(self.ndf, 2, True, "conv_0")(x.astype(self.dtype)), 0.2)

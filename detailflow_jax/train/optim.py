@@ -42,10 +42,11 @@ def adam(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, clip_norm:
 
 
 def decay_mask(params, stacked_key: str = "layers"):
-    """True for the parameters AdamW decays: rank >= 2 per layer (Linear/Embedding tables, not norm scales).
+    """True for the parameters AdamW decays: rank >= 2 per layer (matrices, not norm scales).
 
-    Under ``stacked_key`` (the ``nn.scan`` of a ``scan_layers`` model, whose parameters carry a leading layer
-    axis) the rank is counted without that axis, so a stacked (L, D) RMSNorm scale is not decayed.
+    Under ``stacked_key`` (the ``nn.scan`` of a ``scan_layers`` model, whose parameters carry a
+    leading layer axis) the rank is counted without that axis: a stacked (L, D) norm scale is not
+    decayed.
     """
 
     def per_layer_rank_ok(path, p):

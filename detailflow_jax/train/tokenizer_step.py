@@ -172,7 +172,7 @@ class TokenizerStep:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         keys = jax.random.split(key, 8)
         k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = keys
-        # The DINO discriminator draws a crop at every call (official FrozenDINOSmallNoDrop.forward).
+        # DINO draws a crop at every call (official FrozenDINOSmallNoDrop.forward).
         k_d_real, k_d_fake, k_d_strong_real, k_d_strong_fake = jax.random.split(k_d, 4)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
@@ -222,7 +222,7 @@ class TokenizerStep:
 
             def discriminator_loss(disc_params):
                 # Every train-mode call runs a power iteration and a BatchNorm update; the official
-                # module keeps them all: generator's call, then real, fake, strong real, strong fake.
+                # module keeps them all: generator's call, real, fake, strong real, strong fake.
                 variables = dict(state["disc"], **disc_stats, params=disc_params)
 
                 def logits(images, crop_key):
