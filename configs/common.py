@@ -69,7 +69,8 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
         lr=1e-4, b1=0.9, b2=0.95, warmup_steps=5_004, warmup_lr=1e-5, min_lr=1e-5, clip_norm=1.0))
     c.losses = ml_collections.ConfigDict(dict(
         mse_weight=1.0,
-        lpips_weight=1.0, lpips_warmup=10_000, lpips_weights="",
+        # Official LPIPS heads keep Dropout(0.5) active in training; 0 makes the perceptual loss deterministic.
+        lpips_weight=1.0, lpips_warmup=10_000, lpips_weights="", lpips_dropout=0.5,
         disc_type="dino", disc_weight=0.2, disc_start=40_000, dino_weights="",
         patchgan_width=64, patchgan_layers=3,
         lecam_weight=0.001, cr_weight=4.0, cr_policy="color,translation,cutout_0.5",

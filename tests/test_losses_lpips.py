@@ -119,3 +119,24 @@ def test_cli_round_trip(lpips_fixture, large_fixtures, tmp_path):
     main(["--vgg", npz, "--lpips", npz, "--out", str(tmp_path / "lpips")])
     restored = load_lpips_params(tmp_path / "lpips")
     jax.tree.map(np.testing.assert_array_equal, restored["params"], params)
+
+
+def test_dropout_is_active_in_train_mode_only():
+    """Official ``NetLinLayer(use_dropout=True)``: Dropout(0.5) on the squared differences while training. Its
+    kept values are doubled, so the train-mode distance is an unbiased estimate of the eval-mode one."""
+    x = jax.random.uniform(key(10), (2, 16, 16, 3), minval=-1, maxval=1)
+    y = jax.random.uniform(key(11), (2, 16, 16, 3), minval=-1, maxval=1)
+    params = jax.jit(lambda: LPIPS().init(key(12), x, y)["params"])()
+    apply = jax.jit(lambda r, train: LPIPS().apply({"params": params}, x, y, train, rngs={"dropout": r}),
+                    static_argnums=1)
+    evals = [np.asarray(apply(key(s), False)) for s in (0, 1)]
+    np.testing.assert_array_equal(evals[0], evals[1])  # eval: deterministic, the rng is unused
+    # the default call; another compiled program, so float32 rounding may differ in the last bits
+    np.testing.assert_allclose(evals[0], np.asarray(lpips_apply(params, x, y)), rtol=1e-6)
+    n = 48
+    train = np.stack([np.asarray(apply(key(s), True)) for s in range(n)])
+    assert not np.allclose(train[0], train[1])
+    # The mean of n independent draws is within 5 standard errors of the expectation (the eval value).
+    np.testing.assert_array_less(np.abs(train.mean(0) - evals[0]), 5 * train.std(0, ddof=1) / np.sqrt(n))
+    off = jax.jit(lambda r: LPIPS(dropout_rate=0.0).apply({"params": params}, x, y, True, rngs={"dropout": r}))
+    np.testing.assert_allclose(np.asarray(off(key(3))), evals[0], rtol=1e-6)  # the no-dropout option

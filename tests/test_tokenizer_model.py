@@ -150,8 +150,10 @@ def test_entropy_loss_in_the_forward(setup):
         d = (z ** 2).sum(-1, keepdims=True) + (book ** 2).sum(-1) - 2 * z @ book.T
         return jnp.asarray(d), jnp.arange(n) >= start
 
+    # Official compute_entropy_loss(-d) takes every position of both passes (the vq/commit losses of the
+    # corrected pass start at noise_end, its entropy does not); then the same N : N - 12 weighting.
     expected = 0.5 * (n * entropy_loss(*distances(ref["pre_quant"], 0))
-                      + (n - 12) * entropy_loss(*distances(ref["pre_quant_sc"], 12))) / (2 * n - 12)
+                      + (n - 12) * entropy_loss(*distances(ref["pre_quant_sc"], 0))) / (2 * n - 12)
     np.testing.assert_allclose(out["entropy_loss"], expected, rtol=1e-4)
 
 

@@ -1,5 +1,6 @@
 """Checkpointing (state + grain iterator, resharding), schedules and the optimiser masks."""
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from detailflow_jax import sharding
+from detailflow_jax.ar.model import GPT, GPTConfig, init_params, unstack_layers
 from detailflow_jax.train import optim
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.metrics import NonFiniteLossError, check_finite
@@ -67,6 +69,26 @@ def test_adamw_decays_only_matrices():
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["kernel"], 0.5)  # zero gradient: only weight decay moves it
     np.testing.assert_allclose(new["scale"], 1.0)
+
+
+def test_adamw_decays_the_same_parameters_with_scanned_layers():
+    """A scan_layers GPT stacks each layer's RMSNorm scale to (L, D): it must stay undecayed, as unrolled."""
+    tiny = dict(dim=32, n_layer=2, n_head=2, num_tokens=16, group_size=4, causal_num=4, vocab_size=32,
+                num_classes=5, multiple_of=16)
+    tx = optim.adamw(lambda _: 1.0, weight_decay=0.5, clip_norm=None)
+
+    def decayed(scan_layers):
+        """{parameter path: moved by weight decay under a zero gradient}, per layer."""
+        params = nn.unbox(init_params(GPT(GPTConfig(**tiny, scan_layers=scan_layers)), jax.random.key(0)))
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        moved = jax.tree.map(lambda u: u != 0, updates)
+        moved = unstack_layers(moved, tiny["n_layer"]) if scan_layers else moved
+        return {jax.tree_util.keystr(k): bool(np.any(v)) for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+
+    flat_u, flat_s = decayed(False), decayed(True)
+    assert flat_s == flat_u
+    assert not flat_s["['layers_0']['attention_norm']['scale']"]
+    assert flat_s["['layers_0']['attention']['wqkv']['kernel']"]
 
 
 def test_non_finite_guard_names_the_metric():

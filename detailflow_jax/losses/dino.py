@@ -25,6 +25,19 @@ X_SCALE = tuple(float(v) for v in 0.5 / _STD)
 X_SHIFT = tuple(float(v) for v in (0.5 - _MEAN) / _STD)
 
 
+def crop_choice(key: jax.Array, h: int, w: int, img_size: int = 224,
+                crop_prob: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(crop or resize, top, left) for one batch of h x w images.
+
+    The official draw of every discriminator call (``random.random() <= 0.5``, then ``RandomCrop``);
+    a caller passes each call its own key.
+    """
+    k_coin, k_top, k_left = jax.random.split(key, 3)
+    top = jax.random.randint(k_top, (), 0, h - img_size + 1)
+    left = jax.random.randint(k_left, (), 0, w - img_size + 1)
+    return jax.random.uniform(k_coin) <= crop_prob, top, left
+
+
 def dino_preprocess(x: jax.Array, img_size: int = 224, crop_key: jax.Array | None = None,
                     crop_prob: float = 0.5, x_scale: Sequence[float] = X_SCALE,
                     x_shift: Sequence[float] = X_SHIFT) -> jax.Array:
@@ -39,12 +52,9 @@ def dino_preprocess(x: jax.Array, img_size: int = 224, crop_key: jax.Array | Non
     if (h, w) == (img_size, img_size):
         return x
     if h > img_size and w > img_size and crop_key is not None:
-        k_coin, k_top, k_left = jax.random.split(crop_key, 3)
-        top = jax.random.randint(k_top, (), 0, h - img_size + 1)
-        left = jax.random.randint(k_left, (), 0, w - img_size + 1)
+        use_crop, top, left = crop_choice(crop_key, h, w, img_size, crop_prob)
         crop = jax.lax.dynamic_slice(x, (0, top, left, 0), (b, img_size, img_size, c))
-        return jax.lax.cond(jax.random.uniform(k_coin) <= crop_prob, lambda: crop,
-                            lambda: area_resize(x, (img_size, img_size)))
+        return jax.lax.cond(use_crop, lambda: crop, lambda: area_resize(x, (img_size, img_size)))
     resize = area_resize if h > img_size else bicubic_resize
     return resize(x, (img_size, img_size))
 

@@ -97,19 +97,22 @@ class DiscHead(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def _block(self, x, train, kernel_size, name):
+    def _block(self, x, train, kernel_size, name, mask):
         h = SNConv1d(x.shape[-1], kernel_size, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_conv")(
             x, train)
         h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.norm_eps, dtype=jnp.float32,
                          param_dtype=self.param_dtype, use_fast_variance=False, name=f"{name}_norm",
                          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(h)
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(
+                             h, mask=mask)
         return nn.leaky_relu(h, 0.2)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        h = self._block(x.astype(jnp.float32), train, 1, "block")
-        h = (h + self._block(h, train, self.kernel_size, "residual")) * (1 / np.sqrt(2))
+    def __call__(self, x: jax.Array, train: bool,
+                 sample_mask: jax.Array | None = None) -> jax.Array:
+        mask = None if sample_mask is None else sample_mask[:, None, None]
+        h = self._block(x.astype(jnp.float32), train, 1, "block", mask)
+        h = (h + self._block(h, train, self.kernel_size, "residual", mask)) * (1 / np.sqrt(2))
         out = SNConv1d(1, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(h, train)
         return out[..., 0].astype(jnp.float32)
 
@@ -119,7 +122,8 @@ class DinoDiscriminator(nn.Module):
 
     x: NHWC images in [-1, 1] of any size (resized / cropped to ``img_size`` by ``dino_preprocess``; pass
     ``crop_key`` to allow the random crop of larger images). ``backbone_params``: the frozen ``DinoViT`` parameters
-    (from ``load_dino_params``).
+    (from ``load_dino_params``). ``sample_mask`` (B,) bool: only those samples enter the train-mode BatchNorm
+    statistics (the others are still scored), as if the batch held them alone.
     """
 
     width: int = 384
@@ -143,11 +147,13 @@ class DinoDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, backbone_params: Any, train: bool,
-                 crop_key: jax.Array | None = None) -> jax.Array:
+                 crop_key: jax.Array | None = None,
+                 sample_mask: jax.Array | None = None) -> jax.Array:
         images = dino_preprocess(x, self.img_size, crop_key, self.crop_prob, self.x_scale, self.x_shift)
         acts = self.backbone().apply({"params": backbone_params}, images)
-        logits = [DiscHead(self.kernel_size, self.norm_eps, self.dtype, self.param_dtype, name=f"head_{i}")(a, train)
-                  for i, a in enumerate(acts)]
+        heads = [DiscHead(self.kernel_size, self.norm_eps, self.dtype, self.param_dtype,
+                          name=f"head_{i}") for i in range(len(acts))]
+        logits = [head(a, train, sample_mask) for head, a in zip(heads, acts)]
         return jnp.concatenate(logits, axis=1)
 
 

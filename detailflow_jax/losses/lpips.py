@@ -5,6 +5,10 @@
 s = the fixed scaling layer on [-1, 1] inputs, f_l = VGG16 activations at relu1_2 … relu5_3, n = channel
 normalisation x / (||x||_2 + 1e-10), w_l = the 1x1 "lin" heads (no bias). Inputs are NHWC; the result is per sample
 (B,) — the training loss takes its mean. Weights: ``python -m detailflow_jax.convert.lpips``.
+
+With ``train=True`` each head's input (the squared differences) first goes through Dropout(``dropout_rate``),
+as the official ``NetLinLayer(use_dropout=True)`` does while the loss module is in train mode: pass
+``rngs={"dropout": key}``. ``dropout_rate=0`` turns it off; ``train=False`` is the deterministic LPIPS.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ def channel_normalize(f: jax.Array) -> jax.Array:
 
 
 class LPIPS(nn.Module):
-    """``LPIPS()(x, y)`` -> (B,) perceptual distances between NHWC batches in [-1, 1] (any size >= 16)."""
+    """``LPIPS()(x, y, train)`` -> (B,) distances between NHWC batches in [-1, 1] (size >= 16)."""
 
+    dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs must have the same shape, got {x.shape} and {y.shape}")
         b = x.shape[0]
@@ -53,7 +58,7 @@ class LPIPS(nn.Module):
         total = jnp.zeros((b,), jnp.float32)
         for k, (tap, (_, _, channels)) in enumerate(zip(TAPS, VGG16_BLOCKS)):
             f = channel_normalize(feats[tap])
-            diff = (f[:b] - f[b:]) ** 2
+            diff = nn.Dropout(self.dropout_rate, deterministic=not train)((f[:b] - f[b:]) ** 2)
             w = self.param(f"lin{k}", nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
                            (channels,), self.param_dtype)
             total = total + jnp.mean(jnp.sum(diff * w.astype(jnp.float32), axis=-1), axis=(1, 2))

@@ -47,13 +47,16 @@ class PatchGANDiscriminator(nn.Module):
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True,
+                 sample_mask: jax.Array | None = None) -> jax.Array:
+        """``sample_mask`` (B,) bool: only those samples enter train-mode BatchNorm statistics."""
         if self.n_layers < 1:
             raise ValueError(f"PatchGAN n_layers must be >= 1, got {self.n_layers}")
         h = nn.leaky_relu(self._conv(self.ndf, 2, True, "conv_0")(x.astype(self.dtype)), 0.2)
         for n in range(1, self.n_layers + 1):
             stride = 2 if n < self.n_layers else 1
             h = self._conv(self.ndf * min(2**n, 8), stride, False, f"conv_{n}")(h)
-            h = nn.leaky_relu(self._norm(train, f"norm_{n}")(h), 0.2).astype(self.dtype)
+            mask = None if sample_mask is None else sample_mask[:, None, None, None]
+            h = nn.leaky_relu(self._norm(train, f"norm_{n}")(h, mask=mask), 0.2).astype(self.dtype)
         logits = self._conv(1, 1, True, f"conv_{self.n_layers + 1}")(h)
         return logits.astype(jnp.float32).reshape(x.shape[0], -1)

@@ -14,7 +14,8 @@ Training forward (``__call__``, docs/model.md#self-correction): clean pass + sel
 decoded as one 2B batch from the first t tokens at ``canvas``. For t = 1 the official code does no self-correction;
 here the 2B graph still runs (one compiled graph for every t): pass ``noise_idx = -1`` and the self-corrected half
 gets ``recon_weight`` 0 and codebook-loss weight 0, so the losses equal the official clean-only ones as long as the
-pixel losses are weighted per sample with ``recon_weight`` (sum(w·loss) / sum(w)).
+pixel losses are weighted per sample with ``recon_weight`` (sum(w·loss) / sum(w)) and the discriminator leaves the
+zero-weight half out of its batch (train/tokenizer_step.py masks it).
 """
 
 from __future__ import annotations
@@ -128,9 +129,11 @@ class DetailFlowTokenizer(nn.Module):
         losses = dict(vq_loss=w_clean * vq_c + w_sc * vq_s, commit_loss=w_clean * commit_c + w_sc * commit_s,
                       codebook_usage=usage, code_histogram=code_histogram(qc.codes, cfg.codebook_size))
         if cfg.entropy_loss_ratio > 0:  # a (B, N, K) softmax: skipped at the released weight 0
+            # Unlike vq/commit, the official entropy of the corrected pass takes all N positions.
+            every = jnp.ones((n,), bool)
             losses["entropy_loss"] = cfg.entropy_loss_ratio * (
-                w_clean * entropy_loss(qc.distances, jnp.ones((n,), bool))
-                + w_sc * entropy_loss(q2.distances, ~prefix_end))
+                w_clean * entropy_loss(qc.distances, every)
+                + w_sc * entropy_loss(q2.distances, every))
         return dict(pre_quant=pre_quant, pre_quant_sc=pre_quant_sc, quant_clean=qc.quant, quant_sc=quant_sc,
                     clean=qc.codes, input=idx_input, label=idx_label, active=active, losses=losses)
 

@@ -41,12 +41,27 @@ def adam(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, clip_norm:
     return optax.chain(*parts, optax.adam(schedule, b1=b1, b2=b2))
 
 
+def decay_mask(params, stacked_key: str = "layers"):
+    """True for the parameters AdamW decays: rank >= 2 per layer (matrices, not norm scales).
+
+    Under ``stacked_key`` (the ``nn.scan`` of a ``scan_layers`` model, whose parameters carry a
+    leading layer axis) the rank is counted without that axis: a stacked (L, D) norm scale is not
+    decayed.
+    """
+
+    def per_layer_rank_ok(path, p):
+        stacked = any(getattr(k, "key", None) == stacked_key for k in path)
+        return p.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(per_layer_rank_ok, params)
+
+
 def adamw(schedule: optax.Schedule, weight_decay: float = 0.05, b1: float = 0.9, b2: float = 0.95,
           clip_norm: float | None = 1.0):
-    """AdamW with decay only on parameters of rank >= 2 (Linear/Embedding tables, not norm scales), as the AR."""
+    """AdamW with decay only on parameters of per-layer rank >= 2 (``decay_mask``), as the AR."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(*parts, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask))
+    return optax.chain(*parts, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                                           mask=decay_mask))
 
 
 def train_only(tx: optax.GradientTransformation, trains) -> optax.GradientTransformation:

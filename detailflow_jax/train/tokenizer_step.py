@@ -83,7 +83,8 @@ class TokenizerStep:
         self.disc_tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         self.disc = {"none": None, "patchgan": PatchGANDiscriminator(losses.patchgan_width, losses.patchgan_layers),
                      "dino": DinoDiscriminator()}[losses.disc_type]
-        self.lpips = LPIPS() if losses.lpips_weight > 0 else None
+        # Dropout in the LPIPS heads while training, as in the official loss module (train mode).
+        self.lpips = LPIPS(dropout_rate=losses.lpips_dropout) if losses.lpips_weight > 0 else None
         self.align = losses.align_weight > 0
         self.siglip = None  # the frozen SigLIP2 tower module, sized by its weights in load_frozen()
         self._compiled: dict[int, Any] = {}
@@ -158,27 +159,38 @@ class TokenizerStep:
 
     # ------------------------------------------------------------------ the step
 
-    def _disc_logits(self, variables: dict, images: jax.Array, frozen: dict, key: jax.Array):
-        """Discriminator logits in train mode (batch statistics) and the updated batch_stats."""
+    def _disc_logits(self, variables: dict, images: jax.Array, frozen: dict, key: jax.Array,
+                     weight: jax.Array):
+        """Discriminator logits in train mode and the updated batch_stats.
+
+        Only samples of nonzero weight enter the batch statistics: at t = 1 the official
+        discriminator sees the B clean images alone.
+        """
+        mask = weight > 0
         if self.config.losses.disc_type == "dino":
-            return self.disc.apply(variables, images, frozen["dino"], True, key, mutable=["batch_stats"])
+            return self.disc.apply(variables, images, frozen["dino"], True, key, mask,
+                                   mutable=["batch_stats"])
         size = self.model_cfg.image_size
         if images.shape[1] != size:  # PatchGAN sees every canvas at full size, as DINO sees 224.
             images = bicubic_resize(images, (size, size))
-        return self.disc.apply(variables, images, True, mutable=["batch_stats"])
+        return self.disc.apply(variables, images, True, mask, mutable=["batch_stats"])
 
     def step(self, state: dict, frozen: dict, images: jax.Array, t: jax.Array, matrix: jax.Array,
              noise_idx: jax.Array, noise_end: jax.Array, *, canvas: int) -> tuple[dict, dict]:
         losses = self.config.losses
         step1 = state["step"] + 1  # the official code counts from 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d = jax.random.split(key, 7)
+        keys = jax.random.split(key, 8)
+        k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = keys
+        # DINO draws a crop at every call (official FrozenDINOSmallNoDrop.forward).
+        k_d_real, k_d_fake, k_d_strong_real, k_d_strong_fake = jax.random.split(k_d, 4)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
         if self.align:  # frozen SigLIP2 features of the clean full-resolution input (no gradient)
             align_target = siglip_target(self._siglip(), frozen["siglip"], images)
 
         def generator_loss(trainable):
+            disc_stats = {}  # batch_stats after the discriminator's train-mode call on recon
             params = trainable["tokenizer"] if self.align else trainable
             out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
             recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
@@ -190,13 +202,14 @@ class TokenizerStep:
                 loss = loss + out["entropy_loss"]
                 metrics["entropy_loss"] = out["entropy_loss"]
             if self.lpips is not None:
-                lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon), weight)
+                lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon, True,
+                                                     rngs={"dropout": k_lpips}), weight)
                 loss = loss + self.schedule.perceptual(step1) * lp
                 metrics["lpips"] = lp
             if self.disc is not None:
                 fake = diffaug.diff_augment(k_gen_aug, recon, losses.diffaug_policy, losses.diffaug_prob)
-                logits, _ = self._disc_logits(state["disc"], fake, frozen, k_gen_d)
-                g_adv = -_weighted_mean(jnp.mean(logits, axis=1), weight)
+                logits, disc_stats = self._disc_logits(state["disc"], fake, frozen, k_gen_d, weight)
+                g_adv = gan.hinge_g_loss(logits, weight)
                 loss = loss + self.schedule.adversarial(step1) * g_adv
                 metrics["g_adv"] = g_adv
             if self.align:  # token 1 of the clean half, straight-through (official global_token_learning)
@@ -204,10 +217,11 @@ class TokenizerStep:
                 loss = loss + losses.align_weight * align
                 metrics["align_loss"] = align
             metrics["loss"] = loss
-            return loss, (metrics, recon)
+            return loss, (metrics, recon, weight, disc_stats)
 
         trainable = self._trainable(state)
-        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(trainable)
+        grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
+        (_, (metrics, recon, weight, disc_stats)), grads = grad_fn(trainable)
         updates, opt = self.tx.update(grads, state["opt"], trainable)
         new = dict(self._with_trainable(state, optax.apply_updates(trainable, updates)), opt=opt, step=step1)
         metrics["lr"] = self.lr(state["step"])
@@ -217,20 +231,27 @@ class TokenizerStep:
             fake = jax.lax.stop_gradient(recon)
 
             def discriminator_loss(disc_params):
-                variables = dict(state["disc"], params=disc_params)
+                # Every train-mode call runs a power iteration and a BatchNorm update; the official
+                # module keeps them all: generator's call, real, fake, strong real, strong fake.
+                variables = dict(state["disc"], **disc_stats, params=disc_params)
+
+                def logits(images, crop_key):
+                    nonlocal variables
+                    out, mut = self._disc_logits(variables, images, frozen, crop_key, weight)
+                    variables = dict(variables, **mut)
+                    return out
+
                 aug = lambda k, x: diffaug.diff_augment(k, x, losses.diffaug_policy, losses.diffaug_prob)
-                real_logits, mut = self._disc_logits(variables, aug(k_real, target2), frozen, k_d)
-                variables = dict(variables, **mut)
-                fake_logits, mut = self._disc_logits(variables, aug(k_fake, fake), frozen, k_d)
-                variables = dict(variables, **mut)
+                real_logits = logits(aug(k_real, target2), k_d_real)
+                fake_logits = logits(aug(k_fake, fake), k_d_fake)
                 strong = {}
                 if losses.cr_weight > 0:
                     k_sr, k_sf = jax.random.split(k_strong)
                     strong_aug = lambda k, x: diffaug.diff_augment(k, x, losses.cr_policy, 1.0)
-                    strong["strong_real"], _ = self._disc_logits(variables, strong_aug(k_sr, target2), frozen, k_d)
-                    strong["strong_fake"], _ = self._disc_logits(variables, strong_aug(k_sf, fake), frozen, k_d)
+                    strong["strong_real"] = logits(strong_aug(k_sr, target2), k_d_strong_real)
+                    strong["strong_fake"] = logits(strong_aug(k_sf, fake), k_d_strong_fake)
                 loss, lecam, m = gan.discriminator_loss(self.schedule, step1, state["lecam"], real_logits,
-                                                        fake_logits, **strong)
+                                                        fake_logits, **strong, weight=weight)
                 return loss, (lecam, variables, m)
 
             (d_loss, (lecam, variables, d_metrics)), d_grads = jax.value_and_grad(
