@@ -130,3 +130,16 @@ def test_the_imagenet_recipe_starts_the_encoder_from_siglip2():
     assert config.encoder_pretrained and config.encoder_weights == ""
     with pytest.raises(MissingWeightsError, match="--config.encoder_weights"):
         encoder_init.encoder_weights(config)
+
+
+def test_the_copy_lands_on_the_sharded_params(tower_dir):
+    """On a (2, 2, 2) mesh the copied weights keep the params' shardings and values."""
+    config = encoder_config(tower_dir)
+    _, single = _init(config)
+    trainer = TokenizerStep(config, sharding.make_mesh((2, 2, 2), jax.devices()))
+    state, shardings = trainer.init(0, trainer.load_frozen())
+    fc1 = state["params"]["encoder"]["layers"]["layers_0"]["mlp"]["fc1"]["kernel"]
+    assert not fc1.sharding.is_fully_replicated  # the check below is about a real split
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
+                 state["params"], shardings["params"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), single)
