@@ -59,6 +59,10 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.batch_size = 256           # global
     c.total_steps = 1_251_000     # 250 epochs x 5,004 steps
     c.mesh = mesh_config()
+    # Encoder start: random, or the SigLIP2 tower's first encoder.depth layers (official encoder_pretrained; the
+    # directory comes from python -m detailflow_jax.convert.siglip2, e.g. the one of losses.siglip_weights).
+    c.encoder_pretrained = False
+    c.encoder_weights = ""
     c.degradation_prob = 0.2
     c.self_correction = True
     c.rounding = "ceil"          # decoder canvas rounding: "ceil" (official code) or "nearest" (paper)

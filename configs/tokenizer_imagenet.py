@@ -3,12 +3,14 @@
     python -m detailflow_jax.data.imagefolder --root /data/imagenet --data_dir /data/tfds   # once, offline
     python -m detailflow_jax.train.tokenizer --config configs/tokenizer_imagenet.py:DF-16 --workdir gs://.../df16 \
         --config.data.data_dir=/data/tfds --config.losses.lpips_weights=/w/lpips --config.losses.dino_weights=/w/dino \
-        --config.losses.siglip_weights=/w/siglip2     # python -m detailflow_jax.convert.siglip2 --checkpoint ...
+        --config.losses.siglip_weights=/w/siglip2 --config.encoder_weights=/w/siglip2
+        # /w/siglip2: python -m detailflow_jax.convert.siglip2 --checkpoint .../model.safetensors --out /w/siglip2
 
 Argument: DF-16 | DF-32 | DF-64 (N = 128 / 256 / 512), optionally followed by configs/tokenizer.py arguments,
 e.g. "DF-32,dtype=bfloat16". Batch 256, Adam(0.9, 0.95) lr 1e-4 with a 1-epoch warm-up and cosine to 1e-5,
 250 epochs, MSE + LPIPS (10k warm-up) + 0.2 hinge GAN with the DINO discriminator from step 40k + LeCAM + CR +
-the alignment of token 1 with a frozen SigLIP2 (weight 1).
+the alignment of token 1 with a frozen SigLIP2 (weight 1); the encoder starts from the first 12 layers of the same
+SigLIP2 tower (encoder_pretrained; --config.encoder_pretrained=False trains it from random weights).
 """
 
 from configs import common
@@ -21,4 +23,6 @@ def get_config(arg: str = "DF-16"):
     if model.dtype == "float32":
         model.dtype = "bfloat16"  # official: bf16 autocast with fp32 weights
     data = default_data_config(name="imagefolder", image_size=model.image_size)
-    return common.tokenizer_training(model, data)
+    config = common.tokenizer_training(model, data)
+    config.encoder_pretrained = True  # official: the first 12 so400m layers; needs --config.encoder_weights
+    return config

@@ -12,7 +12,8 @@ Accepted checkpoints (.safetensors / .npz / .pt):
 
 The prefix is detected when ``--prefix`` is not given. ``--layers`` converts the first L layers (default: all the
 checkpoint has; the official target uses all 27). The directory holds ``{"tower": params, "num_heads": int}``; pass
-it as ``--config.losses.siglip_weights``.
+it as ``--config.losses.siglip_weights`` (and as ``--config.encoder_weights``: the tokenizer encoder starts from its
+first ``encoder.depth`` layers, ``tokenizer/encoder_init.py``).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="HF siglip2-so400m-patch16-naflex model.safetensors, or a DetailFlow tokenizer checkpoint")
-    p.add_argument("--out", required=True, help="output orbax directory (pass it as --config.losses.siglip_weights)")
+    p.add_argument("--out", required=True, help="output orbax directory (pass it as --config.losses.siglip_weights "
+                                                  "and --config.encoder_weights)")
     p.add_argument("--layers", type=int, default=None, help="convert the first L layers (default: all; so400m: 27)")
     p.add_argument("--heads", type=int, default=SO400M_HEADS, help="attention heads (so400m: 16)")
     p.add_argument("--prefix", default=None,

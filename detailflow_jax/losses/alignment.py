@@ -90,12 +90,13 @@ def tower_for(params: Any, heads: int, dtype: Any = jnp.float32) -> SiglipVision
                              pos_grid=pos_grid, dtype=dtype)
 
 
-def load_siglip_tower(path, dtype: Any = jnp.float32) -> tuple[SiglipVisionTower, Any]:
-    """(tower module, frozen params) from a ``convert.siglip2`` directory, or a MissingWeightsError saying what to
-    pass."""
-    tree = load_required_params("alignment loss (frozen SigLIP2)", path, WEIGHTS_FLAG, CONVERTER)
+def load_siglip_tower(path, dtype: Any = jnp.float32, name: str = "alignment loss (frozen SigLIP2)",
+                      flag: str = WEIGHTS_FLAG) -> tuple[SiglipVisionTower, Any]:
+    """(tower module, frozen params) from a ``convert.siglip2`` directory, or a MissingWeightsError naming ``flag``
+    (what needs the tower, ``name``, and what to pass)."""
+    tree = load_required_params(name, path, flag, CONVERTER)
     if not isinstance(tree, dict) or "tower" not in tree or "num_heads" not in tree:
-        raise MissingWeightsError(f"{WEIGHTS_FLAG}={path} is not a directory written by `python -m {CONVERTER}` "
+        raise MissingWeightsError(f"{flag}={path} is not a directory written by `python -m {CONVERTER}` "
                                   f"(top-level entries: {sorted(tree) if isinstance(tree, dict) else type(tree)})")
     return tower_for(tree["tower"], int(tree["num_heads"]), dtype), tree["tower"]
 

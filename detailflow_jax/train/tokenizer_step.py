@@ -38,6 +38,7 @@ from detailflow_jax.losses.patchgan import PatchGANDiscriminator
 from detailflow_jax.nn.resample import bicubic_resize
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import degrade
+from detailflow_jax.tokenizer.encoder_init import encoder_weights, with_pretrained_encoder
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer, init_variables
 from detailflow_jax.train import optim
 
@@ -93,6 +94,7 @@ class TokenizerStep:
 
     def load_frozen(self) -> dict:
         """The user-supplied frozen weights the enabled losses need (a clear error names any that are missing)."""
+        encoder_weights(self.config)  # the encoder's SigLIP2 start is checked here, loaded by init()
         frozen = {}
         if self.lpips is not None:
             frozen["lpips"] = load_lpips_params(self.config.losses.lpips_weights)
@@ -144,10 +146,13 @@ class TokenizerStep:
         return state
 
     def init(self, seed: int, frozen: dict) -> tuple[dict, Any]:
-        """The initial state, born sharded on the mesh, and its shardings."""
+        """The initial state, born sharded on the mesh, and its shardings (the encoder from SigLIP2 when
+        ``encoder_pretrained``; a resumed run restores its checkpoint instead and never calls this)."""
         backbone = frozen.get("dino")
         state, shardings = sharding.init_sharded(lambda r: self._init_state(r, backbone), self.mesh,
                                                  jax.random.key(seed))
+        if path := encoder_weights(self.config):  # Adam's moments start at zero whatever the values
+            state["params"] = with_pretrained_encoder(state["params"], shardings["params"], path, self.model_cfg)
         if frozen.get("dino_heads") is not None:  # official heads given: start from them
             state["disc"] = jax.device_put(frozen["dino_heads"], shardings["disc"])
         return state, shardings
