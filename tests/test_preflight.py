@@ -1,4 +1,5 @@
-"""Ahead-of-time preflight: compiles the trainers' own steps for abstract topologies and reports memory/roofline."""
+"""The preflight compiles the trainers' own steps for abstract topologies and reports memory,
+cost and a roofline."""
 
 import importlib.util
 import json
@@ -18,20 +19,22 @@ from detailflow_jax.train.tokenizer_step import TokenizerStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='TPU compiles need libtpu: pip install -e ".[tpu-aot]"')
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason='TPU compiles need libtpu: pip install -e ".[tpu-aot]"')
 FIELDS = ("topology", "chip", "num_chips", "mesh", "global_batch", "fits", "peak_bytes_per_chip",
-          "hbm_bytes_per_chip", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "flops_per_chip",
-          "bytes_accessed_per_chip", "model_flops_per_step", "roofline_step_s", "roofline_mfu", "collectives",
-          "warnings", "compile_s")
+          "hbm_bytes_per_chip", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+          "flops_per_chip", "bytes_accessed_per_chip", "model_flops_per_step", "roofline_step_s",
+          "roofline_mfu", "collectives", "warnings", "compile_s")
 TINY_AR = ["--config", "configs/ar_fashion_mnist.py:smoke"]
 TINY_TOK = ["--config", "configs/tokenizer_fashion_mnist.py:smoke", "--config.degradation_prob=0.0"]
 
 
 def _cli(args, topology):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # let libtpu describe TPU topologies
+    # Without JAX_PLATFORMS=cpu, so that libtpu can describe TPU topologies.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "-m", "detailflow_jax.preflight", *args, "--topology", topology],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "detailflow_jax.preflight", *args, "--topology", topology]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _check_report(report, topology, chips):
@@ -51,27 +54,31 @@ def _json_line(stdout):
 def test_ar_step_compiles_on_cpu8_and_is_the_trainers_own_jit(monkeypatch):
     made = []
     original = ARStep.compiled
-    monkeypatch.setattr(ARStep, "compiled", lambda self, sh: made.append(original(self, sh)) or made[-1])
+    monkeypatch.setattr(ARStep, "compiled",
+                        lambda self, sh: made.append(original(self, sh)) or made[-1])
     report = preflight.run(ar_fashion_mnist.get_config("smoke"), "cpu:8")
     _check_report(report, "cpu:8", 8)
-    assert len(made) == 1 and made[0].__wrapped__.__func__ is ARStep.step  # the trainer's jit of its step
+    # The trainer's own jit of its own step was compiled, not a copy.
+    assert len(made) == 1 and made[0].__wrapped__.__func__ is ARStep.step
 
 
 def test_tokenizer_step_is_the_trainers_own_jit_on_abstract_frozen_nets():
     config = config_lib.override(tokenizer_fashion_mnist.get_config("smoke"), degradation_prob=0.0)
     mesh = sharding.make_mesh((8, 1, 1))
     prog = programs.build(config, mesh, "train")
-    assert prog.jitted.__wrapped__.__name__ == "<lambda>"  # compiled()'s canvas closure over TokenizerStep.step
+    # compiled()'s closure that fixes the canvas of TokenizerStep.step
+    assert prog.jitted.__wrapped__.__name__ == "<lambda>"
     assert isinstance(prog.jitted, type(jax.jit(lambda x: x)))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(prog.args))
 
 
 def test_abstract_frozen_nets_have_the_real_shapes():
     config = tokenizer_fashion_mnist.get_config("smoke")
-    config.losses.lpips_weight, config.losses.disc_type, config.losses.align_weight = 1.0, "dino", 1.0
+    config.losses.update(lpips_weight=1.0, disc_type="dino", align_weight=1.0)
     frozen = TokenizerStep(config, sharding.make_mesh((8, 1, 1))).abstract_frozen()
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-    assert frozen["siglip"]["position_embedding"].shape == (256, 1152)  # so400m/16 at 16 x 16 positions
+    # so400m/16 at 16 x 16 positions
+    assert frozen["siglip"]["position_embedding"].shape == (256, 1152)
     assert 21e6 < count(frozen["dino"]) < 22.5e6  # ViT-S/16: 12 blocks of 12·384² plus embeddings
     assert 14e6 < count(frozen["lpips"]) < 15.5e6  # VGG16's 13 conv layers (14.7M) + 1x1 heads
     assert 400e6 < count(frozen["siglip"]) < 430e6  # "so400m"

@@ -1,13 +1,15 @@
-"""Compile a trainer's step ahead of time for a topology and say whether it fits, and how fast it could be.
+"""Compile a trainer's step ahead of time for a topology: does it fit, how fast could it be.
 
     python -m detailflow_jax.preflight --config configs/ar_imagenet.py:N=128 --topology v5e:4x4 \
         --config.mesh.data=1 --config.mesh.fsdp=16
-    python -m detailflow_jax.preflight --config configs/tokenizer_fashion_mnist.py:smoke --topology cpu:8
+    python -m detailflow_jax.preflight --config configs/tokenizer_fashion_mnist.py:smoke \
+        --topology cpu:8
 
-The mesh is ``config.mesh`` or ``--recipe NAME`` (configs/common.py). Frozen loss networks enter as abstract
-arrays of their real shapes: no weight file is read, nothing is allocated. TPU topologies need libtpu
-(``pip install -e ".[tpu-aot]"``); ``cpu:N`` uses N simulated CPU devices (roofline figures of a v5e chip).
-Prints a table, then one JSON line; exits 1 when the step does not fit the chip's memory.
+The mesh is ``config.mesh`` or ``--recipe NAME`` (configs/common.py). Frozen loss networks enter
+as abstract arrays of their real shapes: no weight file is read, nothing is allocated. TPU
+topologies need libtpu (``pip install -e ".[tpu-aot]"``); ``cpu:N`` uses N simulated CPU devices
+(roofline figures of a v5e chip). Prints a table, then one JSON line; exits 1 when the step does
+not fit the chip's memory.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from detailflow_jax.preflight import topology as topo_lib
 from detailflow_jax.train import cli
 
 _PROGRAM = flags.DEFINE_enum("program", "train", ["train"], "which jitted program to compile")
-_TOPOLOGY = flags.DEFINE_string("topology", "cpu:8", "v5e:4x4, v4:2x2x1, v5p:4x4x4, v6e:8x8, cpu:N, ...")
-_RECIPE = flags.DEFINE_string("recipe", None, "mesh recipe of configs/common.py (overrides config.mesh)")
+_TOPOLOGY = flags.DEFINE_string("topology", "cpu:8",
+                                "v5e:4x4, v4:2x2x1, v5p:4x4x4, v6e:8x8, cpu:N, ...")
+_RECIPE = flags.DEFINE_string("recipe", None,
+                              "mesh recipe of configs/common.py (overrides config.mesh)")
 
 _WARNING_LINES = re.compile(r"(Involuntary full rematerialization.*|.*RESOURCE_EXHAUSTED.*)")
 HELP_KNOBS = ("smaller --config.batch_size, more FSDP (--config.mesh.fsdp), rematerialisation "
@@ -93,7 +97,8 @@ def run(config, topology_name: str, program: str = "train", recipe: str | None =
     peak, bandwidth = topo.chip.peak_flops / per_chip, topo.chip.hbm_bandwidth / per_chip
     step_s = max(report["flops_per_chip"] / peak, report["bytes_accessed_per_chip"] / bandwidth)
     report["roofline_step_s"] = step_s
-    report["roofline_mfu"] = prog.model_flops / (topo.num_chips * topo.chip.peak_flops * step_s) if step_s else 0
+    peak_all = topo.num_chips * topo.chip.peak_flops
+    report["roofline_mfu"] = prog.model_flops / (peak_all * step_s) if step_s else 0.0
     report["collectives"] = analysis.collectives(compiled.as_text())
     return report
 
@@ -104,10 +109,10 @@ def table(report: dict) -> str:
             ("mesh", report["mesh"]), ("global batch", report["global_batch"]),
             ("compile", f"{report['compile_s']} s")]
     if "peak_bytes_per_chip" in report:
-        rows += [("peak / HBM", f"{gib(report['peak_bytes_per_chip'])} / {gib(report['hbm_bytes_per_chip'])}"),
-                 ("args, out, temp, alias", ", ".join(gib(report[k]) for k in
-                                                      ("argument_bytes", "output_bytes", "temp_bytes",
-                                                       "alias_bytes"))),
+        parts = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes")
+        rows += [("peak / HBM", f"{gib(report['peak_bytes_per_chip'])} / "
+                                f"{gib(report['hbm_bytes_per_chip'])}"),
+                 ("args, out, temp, alias", ", ".join(gib(report[k]) for k in parts)),
                  ("flops / chip", f"{report['flops_per_chip']:.3e}"),
                  ("bytes accessed / chip", f"{report['bytes_accessed_per_chip']:.3e}"),
                  ("model flops / step", f"{report['model_flops_per_step']:.3e}"),
@@ -128,7 +133,8 @@ def verdict(report: dict) -> str | None:
     else:
         over = report["peak_bytes_per_chip"] - report["hbm_bytes_per_chip"]
         what = (f"needs {report['peak_bytes_per_chip'] / 2 ** 30:.2f} GiB per chip, "
-                f"{over / 2 ** 30:.2f} GiB more than the {report['hbm_bytes_per_chip'] / 2 ** 30:.2f} GiB of HBM")
+                f"{over / 2 ** 30:.2f} GiB more than the "
+                f"{report['hbm_bytes_per_chip'] / 2 ** 30:.2f} GiB of HBM")
     return f"does not fit on {report['topology']}: {what}; try {HELP_KNOBS}"
 
 
