@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
@@ -106,3 +107,13 @@ def test_compiles_for_v5e_2x2(args):
     report = _json_line(result.stdout)
     _check_report(report, "v5e:2x2", 4)
     assert report["chip"] == "v5e" and report["hbm_bytes_per_chip"] == 16 * 2 ** 30
+
+
+def test_restore_target_is_the_same_from_real_or_abstract_dino_weights():
+    config = tokenizer_fashion_mnist.get_config("smoke")
+    config.losses.disc_type = "dino"
+    trainer = TokenizerStep(config, sharding.make_mesh((8, 1, 1)))
+    abstract = trainer.abstract_frozen()
+    real = {"dino": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract["dino"])}
+    describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+    assert describe(trainer.abstract_state(0, abstract)) == describe(trainer.abstract_state(0, real))
