@@ -29,5 +29,7 @@ setuptools.setup(
         "dev": ["pytest", "pytest-xdist", "chex"],
         # Reading official `.pt` checkpoints; `.npz`/`.safetensors` need no torch.
         "torch": ["torch"],
+        # Ahead-of-time compiles for TPU topologies on any machine (python -m detailflow_jax.preflight).
+        "tpu-aot": ["libtpu==0.0.42.*"],
     },
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,7 +32,8 @@ import optax
 
 from detailflow_jax import sharding
 from detailflow_jax.losses import diffaug, gan
-from detailflow_jax.losses.alignment import alignment_loss, init_projection, load_siglip_tower, siglip_target
+from detailflow_jax.losses.alignment import (SiglipVisionTower, alignment_loss, init_projection, load_siglip_tower,
+                                             siglip_target)
 from detailflow_jax.losses.discriminator import DinoDiscriminator, load_dino_params
 from detailflow_jax.losses.lpips import LPIPS, load_lpips_params
 from detailflow_jax.losses.patchgan import PatchGANDiscriminator
@@ -109,6 +111,23 @@ class TokenizerStep:
                                  f"patch size {self.siglip.patch_size} (alignment loss); set losses.align_weight=0")
         return frozen
 
+    def abstract_frozen(self) -> dict:
+        """``load_frozen()``'s tree as ShapeDtypeStructs of the real networks' shapes (DINO ViT-S/16, LPIPS-VGG16,
+        SigLIP2-so400m), with no weight file read and nothing allocated: what ahead-of-time compiles take."""
+        key = jax.random.key(0)
+        size = self.model_cfg.image_size
+        image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        frozen = {}
+        if self.lpips is not None:
+            frozen["lpips"] = jax.eval_shape(self.lpips.init, key, image, image)
+        if self.config.losses.disc_type == "dino":
+            dino_image = jax.ShapeDtypeStruct((1, self.disc.img_size, self.disc.img_size, 3), jnp.float32)
+            frozen["dino"] = jax.eval_shape(self.disc.backbone().init, key, dino_image)["params"]
+        if self.align:
+            self.siglip = SiglipVisionTower(dtype=self.model_cfg.compute_dtype)
+            frozen["siglip"] = jax.eval_shape(self.siglip.init, key, image)["params"]
+        return nn.unbox(frozen)
+
     def _siglip(self):
         if self.siglip is None:
             raise RuntimeError("losses.align_weight > 0: call load_frozen() first (it loads the SigLIP2 tower)")
@@ -159,8 +178,8 @@ class TokenizerStep:
 
     def abstract_state(self, seed: int, frozen: dict) -> Any:
         """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
-        backbone = frozen.get("dino")
-        return sharding.abstract_sharded(lambda r: self._init_state(r, backbone), self.mesh, jax.random.key(seed))
+        # The backbone is an argument (not a closure) so abstract frozen weights work too.
+        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed), frozen.get("dino"))
 
     # ------------------------------------------------------------------ the step
 

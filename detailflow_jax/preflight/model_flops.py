@@ -1,0 +1,61 @@
+"""Analytic model FLOPs of one train step (the numerator of MFU), whatever the compiler emits.
+
+Transformer convention: a forward pass costs 2 FLOPs per parameter per token plus 4·S·d per layer
+per token for attention (QK^T and AV); backward costs twice the forward, so a trained stack costs
+3x its forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+
+def param_count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def vit_forward(width: int, depth: int, mlp: int, seq: int) -> float:
+    """Forward FLOPs per sequence of a ViT stack (qkv + out projections, MLP, attention)."""
+    per_token = 2 * (4 * width * width + 2 * width * mlp) + 4 * seq * width
+    return depth * seq * per_token
+
+
+def gpt_step(model_cfg, params, batch: int) -> float:
+    """6 · params · tokens + 12 · layers · S² · d per sample (causal masking not discounted)."""
+    seq = model_cfg.num_tokens
+    attention = 12 * model_cfg.n_layer * seq * seq * model_cfg.dim
+    return batch * (6 * param_count(params) * seq + attention)
+
+
+# LPIPS runs VGG16 on both images: ~15.5 GMAC (31 GFLOPs) per 224² image, scaled by area.
+VGG16_FLOPS_224 = 31e9
+# The DINO discriminator backbone is ViT-S/16 at 224² (197 tokens).
+DINO_VIT = dict(width=384, depth=12, mlp=1536, seq=197)
+
+
+def tokenizer_step(trainer, canvas: int, batch: int) -> float:
+    """Approximate FLOPs of one tokenizer step.
+
+    Generator fwd+bwd (encoder on B images, decoder on the clean + self-corrected 2B); the frozen
+    nets the generator loss differentiates through (LPIPS, DINO: 3x forward on 2B); the
+    discriminator's real/fake (+ consistency) forwards; SigLIP2 forward once on B. Left out: patch
+    embedding, VQ, discriminator heads."""
+    m, losses = trainer.model_cfg, trainer.config.losses
+    enc_seq = (m.image_size // m.patch_size) ** 2 + m.num_latent_tokens
+    dec_seq = (canvas // m.patch_size) ** 2 + m.num_latent_tokens
+    e, d = m.encoder, m.decoder
+    total = 3 * (batch * vit_forward(e.width, e.depth, e.mlp_dim, enc_seq)
+                 + 2 * batch * vit_forward(d.width, d.depth, d.mlp_dim, dec_seq))
+    if trainer.lpips is not None:
+        total += 3 * 2 * batch * 2 * VGG16_FLOPS_224 * (canvas / 224) ** 2  # x and y through VGG
+    if losses.disc_type == "dino":
+        dino = vit_forward(**DINO_VIT)
+        passes = 2 + (2 if losses.cr_weight > 0 else 0)  # real, fake (+ strong real, strong fake)
+        total += 3 * 2 * batch * dino + passes * 2 * batch * dino
+    if trainer.align:
+        s = trainer.siglip
+        seq = (m.image_size // s.patch_size) ** 2
+        total += batch * vit_forward(s.width, s.depth, s.mlp_dim, seq)
+    return float(total)

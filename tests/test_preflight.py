@@ -1,0 +1,119 @@
+"""The preflight compiles the trainers' own steps for abstract topologies and reports memory,
+cost and a roofline."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import ar_fashion_mnist, tokenizer_fashion_mnist
+from detailflow_jax import config_lib, sharding
+from detailflow_jax.preflight import __main__ as preflight
+from detailflow_jax.preflight import programs
+from detailflow_jax.train.ar_step import ARStep
+from detailflow_jax.train.tokenizer_step import TokenizerStep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason='TPU compiles need libtpu: pip install -e ".[tpu-aot]"')
+FIELDS = ("topology", "chip", "num_chips", "mesh", "global_batch", "fits", "peak_bytes_per_chip",
+          "hbm_bytes_per_chip", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+          "flops_per_chip", "bytes_accessed_per_chip", "model_flops_per_step", "roofline_step_s",
+          "roofline_mfu", "collectives", "warnings", "compile_s")
+TINY_AR = ["--config", "configs/ar_fashion_mnist.py:smoke"]
+TINY_TOK = ["--config", "configs/tokenizer_fashion_mnist.py:smoke", "--config.degradation_prob=0.0"]
+
+
+def _cli(args, topology):
+    # Without JAX_PLATFORMS=cpu, so that libtpu can describe TPU topologies.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = ROOT
+    command = [sys.executable, "-m", "detailflow_jax.preflight", *args, "--topology", topology]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_report(report, topology, chips):
+    assert all(f in report for f in FIELDS), set(FIELDS) - set(report)
+    assert report["topology"] == topology and report["num_chips"] == chips and report["fits"]
+    assert report["peak_bytes_per_chip"] == (report["argument_bytes"] + report["output_bytes"]
+                                             + report["temp_bytes"] - report["alias_bytes"])
+    assert report["alias_bytes"] > 0  # the state is donated
+    assert 0 < report["roofline_mfu"] <= 1
+    assert report["collectives"]["all-reduce"]["count"] >= 1  # data-parallel gradients are summed
+
+
+def _json_line(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_ar_step_compiles_on_cpu8_and_is_the_trainers_own_jit(monkeypatch):
+    made = []
+    original = ARStep.compiled
+    monkeypatch.setattr(ARStep, "compiled",
+                        lambda self, sh: made.append(original(self, sh)) or made[-1])
+    report = preflight.run(ar_fashion_mnist.get_config("smoke"), "cpu:8")
+    _check_report(report, "cpu:8", 8)
+    # The trainer's own jit of its own step was compiled, not a copy.
+    assert len(made) == 1 and made[0].__wrapped__.__func__ is ARStep.step
+
+
+def test_tokenizer_step_is_the_trainers_own_jit_on_abstract_frozen_nets():
+    config = config_lib.override(tokenizer_fashion_mnist.get_config("smoke"), degradation_prob=0.0)
+    mesh = sharding.make_mesh((8, 1, 1))
+    prog = programs.build(config, mesh, "train")
+    # compiled()'s closure that fixes the canvas of TokenizerStep.step
+    assert prog.jitted.__wrapped__.__name__ == "<lambda>"
+    assert isinstance(prog.jitted, type(jax.jit(lambda x: x)))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(prog.args))
+
+
+def test_abstract_frozen_nets_have_the_real_shapes():
+    config = tokenizer_fashion_mnist.get_config("smoke")
+    config.losses.update(lpips_weight=1.0, disc_type="dino", align_weight=1.0)
+    frozen = TokenizerStep(config, sharding.make_mesh((8, 1, 1))).abstract_frozen()
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    # so400m/16 at 16 x 16 positions
+    assert frozen["siglip"]["position_embedding"].shape == (256, 1152)
+    assert 21e6 < count(frozen["dino"]) < 22.5e6  # ViT-S/16: 12 blocks of 12·384² plus embeddings
+    assert 14e6 < count(frozen["lpips"]) < 15.5e6  # VGG16's 13 conv layers (14.7M) + 1x1 heads
+    assert 400e6 < count(frozen["siglip"]) < 430e6  # "so400m"
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))
+
+
+def test_tokenizer_compiles_on_cpu8():
+    config = config_lib.override(tokenizer_fashion_mnist.get_config("smoke"), degradation_prob=0.0)
+    _check_report(preflight.run(config, "cpu:8"), "cpu:8", 8)
+
+
+def test_too_large_config_exits_nonzero_saying_by_how_much():
+    big = ["--config.model.dim=4096", "--config.model.n_layer=6", "--config.model.n_head=32"]
+    result = _cli(TINY_AR + big, "cpu:8")
+    assert result.returncode != 0
+    assert "does not fit on cpu:8" in result.stderr and "GiB more than" in result.stderr
+    assert "fsdp" in result.stderr and not _json_line(result.stdout)["fits"]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args", [TINY_AR, TINY_TOK], ids=["gpt", "tokenizer"])
+def test_compiles_for_v5e_2x2(args):
+    result = _cli(args, "v5e:2x2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = _json_line(result.stdout)
+    _check_report(report, "v5e:2x2", 4)
+    assert report["chip"] == "v5e" and report["hbm_bytes_per_chip"] == 16 * 2 ** 30
+
+
+def test_restore_target_is_the_same_from_real_or_abstract_dino_weights():
+    config = tokenizer_fashion_mnist.get_config("smoke")
+    config.losses.disc_type = "dino"
+    trainer = TokenizerStep(config, sharding.make_mesh((8, 1, 1)))
+    abstract = trainer.abstract_frozen()
+    real = {"dino": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract["dino"])}
+    describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+    assert describe(trainer.abstract_state(0, abstract)) == describe(trainer.abstract_state(0, real))
