@@ -140,9 +140,10 @@ def verdict(report: dict) -> str | None:
 
 def main(argv) -> None:
     del argv
-    config = cli._CONFIG.value
+    config = cli.loaded_config()
     if config is None:
         sys.exit(f"{__doc__.strip()}\n\nerror: --config is required")
+    cli.maybe_print_config(config)
     try:
         report = run(config, _TOPOLOGY.value, _PROGRAM.value, _RECIPE.value)
     except (topo_lib.TopologyError, ValueError, KeyError) as e:
