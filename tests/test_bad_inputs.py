@@ -123,3 +123,10 @@ def test_a_diverged_run_is_one_line_and_keeps_the_last_checkpoint(tokenizer_work
     assert_one_line_error(proc, "non-finite values at step 5")
     assert "total_steps 3 -> 5" in proc.stderr  # a resume lists its changed settings
     assert tree_hashes(checkpoints) == before
+
+
+@pytest.mark.parametrize("flag, fragment", [("--topology=v9z:1x1", "--topology='v9z:1x1'"),
+                                            ("--recipe=nope", "--recipe='nope'")])
+def test_preflight_names_a_bad_topology_or_recipe(flag, fragment):
+    proc = run("detailflow_jax.preflight", "--config", AR_SMOKE, flag)
+    assert_one_line_error(proc, fragment)

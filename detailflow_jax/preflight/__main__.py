@@ -23,6 +23,7 @@ import time
 
 from absl import app, flags
 
+from detailflow_jax import cli_errors
 from detailflow_jax.preflight import topology as topo_lib
 from detailflow_jax.train import cli
 
@@ -64,6 +65,8 @@ def run(config, topology_name: str, program: str = "train", recipe: str | None =
     from detailflow_jax.preflight import analysis, programs
     if recipe:
         from configs import common
+        if recipe not in common.MESH_RECIPES:  # mesh_config's KeyError would be a traceback
+            raise topo_lib.TopologyError(f"--recipe={recipe!r}: choose one of {sorted(common.MESH_RECIPES)}")
         config.mesh = common.mesh_config(recipe)
     topo = topo_lib.get(topology_name)
     shape = sharding.resolve_mesh_shape((config.mesh.data, config.mesh.fsdp, config.mesh.tensor),
@@ -142,12 +145,10 @@ def main(argv) -> None:
     del argv
     config = cli.loaded_config()
     if config is None:
-        sys.exit(f"{__doc__.strip()}\n\nerror: --config is required")
+        print(__doc__.strip() + "\n", file=sys.stderr)
+        cli_errors.fail("--config is required")
     cli.maybe_print_config(config)
-    try:
-        report = run(config, _TOPOLOGY.value, _PROGRAM.value, _RECIPE.value)
-    except (topo_lib.TopologyError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    report = run(config, _TOPOLOGY.value, _PROGRAM.value, _RECIPE.value)  # bad input: cli.run's boundary
     print(table(report))
     print(json.dumps(report), flush=True)
     reason = verdict(report)
@@ -164,5 +165,6 @@ def _request_devices_early(argv) -> None:
 
 
 if __name__ == "__main__":
-    _request_devices_early(sys.argv)
+    cli_errors.take_verbose_flag()
+    cli_errors.guard(_request_devices_early)(sys.argv)  # a bad --topology is one line here too
     cli.run(main)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detailflow_jax import sharding
+from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.preflight import model_flops
 
 
@@ -65,7 +66,7 @@ def tokenizer_train(config, mesh) -> Program:
 
 def build(config, mesh, program: str) -> Program:
     if program != "train":
-        raise ValueError(f"--program={program!r}: only 'train' is implemented")
+        raise ConfigError(f"--program={program!r}: only 'train' is implemented")
     return (ar_train if is_ar_config(config) else tokenizer_train)(config, mesh)
 
 

@@ -8,6 +8,8 @@ import os
 
 import jax
 
+from detailflow_jax.config_lib import ConfigError
+
 GIB = 1024 ** 3
 # Compiling needs no exclusive TPU: let several compile-only processes (tests, suites) load libtpu
 # at once.
@@ -42,8 +44,8 @@ CHIPS = {
 }
 
 
-class TopologyError(ValueError):
-    pass
+class TopologyError(ConfigError):
+    """An unknown or malformed --topology (one line through the commands' error boundary)."""
 
 
 @dataclasses.dataclass(frozen=True)
