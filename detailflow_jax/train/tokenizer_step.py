@@ -47,11 +47,6 @@ from detailflow_jax.train import optim
 DISC_TYPES = ("none", "patchgan", "dino")
 
 
-def _weighted_mean(per_sample: jax.Array, weight: jax.Array) -> jax.Array:
-    """Mean over the samples that count (the self-corrected half has weight 0 when t = 1)."""
-    return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-
 def _is_decoder_param(path: tuple) -> bool:
     """Whether a leaf of ``_trainable`` trains under finetune_decoder_only (official: names containing
     'decoder.' or 'post_quant_conv'); the alignment projection stays frozen."""
@@ -218,7 +213,7 @@ class TokenizerStep:
             params = trainable["tokenizer"] if self.align else trainable
             out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
             recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
-            mse = _weighted_mean(jnp.mean((recon - target2) ** 2, axis=(1, 2, 3)), weight)
+            mse = gan.sample_mean(jnp.mean((recon - target2) ** 2, axis=(1, 2, 3)), weight)
             loss = losses.mse_weight * mse + out["vq_loss"] + out["commit_loss"]
             metrics = dict(mse=mse, vq_loss=out["vq_loss"], commit_loss=out["commit_loss"],
                            codebook_usage=out["codebook_usage"], fea_cosine_sim=out["fea_cosine_sim"])
@@ -226,7 +221,7 @@ class TokenizerStep:
                 loss = loss + out["entropy_loss"]
                 metrics["entropy_loss"] = out["entropy_loss"]
             if self.lpips is not None:
-                lp = _weighted_mean(self.lpips.apply(frozen["lpips"], target2, recon, True,
+                lp = gan.sample_mean(self.lpips.apply(frozen["lpips"], target2, recon, True,
                                                      rngs={"dropout": k_lpips}), weight)
                 loss = loss + self.schedule.perceptual(step1) * lp
                 metrics["lpips"] = lp
