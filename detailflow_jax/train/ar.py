@@ -26,7 +26,7 @@ from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.eval.sample import ImageGenerator, default_classes, round_up, sampling_settings
-from detailflow_jax.train import cli, run_config
+from detailflow_jax.train import cli, run_config, workdir_lock
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
@@ -86,6 +86,7 @@ def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_
     return hook
 
 
+@workdir_lock.holds_workdir
 def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None,
           samples: bool = True) -> dict:
     """Runs (or resumes) training; returns the final state. ``stop_at`` stops after that step with a checkpoint,
@@ -107,6 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     else:
         abstract = trainer.abstract_state(config.seed)
         state = checkpointer.restore(abstract, data.iterator)
+        start = checkpointer.restored_step  # older than the latest when that one is damaged
         state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
         log.info("resumed from step %d", start)
     if distributed.is_main_process():

@@ -30,7 +30,7 @@ from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train import cli, run_config
+from detailflow_jax.train import cli, run_config, workdir_lock
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
 from detailflow_jax.train.metrics import MetricWriter
@@ -111,6 +111,7 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
     return hook
 
 
+@workdir_lock.holds_workdir
 def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> tuple[dict, dict]:
     """Runs (or resumes) training; returns (final state, PSNR curve {t: dB}; empty when stopped early).
 
@@ -132,6 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     else:
         abstract = trainer.abstract_state(config.seed, frozen)
         state = checkpointer.restore(abstract, data.iterator)
+        start = checkpointer.restored_step  # older than the latest when that one is damaged
         state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
         log.info("resumed from step %d", start)
     if distributed.is_main_process():

@@ -68,25 +68,45 @@ def model_section(path: str, config_spec: str | None, what: str) -> ml_collectio
 
 
 def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = None) -> Any:
-    """``state[entry]`` of a trainer checkpoint (default: the latest), restored onto ``abstract``'s shardings."""
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step() if step is None else step
-    checkpointer.close()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first or pass a converted directory")
+    """``state[entry]`` of a trainer checkpoint (default: the newest intact one), restored onto ``abstract``'s
+    shardings."""
     target = {entry: jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    return restored[entry]
+
+    def read(candidate: int) -> Any:
+        path = os.path.join(workdir, "checkpoints", str(candidate), "state")
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))[entry]
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return checkpointer.restore_newest(read, step)[1]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first or pass a converted "
+                                "directory") from None
+    finally:
+        checkpointer.close()
 
 
-def load_params(path: str, abstract: Any, entry: str = "params") -> Any:
-    """Parameters from a training work directory (``state[entry]``) or a converted orbax directory."""
+def checkpoint_step(path: str) -> int | None:
+    """The step ``load_params(path)`` reads from a training work directory: its newest step whose checksums
+    match (None for a converted directory)."""
+    if not is_training_workdir(path):
+        return None
+    checkpointer = Checkpointer(os.path.join(path, "checkpoints"))
+    try:
+        return checkpointer.restore_newest(lambda step: None)[0]
+    finally:
+        checkpointer.close()
+
+
+def load_params(path: str, abstract: Any, entry: str = "params", step: int | None = None) -> Any:
+    """Parameters from a training work directory (``state[entry]``, of ``step`` or the newest intact one) or a
+    converted orbax directory."""
     path = os.path.abspath(path)
     if is_training_workdir(path):
-        return restore_entry(path, entry, abstract)
+        return restore_entry(path, entry, abstract, step)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
                                 "orbax parameter directory)")
@@ -100,16 +120,17 @@ def _sharded_abstract(boxed: Any, mesh: Mesh) -> tuple[Any, Any]:
     return abstract, shardings
 
 
-def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None,
-                   model_cfg: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
+def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None, model_cfg: Any = None,
+                   step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
     """(tokenizer model config, params placed on ``mesh`` by their logical axes). The model config is
-    ``model_cfg`` when given, else read from ``config_spec`` or the work directory."""
+    ``model_cfg`` when given, else read from ``config_spec`` or the work directory; ``step``: of a work
+    directory, that checkpoint (default: the newest intact one)."""
     if model_cfg is None:
         model_cfg = model_section(path, config_spec, "tokenizer")
     model_cfg = ml_collections.ConfigDict(dict(model_cfg))
     validate(model_cfg)
     abstract, _ = _sharded_abstract(abstract_params(model_cfg, boxed=True), mesh)
-    return model_cfg, load_params(path, abstract)
+    return model_cfg, load_params(path, abstract, step=step)
 
 
 def load_gpt(path: str, mesh: Mesh, config_spec: str | None = None, ema: bool = True,
