@@ -125,3 +125,33 @@ def test_tokenizer_loads_from_a_training_workdir(tokenizer, tmp_path):
     loaded_cfg, loaded = load_tokenizer(str(tmp_path), mesh)
     assert loaded_cfg.num_latent_tokens == model_cfg.num_latent_tokens
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
+
+
+def _tokenizer_workdir(path, params_by_step: dict) -> str:
+    """A tokenizer training work directory holding a checkpoint per step."""
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(tokenizer_fashion_mnist.get_config("smoke").to_json())
+    checkpointer = Checkpointer(str(path / "checkpoints"))
+    for step, params in params_by_step.items():
+        checkpointer.save(step, {"step": np.int32(step), "params": params})
+    checkpointer.close()
+    return str(path)
+
+
+def test_codes_of_an_older_tokenizer_checkpoint_are_not_reused(tokenizer, tmp_path):
+    model_cfg, params, _ = tokenizer
+    workdir = _tokenizer_workdir(tmp_path / "tok", {5: params})
+    out = str(tmp_path / "codes")
+    extract_codes(extract_config(), workdir, out)
+    assert codes_lib.read_metadata(out).tokenizer["step"] == 5
+    # The tokenizer trains further: its step-6 weights give other codes.
+    _tokenizer_workdir(tmp_path / "tok", {6: init_params(model_cfg, jax.random.key(1))})
+    with pytest.raises(ConfigError, match=r"tokenizer\.step: 5 -> 6.*pass --overwrite"):
+        extract_codes(extract_config(), workdir, out)
+    _, _, before = read_chunks(out)  # refused: the old codes are still there
+
+    result = extract_codes(extract_config(), workdir, out, overwrite=True)
+    _, _, after = read_chunks(out)
+    assert result["chunks_done"] == 3 and codes_lib.read_metadata(out).tokenizer["step"] == 6
+    assert len(before) == len(after) == 24
+    assert any((b[2] != a[2]).any() for b, a in zip(before, after))

@@ -18,7 +18,9 @@ files, so rerunning the command after an interruption only does the missing ones
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import logging
 import os
 import sys
 import time
@@ -28,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from detailflow_jax import distributed, sharding
@@ -39,7 +43,9 @@ from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import sample_noise_span
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
 from detailflow_jax.train import cli
-from detailflow_jax.train.weights import load_tokenizer
+from detailflow_jax.train.weights import checkpoint_step, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 VIEW_MODES = {"center": 1, "center_flip": 2, "ten_crop": 10}
 _SPEED_FIELDS = ("num_threads", "prefetch", "num_workers")  # data fields that do not change the images
@@ -95,26 +101,51 @@ def chunk_bounds(chunk: int, chunk_size: int, num_images: int) -> tuple[int, int
     return chunk * chunk_size, min((chunk + 1) * chunk_size, num_images)
 
 
-def _metadata(config, data_cfg, model_cfg, tokenizer: str, num_images: int, class_names) -> codes_lib.CodesMetadata:
+def _metadata(config, data_cfg, model_cfg, tokenizer: str, tokenizer_step: int | None, num_images: int,
+              class_names) -> codes_lib.CodesMetadata:
     ex, m = config.extract, validate(model_cfg)
     return codes_lib.CodesMetadata(
         num_tokens=m.num_latent_tokens, group_size=m.group_size, causal_num=m.causal_num,
         codebook_size=m.codebook_size, views=VIEW_MODES[ex.views], view_mode=ex.views, num_images=num_images,
         num_classes=len(class_names), class_names=list(class_names), image_size=m.image_size,
         chunk_size=ex.chunk_size, num_chunks=-(-num_images // ex.chunk_size), seed=ex.seed,
-        tokenizer={"path": os.path.abspath(tokenizer), "model": model_cfg.to_dict()},
+        tokenizer={"path": os.path.abspath(tokenizer), "step": tokenizer_step, "model": model_cfg.to_dict()},
         data={k: v for k, v in data_cfg.items() if k not in _SPEED_FIELDS}, split=ex.split)
 
 
-def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata) -> None:
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two JSON-like trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys())
+                for d in _differences(old.get(k, "(unset)"), new.get(k, "(unset)"), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata, overwrite: bool) -> None:
+    """Writes ``metadata.json``, or checks it against ``meta`` when ``out`` has codes already: codes made with
+    other settings or another tokenizer checkpoint are refused, or with ``overwrite`` deleted (re-extracted)."""
     path = os.path.join(out, codes_lib.METADATA_FILE)
     if os.path.isfile(path):
         existing = codes_lib.read_metadata(out)
-        if existing != meta:
-            diff = sorted(k for k in meta.__dataclass_fields__ if getattr(existing, k) != getattr(meta, k))
-            raise ConfigError(f"{out} holds codes extracted with other settings (differ: {diff}); pass a new --out "
-                              "or delete the directory")
-    elif distributed.is_main_process():
+        if existing == meta:
+            return
+        diff = _differences(dataclasses.asdict(existing), dataclasses.asdict(meta))
+        if not overwrite:
+            raise ConfigError(f"{out} holds codes extracted with other settings or another tokenizer checkpoint "
+                              f"({'; '.join(diff[:5])}); pass --overwrite to re-extract them, or a new --out")
+        _barrier("extract: metadata checked")
+        if distributed.is_main_process():
+            log.warning("re-extracting %s (%s)", out, "; ".join(diff[:5]))
+            for stale in epath.Path(out).glob("codes-*-of-*.array_record*"):
+                stale.unlink()
+            epath.Path(path).unlink()
+        _barrier("extract: stale codes deleted")
+    if distributed.is_main_process():
         os.makedirs(out, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             f.write(meta.to_json())
@@ -135,8 +166,9 @@ def _chunk_batches(source, data_cfg, start: int, stop: int, batch_size: int):
 
 
 def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
-                  tokenizer_config: str | None = None) -> dict:
-    """Extracts (or finishes extracting) the codes of ``config.extract`` into ``out``; returns
+                  tokenizer_config: str | None = None, overwrite: bool = False) -> dict:
+    """Extracts (or finishes extracting) the codes of ``config.extract`` into ``out`` (``overwrite``: replacing
+    codes made with other settings or another tokenizer checkpoint, which are refused otherwise); returns
     {"images": written by this process, "seconds", "images_per_s", "chunks_done", "chunks_skipped"}."""
     ex = config.extract
     require(ex.views in VIEW_MODES, "extract.views", ex.views, f"must be one of {sorted(VIEW_MODES)}")
@@ -147,7 +179,8 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     require(ex.batch_size % mesh.devices.size == 0, "extract.batch_size", ex.batch_size,
             f"must be divisible by the {mesh.devices.size} local devices")
     data_cfg = _data_config(config)
-    model_cfg, params = load_tokenizer(tokenizer, mesh, tokenizer_config)
+    tokenizer_step = checkpoint_step(tokenizer)  # codes of another checkpoint are not reused
+    model_cfg, params = load_tokenizer(tokenizer, mesh, tokenizer_config, step=tokenizer_step)
     if ex.dtype:
         model_cfg.dtype = ex.dtype
     m = validate(model_cfg)
@@ -157,9 +190,9 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     source, class_names = open_source(data_cfg, ex.split)
     require(ex.max_images >= 0, "extract.max_images", ex.max_images, "must be >= 0 (0 = the whole split)")
     num_images = min(len(source), ex.max_images or len(source))
-    meta = _metadata(config, data_cfg, model_cfg, tokenizer, num_images, class_names)
+    meta = _metadata(config, data_cfg, model_cfg, tokenizer, tokenizer_step, num_images, class_names)
     out = os.path.abspath(out)
-    _write_or_check_metadata(out, meta)
+    _write_or_check_metadata(out, meta, overwrite)
     os.makedirs(out, exist_ok=True)
 
     mine = range(jax.process_index(), meta.num_chunks, jax.process_count())
@@ -212,6 +245,8 @@ def _define_flags():
                         "(default: the config's `tokenizer`)")
     flags.DEFINE_string("tokenizer_config", None, "tokenizer config FILE.py:ARG; needed for a converted directory")
     flags.DEFINE_string("out", None, "output codes directory (default: the config's `codes_dir`)")
+    flags.DEFINE_bool("overwrite", False, "re-extract when --out holds codes made with other settings or another "
+                      "tokenizer checkpoint (refused otherwise)")
 
 
 def main(argv) -> None:
@@ -231,7 +266,8 @@ def main(argv) -> None:
     out = f.out or config.codes_dir
     if not tokenizer or not out:
         raise ConfigError("pass --tokenizer and --out (or set tokenizer / codes_dir in the config)")
-    result = extract_codes(config, tokenizer, out, f.tokenizer_config or config.tokenizer_config or None)
+    result = extract_codes(config, tokenizer, out, f.tokenizer_config or config.tokenizer_config or None,
+                           f.overwrite)
     print(f"{result['images']} images in {result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s); "
           f"{result['chunks_done']} chunks written, {result['chunks_skipped']} already done; codes in {result['out']}")
 
