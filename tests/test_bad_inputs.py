@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import tokenizer_fashion_mnist
@@ -130,3 +131,25 @@ def test_a_diverged_run_is_one_line_and_keeps_the_last_checkpoint(tokenizer_work
 def test_preflight_names_a_bad_topology_or_recipe(flag, fragment):
     proc = run("detailflow_jax.preflight", "--config", AR_SMOKE, flag)
     assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("norm.weight", lambda w: np.where(np.arange(w.size) == 0, np.nan, w).astype(np.float32),
+     "norm.weight: 1 NaN/inf values"),
+    ("tok_embeddings.weight", lambda w: w.astype(np.int64), "tok_embeddings.weight: int64 values"),
+    ("layers.0.attention.wqkv.weight", lambda w: w[:, :-1], "layers.0.attention.wqkv.weight: checkpoint ("),
+], ids=["nan", "int64", "shape"])
+def test_gpt_converter_names_an_unusable_tensor_by_its_key(tmp_path, key, bad, message):
+    import flax.linen as nn
+    import jax
+    from test_gpt_model import official_state_dict
+
+    from configs import ar_fashion_mnist
+    from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+    cfg = GPTConfig(**ar_fashion_mnist.get_config("smoke").model).validate()
+    state = official_state_dict(nn.unbox(init_params(GPT(cfg), jax.random.key(0))))
+    np.savez(tmp_path / "gpt.npz", **{**state, key: bad(state[key])})
+    proc = run("detailflow_jax.convert.gpt", "--checkpoint", str(tmp_path / "gpt.npz"),
+               "--config", AR_SMOKE, "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, message)
+    assert not os.path.exists(tmp_path / "out")

@@ -160,14 +160,13 @@ def test_config_strings_and_validation():
             get_config(arg)
 
 
-def test_converter_names_bad_keys_and_shapes():
-    cfg = GPTConfig(**TINY)
-    params = nn.unbox(init_params(GPT(cfg), jax.random.key(0)))
+def official_state_dict(params) -> dict[str, np.ndarray]:
+    """An unscanned GPT params tree written with the official checkpoint's keys and layouts."""
     state = {"cls_embedding.embedding_table.weight": params["cls_embedding"]["embedding"],
              "tok_embeddings.weight": params["tok_embeddings"]["embedding"],
              "spe_tok_embeddings.special_embeddings.weight": params["spe_tok_embeddings"],
              "norm.weight": params["norm"]["scale"], "output.weight": params["output"]["kernel"].T}
-    for i in range(cfg.n_layer):
+    for i in range(sum(k.startswith("layers_") for k in params)):
         p = params[f"layers_{i}"]
         state.update({f"layers.{i}.attention.wqkv.weight": p["attention"]["wqkv"]["kernel"].T,
                       f"layers.{i}.attention.wo.weight": p["attention"]["wo"]["kernel"].T,
@@ -176,7 +175,13 @@ def test_converter_names_bad_keys_and_shapes():
                       f"layers.{i}.feed_forward.w3.weight": p["feed_forward"]["w3"]["kernel"].T,
                       f"layers.{i}.attention_norm.weight": p["attention_norm"]["scale"],
                       f"layers.{i}.ffn_norm.weight": p["ffn_norm"]["scale"]})
-    state = {k: np.asarray(v) for k, v in state.items()}
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def test_converter_names_bad_keys_and_shapes():
+    cfg = GPTConfig(**TINY)
+    params = nn.unbox(init_params(GPT(cfg), jax.random.key(0)))
+    state = official_state_dict(params)
     back = convert_gpt_state_dict(state, cfg)
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
     scanned = convert_gpt_state_dict(state, GPTConfig(**{**TINY, "scan_layers": True}))
@@ -185,9 +190,23 @@ def test_converter_names_bad_keys_and_shapes():
         convert_gpt_state_dict({k: v for k, v in state.items() if k != "layers.1.ffn_norm.weight"}, cfg)
     with pytest.raises(ConversionError, match="unexpected keys.*freqs_cis"):
         convert_gpt_state_dict({**state, "freqs_cis": np.zeros(3)}, cfg)
-    bad = {**state, "tok_embeddings.weight": np.zeros((33, 32), np.float32)}
-    with pytest.raises(ConversionError, match=r"tok_embeddings/embedding: checkpoint \(33, 32\) vs model \(32, 32\)"):
-        convert_gpt_state_dict(bad, cfg)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("key, value, message", [
+    ("tok_embeddings.weight", np.zeros((33, 32), np.float32),
+     r"tok_embeddings\.weight: checkpoint \(33, 32\), the model expects \(32, 32\)"),
+    ("layers.1.attention.wqkv.weight", np.zeros((96, 33), np.float32),  # a Linear weight: [out, in] as stored
+     r"layers\.1\.attention\.wqkv\.weight: checkpoint \(96, 33\), the model expects \(96, 32\)"),
+    ("norm.weight", np.array([np.nan] + [1.0] * 31, np.float32), r"norm\.weight: 1 NaN/inf values"),
+    ("cls_embedding.embedding_table.weight", np.zeros((6, 32), np.int64),
+     r"cls_embedding\.embedding_table\.weight: int64 values where the model expects floating-point"),
+], ids=["embedding_shape", "linear_shape", "nan", "int64"])
+def test_converter_names_unusable_tensors_by_their_checkpoint_key(scan_layers, key, value, message):
+    cfg = GPTConfig(**{**TINY, "scan_layers": scan_layers})
+    state = official_state_dict(nn.unbox(init_params(GPT(GPTConfig(**TINY)), jax.random.key(0))))
+    with pytest.raises(ConversionError, match=message):
+        convert_gpt_state_dict({**state, key: value}, cfg)
 
 
 @pytest.mark.parametrize("residual_dtype", ["float32", "bfloat16"])

@@ -107,7 +107,7 @@ def convert_heads(state: dict[str, np.ndarray], disc: DinoDiscriminator, backbon
         stats[dst + ("mean",)] = reader.take(f"{src}.running_mean")
         stats[dst + ("var",)] = reader.take(f"{src}.running_var")
         if reader.has(f"{src}.num_batches_tracked"):
-            reader.take(f"{src}.num_batches_tracked")  # only used by momentum=None BatchNorm
+            reader.take(f"{src}.num_batches_tracked", floating=False)  # only used by momentum=None BatchNorm
 
     for h in range(len(disc.key_depths) + 1):
         head = f"head_{h}"

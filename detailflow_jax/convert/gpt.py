@@ -30,8 +30,16 @@ import numpy as np
 
 from detailflow_jax import cli_errors, config_lib
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
-from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
+from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree, leaf_shapes,
+                                              load_state_dict)
 
+_GLOBAL_KEYS = {
+    ("cls_embedding", "embedding"): ("cls_embedding.embedding_table.weight", False),
+    ("tok_embeddings", "embedding"): ("tok_embeddings.weight", False),
+    ("spe_tok_embeddings",): ("spe_tok_embeddings.special_embeddings.weight", False),
+    ("norm", "scale"): ("norm.weight", False),
+    ("output", "kernel"): ("output.weight", True),
+}
 _LAYER_KEYS = {
     ("attention", "wqkv", "kernel"): ("attention.wqkv.weight", True),
     ("attention", "wo", "kernel"): ("attention.wo.weight", True),
@@ -44,22 +52,28 @@ _LAYER_KEYS = {
 
 
 def convert_gpt_state_dict(state: Mapping[str, np.ndarray], cfg: GPTConfig, name: str = "GPT checkpoint") -> Any:
-    """{torch key: array} -> Flax params for `GPT(cfg)`. Missing/unexpected keys and shape mismatches raise
-    ConversionError naming the key and both shapes."""
+    """{torch key: array} -> Flax params for `GPT(cfg)`. Missing/unexpected keys, wrong shapes (in the checkpoint's
+    layout), NaN/inf values and integer tensors raise ConversionError naming the checkpoint key."""
+    abstract = jax.eval_shape(lambda: init_params(GPT(cfg), jax.random.key(0)))
+    shapes = leaf_shapes(abstract)
+
+    def expected(path: tuple[str, ...], linear: bool) -> tuple[int, ...] | None:
+        """The checkpoint-layout shape of the Flax leaf at ``path`` ([out, in] for a Linear weight)."""
+        shape = shapes.get(path)
+        if shape is None and path[0].startswith("layers_") and cfg.scan_layers:
+            shape = shapes[("layers",) + path[1:]][1:]
+        return None if shape is None else tuple(reversed(shape)) if linear else shape
+
     reader = StateDictReader(state, name=name)
-    flat: dict[tuple[str, ...], np.ndarray] = {
-        ("cls_embedding", "embedding"): reader.take("cls_embedding.embedding_table.weight"),
-        ("tok_embeddings", "embedding"): reader.take("tok_embeddings.weight"),
-        ("spe_tok_embeddings",): reader.take("spe_tok_embeddings.special_embeddings.weight"),
-        ("norm", "scale"): reader.take("norm.weight"),
-        ("output", "kernel"): reader.linear_kernel("output.weight"),
-    }
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for path, (key, linear) in _GLOBAL_KEYS.items():
+        flat[path] = (reader.linear_kernel if linear else reader.take)(key, expected(path, linear))
     n_layer = _checkpoint_layers(state)
     per_layer = {path: [] for path in _LAYER_KEYS}
     for i in range(n_layer):
-        for path, (suffix, is_linear) in _LAYER_KEYS.items():
-            key = f"layers.{i}.{suffix}"
-            per_layer[path].append(reader.linear_kernel(key) if is_linear else reader.take(key))
+        for path, (suffix, linear) in _LAYER_KEYS.items():
+            take = reader.linear_kernel if linear else reader.take
+            per_layer[path].append(take(f"layers.{i}.{suffix}", expected((f"layers_{i}",) + path, linear)))
     reader.finish()
     if n_layer != cfg.n_layer:
         raise ConversionError(f"{name} has {n_layer} layers (layers.0 .. layers.{n_layer - 1}) but the config has "
@@ -70,7 +84,6 @@ def convert_gpt_state_dict(state: Mapping[str, np.ndarray], cfg: GPTConfig, name
         else:
             for i, a in enumerate(arrays):
                 flat[(f"layers_{i}",) + path] = a
-    abstract = jax.eval_shape(lambda: init_params(GPT(cfg), jax.random.key(0)))
     return assign_to_tree(flat, abstract, name=name)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from detailflow_jax.convert import pt_reader
 from detailflow_jax.convert.errors import ConversionError
 
-__all__ = ["ConversionError", "StateDictReader", "assign_to_tree", "load_state_dict"]
+__all__ = ["ConversionError", "StateDictReader", "assign_to_tree", "leaf_shapes", "load_state_dict"]
 
 
 def load_state_dict(path: str | os.PathLike, entry: str | None = None,
@@ -56,10 +56,13 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
     return {key: np.asarray(value) for key, value in chosen.items()}
 
 
+def _is_floating(dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
+
+
 def _as_float32(value: Any) -> np.ndarray:
     value = np.asarray(value)
-    floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
-    return value.astype(np.float32) if floating else value
+    return value.astype(np.float32) if _is_floating(value.dtype) else value
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -117,20 +120,32 @@ class StateDictReader:
         self.skip_prefixes = tuple(skip_prefixes)
         self.used: set[str] = set()
         self.missing: list[str] = []
+        self.bad: list[str] = []  # wrong shape, dtype or values
 
     def has(self, key: str) -> bool:
         return key in self.state
 
-    def take(self, key: str) -> np.ndarray:
+    def take(self, key: str, shape: tuple[int, ...] | None = None, floating: bool = True) -> np.ndarray:
+        """The tensor ``key``; ``shape``: what the model expects, in the checkpoint's layout. Problems (a wrong
+        shape, NaN/inf values, an integer tensor where weights are floats unless ``floating=False``) are
+        collected and reported by ``finish()`` with the key."""
         if key not in self.state:
             self.missing.append(key)
             return None  # reported all together by finish()
         self.used.add(key)
-        return self.state[key]
+        value = self.state[key]
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            self.bad.append(f"{key}: checkpoint {tuple(value.shape)}, the model expects {tuple(shape)}")
+        if not _is_floating(value.dtype):
+            if floating:
+                self.bad.append(f"{key}: {value.dtype} values where the model expects floating-point weights")
+        elif not np.isfinite(value).all():
+            self.bad.append(f"{key}: {int(np.size(value) - np.isfinite(value).sum())} NaN/inf values")
+        return value
 
-    def linear_kernel(self, key: str) -> np.ndarray:
-        """PyTorch Linear.weight [out, in] -> Flax Dense kernel [in, out]."""
-        w = self.take(key)
+    def linear_kernel(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """PyTorch Linear.weight [out, in] -> Flax Dense kernel [in, out]; ``shape``: the expected [out, in]."""
+        w = self.take(key, shape)
         return None if w is None else np.ascontiguousarray(w.T)
 
     def skipped(self) -> list[str]:
@@ -142,6 +157,8 @@ class StateDictReader:
         problems = []
         if self.missing:
             problems.append(f"missing keys ({len(self.missing)}): " + ", ".join(self.missing[:20]))
+        if self.bad:
+            problems.append(f"unusable tensors ({len(self.bad)}): " + "; ".join(self.bad[:20]))
         if unexpected:
             problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(
                 f"{k} {tuple(self.state[k].shape)}" for k in unexpected[:20]))
@@ -183,6 +200,12 @@ def assign_to_tree(flat: Mapping[tuple[str, ...], np.ndarray], abstract: Any, na
     if problems:
         raise ConversionError(f"{name} does not match the model:\n  " + "\n  ".join(problems))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def leaf_shapes(abstract: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{key path (as ``assign_to_tree`` matches it): shape} of every leaf of ``abstract``."""
+    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
+    return {tuple(_key_name(p) for p in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _key_name(entry) -> str:
