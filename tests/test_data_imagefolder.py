@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detailflow_jax.data.imagefolder import ImageFolderError, build_imagefolder, dataset_dir
+from detailflow_jax.data.imagefolder import ImageFolderError, build_imagefolder, dataset_dir, open_imagefolder
 
 # Runs in a fresh interpreter so that "TensorFlow was never imported" is not masked by other tests' imports.
 BUILD_AND_READ = r"""
@@ -93,3 +93,27 @@ def test_layout_errors(tmp_path):
         build_imagefolder(tmp_path / "flat", tmp_path / "out")
     with pytest.raises(ImageFolderError, match="no built image-folder dataset"):
         dataset_dir(tmp_path / "out")
+
+
+def test_a_dataset_built_from_another_tree_is_not_reused(tmp_path):
+    from test_bad_inputs import assert_one_line_error, run, tree_hashes
+    _write_tree(tmp_path / "tree")
+    args = ("--root", str(tmp_path / "tree"), "--data_dir", str(tmp_path / "tfds"))
+    first = run("detailflow_jax.data.imagefolder", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run("detailflow_jax.data.imagefolder", *args)
+    assert "already built, reused" in again.stdout and "classes: 2" in again.stdout, again.stdout
+
+    (tmp_path / "tree" / "train" / "bird").mkdir()
+    (tmp_path / "tree" / "train" / "bird" / "0.png").write_bytes(_encoded("PNG", 8))
+    before = tree_hashes(str(tmp_path / "tfds"))
+    refused = run("detailflow_jax.data.imagefolder", *args)
+    assert_one_line_error(refused, "was built from another tree", "2 classes (cat, dog)",
+                          "3 classes (bird, cat, dog)", "--rebuild")
+    assert tree_hashes(str(tmp_path / "tfds")) == before
+
+    rebuilt = run("detailflow_jax.data.imagefolder", *args, "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "train: 7 examples" in rebuilt.stdout and "classes: 3" in rebuilt.stdout, rebuilt.stdout
+    source, class_names = open_imagefolder(tmp_path / "tfds", "train")
+    assert class_names == ["bird", "cat", "dog"] and len(source) == 7

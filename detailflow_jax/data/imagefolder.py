@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -28,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from detailflow_jax import cli_errors
@@ -40,6 +43,7 @@ DATASET_VERSION = "1.0.0"
 SPLITS = ("train", "val")
 # torchvision's IMG_EXTENSIONS.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SOURCE_FILE = "source_tree.json"  # the fingerprint of the tree a dataset was built from
 _READ_CHUNK = 512  # files read and verified concurrently; bounds the bytes held in memory
 
 
@@ -112,6 +116,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, root: str | os.PathLike, **kwargs):
         self._root = pathlib.Path(root)
         self._class_names, self._splits = check_layout(self._root)
+        self.fingerprint = source_fingerprint(self._root, self._class_names, self._splits)
         self.report = BuildReport()
         super().__init__(**kwargs)
 
@@ -154,10 +159,53 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             raise ImageFolderError(f"split {split!r} of {str(self._root)!r} has no readable images")
 
 
-def build_imagefolder(root: str | os.PathLike, data_dir: str | os.PathLike) -> ImageFolder:
-    """Builds (or reuses, when already built) ``<data_dir>/imagefolder/1.0.0`` from the tree at ``root``."""
+def source_fingerprint(root: pathlib.Path, class_names: list[str], splits: list[str]) -> dict:
+    """What a build depends on: the class list and, per split, the image files' names and sizes (a count, a
+    byte total and a SHA-256 of the sorted "class/file size" lines)."""
+    out = {"classes": class_names, "splits": {}}
+    for split in splits:
+        digest, total, files = hashlib.sha256(), 0, list_images(root / split, class_names)
+        for path, class_name in files:
+            size = epath.Path(path).stat().length
+            total += size
+            digest.update(f"{class_name}/{path.name}\t{size}\n".encode())
+        out["splits"][split] = {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
+    return out
+
+
+def _describe(fingerprint: dict) -> str:
+    splits = ", ".join(f"{s}: {v['files']} files, {v['bytes']} bytes" for s, v in fingerprint["splits"].items())
+    return f"{len(fingerprint['classes'])} classes ({', '.join(fingerprint['classes'][:5])}" + \
+        f"{', ...' if len(fingerprint['classes']) > 5 else ''}); {splits}"
+
+
+def _check_source(built: epath.Path, fingerprint: dict, root: str | os.PathLike) -> None:
+    """Refuses to reuse a dataset built from another tree than ``fingerprint`` describes."""
+    record = built / SOURCE_FILE
+    if not record.exists():
+        log.warning("%s holds no record of the tree it was built from (built before it was recorded); reusing "
+                    "it unchecked (pass --rebuild to build it again from %s)", built, root)
+        return
+    old = json.loads(record.read_text())
+    if {k: old[k] for k in ("classes", "splits")} != fingerprint:
+        raise ImageFolderError(
+            f"{built} was built from another tree ({old.get('root')}: {_describe(old)}) than {root} is now "
+            f"({_describe(fingerprint)}); pass --rebuild to build it again, or a new --data_dir")
+
+
+def build_imagefolder(root: str | os.PathLike, data_dir: str | os.PathLike, rebuild: bool = False) -> ImageFolder:
+    """Builds ``<data_dir>/imagefolder/1.0.0`` from the tree at ``root``, or reuses it when it was built from the
+    same tree (same classes, file names and sizes); a dataset built from another tree is refused, or with
+    ``rebuild`` built again."""
     builder = ImageFolder(root=root, data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare()
+    built = epath.Path(builder.data_dir)
+    if (built / "dataset_info.json").exists() and not rebuild:
+        _check_source(built, builder.fingerprint, root)
+    mode = tfds.download.GenerateMode
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=mode.FORCE_REDOWNLOAD if rebuild else mode.REUSE_DATASET_IF_EXISTS))
+    if builder.report.num_examples:  # built now, not reused
+        (built / SOURCE_FILE).write_text(json.dumps({"root": os.path.abspath(root), **builder.fingerprint}, indent=1))
     for split, names in builder.report.skipped.items():
         if names:
             log.warning("%s: skipped %d unreadable images, e.g. %s", split, len(names), names[:5])
@@ -190,12 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder holding train/<class>/* and optionally val/<class>/*")
     parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write the ArrayRecord dataset into")
+    parser.add_argument("--rebuild", action="store_true", help="build again when --data_dir holds a dataset "
+                        "built from another tree (refused otherwise)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        builder = build_imagefolder(args.root, args.data_dir)
-    except ImageFolderError as e:
-        raise SystemExit(f"error: {e}") from None
+        builder = build_imagefolder(args.root, args.data_dir, args.rebuild)
+    except ImageFolderError as e:  # run as __main__, this module's errors are not the ones cli_errors knows
+        cli_errors.fail(e)
     for split, info in builder.info.splits.items():
         skipped = builder.report.skipped.get(split)
         note = "already built, reused" if skipped is None else f"{len(skipped)} unreadable files skipped"
