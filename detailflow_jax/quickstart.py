@@ -2,7 +2,8 @@
 
     python -m detailflow_jax.quickstart --workdir workdir/fashion_mnist      (launch/quickstart.sh installs first)
 
-Stages, each resumable (a rerun skips finished stages and continues an interrupted one from its checkpoint):
+Stages, each resumable (a rerun skips finished stages and continues an interrupted one from its checkpoint; a
+stage whose settings or inputs changed runs again, see ``Stages``):
   1. tokenizer   train the DetailFlow tokenizer (configs/tokenizer_fashion_mnist.py)      -> tokenizer/
   2. codes       extract codes + self-correction triples of the training images          -> codes/
   3. gpt         train the class-conditional group-parallel GPT (configs/ar_fashion_mnist.py) -> gpt/
@@ -14,6 +15,7 @@ Wall time per stage goes to timings.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,9 +24,11 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import cli_errors, sharding
+from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.eval.sample import load_generator, round_up, sample
@@ -34,7 +38,7 @@ from detailflow_jax.train import tokenizer as tokenizer_train
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.weights import load_tokenizer
 
-DEFAULT_WORKDIR = "workdir/fashion_mnist"
+DEFAULT_WORKDIR = "workdir/fashion_mnist"  # --smoke: workdir/fashion_mnist_smoke (other models: never mixed)
 _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "tokenizer training steps (0: the recipe's)")
 _GPT_STEPS = flags.DEFINE_integer("gpt_steps", 0, "GPT training steps (0: the recipe's)")
 _EXTRACT_IMAGES = flags.DEFINE_integer("extract_images", 0, "training images to extract codes from (0: the recipe's)")
@@ -42,29 +46,57 @@ _QUALITY_SAMPLES = flags.DEFINE_integer("quality_samples", 1000, "generated imag
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny models on synthetic data (a test of the plumbing, not of quality)")
 
 
+def fingerprint(*parts) -> str:
+    """A short hash of what a stage's result depends on (configs as their JSON, other JSON-able values)."""
+    text = json.dumps([p.to_json(sort_keys=True) if hasattr(p, "to_json") else p for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Stages:
-    """Runs named stages once: a finished stage leaves ``.done/<name>`` with its wall time."""
+    """Runs named stages once. ``.done/<name>`` records the fingerprints of the stage's settings and of its inputs
+    (the results of the stages before it) when it starts, and its wall time when it ends: a finished stage with
+    the same fingerprints is skipped, otherwise it runs again (a trainer resumes from its checkpoint)."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.done_dir = os.path.join(workdir, ".done")
-        os.makedirs(self.done_dir, exist_ok=True)
+        self.done_dir = epath.Path(workdir) / ".done"
+        self.done_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, fn) -> float:
-        marker = os.path.join(self.done_dir, name)
-        if os.path.exists(marker):
-            with open(marker) as f:
-                seconds = float(f.read() or 0)
-            print(f"== {name}: done already ({seconds:.0f} s), skipped", flush=True)
-            return seconds
+    def _marker(self, name: str) -> dict | None:
+        path = self.done_dir / name
+        try:
+            marker = json.loads(path.read_text()) if path.exists() else None
+        except ValueError:  # the wall time alone, written before markers held fingerprints
+            return None
+        return marker if isinstance(marker, dict) else None
+
+    def run(self, name: str, fn, settings: str, inputs: str = "", trained: str | None = None) -> tuple[float, str]:
+        """(wall time, this result's fingerprint). ``trained``: the stage's output directory when a rerun would
+        continue from it (a trainer's checkpoints); if it exists and the stage's inputs changed, the stage is
+        refused rather than continued from a result made of other inputs."""
+        key = {"settings": settings, "inputs": inputs}
+        result = fingerprint(key)
+        marker = self._marker(name)
+        if marker is not None and {k: marker.get(k) for k in key} == key and marker.get("seconds") is not None:
+            print(f"== {name}: done already ({marker['seconds']:.0f} s, same settings and inputs), skipped",
+                  flush=True)
+            return marker["seconds"], result
+        if marker is not None and marker.get("inputs") != inputs and trained and epath.Path(trained).exists():
+            raise ConfigError(f"the inputs of the {name} stage changed since it ran (fingerprint "
+                              f"{marker.get('inputs')} -> {inputs}, e.g. the stage before it ran with other "
+                              f"settings): {trained} was trained on the old ones; delete it to train again on the "
+                              "new ones, or pass another --workdir")
+        if marker is not None and {k: marker.get(k) for k in key} != key:
+            print(f"== {name}: settings or inputs changed since it ran (settings {marker.get('settings')} -> "
+                  f"{settings}, inputs {marker.get('inputs')} -> {inputs}); running it again", flush=True)
         print(f"== {name}", flush=True)
+        (self.done_dir / name).write_text(json.dumps({**key, "seconds": None}))
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start
-        with open(marker, "w") as f:
-            f.write(f"{seconds:.1f}")
+        (self.done_dir / name).write_text(json.dumps({**key, "seconds": round(seconds, 1)}))
         print(f"== {name}: {seconds:.0f} s", flush=True)
-        return seconds
+        return seconds, result
 
 
 def configs(workdir: str, smoke: bool, tokenizer_steps: int = 0, gpt_steps: int = 0, extract_images: int = 0):
@@ -136,17 +168,22 @@ def run_main_job(workdir: str, smoke: bool = False, tokenizer_steps: int = 0, gp
     os.makedirs(workdir, exist_ok=True)
     tok_cfg, ar_cfg = configs(workdir, smoke, tokenizer_steps, gpt_steps, extract_images)
     stages = Stages(workdir)
-    timings = {
-        "tokenizer": stages.run("tokenizer", lambda: train_to_end("tokenizer", tokenizer_train.train, tok_cfg,
-                                                                  os.path.join(workdir, "tokenizer"))),
-        "codes": stages.run("codes", lambda: extract_codes(ar_cfg, os.path.join(workdir, "tokenizer"),
-                                                           ar_cfg.codes_dir)),
-        "gpt": stages.run("gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, os.path.join(workdir, "gpt"))),
-        "samples": stages.run("samples", lambda: sample(os.path.join(workdir, "gpt"), os.path.join(workdir, "samples"),
-                                                        num_per_class=10)),
-        "quality": stages.run("quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke,
-                                                                       quality_samples)),
-    }
+    timings = {}
+    timings["tokenizer"], tok_fp = stages.run(
+        "tokenizer", lambda: train_to_end("tokenizer", tokenizer_train.train, tok_cfg,
+                                          os.path.join(workdir, "tokenizer")), fingerprint(tok_cfg))
+    timings["codes"], codes_fp = stages.run(  # overwrite: codes of an older tokenizer are replaced
+        "codes", lambda: extract_codes(ar_cfg, os.path.join(workdir, "tokenizer"), ar_cfg.codes_dir, overwrite=True),
+        fingerprint(ar_cfg.extract), tok_fp)
+    timings["gpt"], gpt_fp = stages.run(
+        "gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, os.path.join(workdir, "gpt")),
+        fingerprint(ar_cfg), codes_fp, trained=os.path.join(workdir, "gpt"))
+    timings["samples"], _ = stages.run(
+        "samples", lambda: sample(os.path.join(workdir, "gpt"), os.path.join(workdir, "samples"), num_per_class=10),
+        fingerprint("num_per_class=10"), gpt_fp)
+    timings["quality"], _ = stages.run(
+        "quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke, quality_samples),
+        fingerprint(smoke, quality_samples), fingerprint(tok_fp, gpt_fp))
     timings["total"] = sum(timings.values())
     with open(os.path.join(workdir, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)
@@ -156,7 +193,8 @@ def run_main_job(workdir: str, smoke: bool = False, tokenizer_steps: int = 0, gp
 def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
-    workdir = os.path.abspath(flags.FLAGS.workdir or DEFAULT_WORKDIR)  # --workdir is defined by train.cli
+    default = DEFAULT_WORKDIR + ("_smoke" if _SMOKE.value else "")
+    workdir = os.path.abspath(flags.FLAGS.workdir or default)  # --workdir is defined by train.cli
     timings = run_main_job(workdir, _SMOKE.value, _TOKENIZER_STEPS.value, _GPT_STEPS.value,
                            _EXTRACT_IMAGES.value, _QUALITY_SAMPLES.value)
     report = os.path.join(workdir, "quality.json")

@@ -14,7 +14,8 @@ usage: bash launch/quickstart.sh [--install-only] [--no-apt] [--workdir DIR] [--
 2. Python: creates .venv in the checkout (Python >= 3.11) and installs detailflow_jax with its test extras.
 3. Unless --install-only: runs the main job (python -m detailflow_jax.quickstart): tokenizer training, code
    extraction, GPT training, sampling and the quality check on Fashion-MNIST, all in DIR (default
-   workdir/fashion_mnist). Running it again resumes where it stopped.
+   workdir/fashion_mnist; with `-- --smoke`, workdir/fashion_mnist_smoke). Running it again resumes where it
+   stopped; a stage whose settings changed (e.g. -- --gpt_steps N) runs again.
 
 options:
   --install-only   steps 1 and 2 only
@@ -26,7 +27,7 @@ USAGE
 
 install_only=0
 use_apt=1
-workdir="workdir/fashion_mnist"
+workdir=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -62,4 +63,4 @@ fi
 .venv/bin/pip install -q -e '.[dev]'
 
 [[ "$install_only" == 1 ]] && exit 0
-exec .venv/bin/python -m detailflow_jax.quickstart --workdir "$workdir" "$@"
+exec .venv/bin/python -m detailflow_jax.quickstart ${workdir:+--workdir "$workdir"} "$@"

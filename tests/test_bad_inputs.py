@@ -153,3 +153,66 @@ def test_gpt_converter_names_an_unusable_tensor_by_its_key(tmp_path, key, bad, m
                "--config", AR_SMOKE, "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, message)
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A finished 6-step smoke run of the tokenizer trainer: checkpoints at steps 3 and 6."""
+    workdir = str(tmp_path_factory.mktemp("tok6"))
+    config = tokenizer_fashion_mnist.get_config("smoke")
+    tokenizer_train.train(config, workdir)
+    return workdir
+
+
+def _copy(workdir: str, tmp_path) -> str:
+    import shutil
+    return shutil.copytree(workdir, tmp_path / "w")
+
+
+def _flip_a_bit(step_dir: str) -> None:
+    files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names
+             if not f.startswith("sha256")]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, tmp_path):
+    workdir = _copy(two_checkpoints, tmp_path)
+    _flip_a_bit(os.path.join(workdir, "checkpoints", "6"))
+    proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint step 6" in proc.stderr and "SHA-256" in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from step 3" in proc.stderr
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.damaged"))  # kept, not deleted
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # trained again from step 3
+    assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at exit
+
+
+def test_no_intact_checkpoint_is_one_line_and_changes_nothing(two_checkpoints, tmp_path):
+    workdir = _copy(two_checkpoints, tmp_path)
+    for step in ("3", "6"):
+        _flip_a_bit(os.path.join(workdir, "checkpoints", step))
+    before = tree_hashes(workdir)
+    proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir))
+    assert_one_line_error(proc, "no intact checkpoint", "step 6: ", "step 3: ")
+    assert tree_hashes(workdir) == before
+
+
+def test_a_second_run_in_the_same_workdir_is_refused(two_checkpoints, tmp_path):
+    import json
+    import socket
+    workdir = _copy(two_checkpoints, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = os.path.join(workdir, ".lock")
+        with open(lock, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": holder.pid, "since": "now", "token": "t"}, f)
+        before = tree_hashes(workdir)
+        proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir), "--config.total_steps=9")
+        assert_one_line_error(proc, f"lock {lock}: pid {holder.pid} on {socket.gethostname()}")
+        assert tree_hashes(workdir) == before
+    finally:
+        holder.kill()
+        holder.wait()
