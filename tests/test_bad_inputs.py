@@ -5,6 +5,7 @@ fresh process."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -184,7 +185,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoi
     proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 6" in proc.stderr and "SHA-256" in proc.stderr, proc.stderr[-3000:]
-    assert "resumed from step 3" in proc.stderr
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == [3, 6, 6]  # steps 4-6 trained again from step 3
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.damaged"))  # kept, not deleted
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # trained again from step 3
     assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at exit
@@ -201,7 +203,6 @@ def test_no_intact_checkpoint_is_one_line_and_changes_nothing(two_checkpoints, t
 
 
 def test_a_second_run_in_the_same_workdir_is_refused(two_checkpoints, tmp_path):
-    import json
     import socket
     workdir = _copy(two_checkpoints, tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -216,3 +217,23 @@ def test_a_second_run_in_the_same_workdir_is_refused(two_checkpoints, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sigterm_saves_and_releases_the_lock(tmp_path):
+    import signal
+    import time
+    workdir = tmp_path / "w"
+    env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir),
+                             "--config.total_steps=100000"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)  # the loop is running once the first metrics are written
+    assert (workdir / ".lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert any(name.isdigit() for name in os.listdir(workdir / "checkpoints"))  # saved on the way out
+    assert not (workdir / ".lock").exists()
