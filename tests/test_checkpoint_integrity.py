@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from detailflow_jax.train.checkpoint import CHECKSUM_FILE, CheckpointError, Checkpointer
-from detailflow_jax.train.weights import restore_entry
+from detailflow_jax.train.weights import checkpoint_step, restore_entry
 
 
 def _weights(value: float) -> np.ndarray:
@@ -107,3 +107,10 @@ def test_readers_fall_back_without_moving_anything(tmp_path):
     w = restore_entry(str(tmp_path), "params", {"w": jnp.zeros((64, 64))})["w"]
     np.testing.assert_array_equal(w, _weights(1.0))
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+def test_the_step_readers_report_skips_damaged_and_empty_steps(tmp_path):
+    _save(str(tmp_path / "checkpoints"), steps=(1, 2, 3))
+    _flip_bit(_largest_file(str(tmp_path / "checkpoints" / "3")))
+    os.makedirs(tmp_path / "checkpoints" / "50")
+    assert checkpoint_step(str(tmp_path)) == 2

@@ -95,8 +95,13 @@ def checkpoint_step(path: str) -> int | None:
     if not is_training_workdir(path):
         return None
     checkpointer = Checkpointer(os.path.join(path, "checkpoints"))
+
+    def has_state(step: int) -> None:  # checksums are checked by restore_newest; a stray empty folder fails here
+        if not (checkpointer.step_dir(step) / "state").exists():
+            raise FileNotFoundError(f"{checkpointer.step_dir(step)} holds no state")
+
     try:
-        return checkpointer.restore_newest(lambda step: None)[0]
+        return checkpointer.restore_newest(has_state)[0]
     finally:
         checkpointer.close()
 
