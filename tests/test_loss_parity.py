@@ -15,6 +15,7 @@ from detailflow_jax.convert.gpt import load_gpt_checkpoint
 from detailflow_jax.convert.lpips import convert_lpips
 from detailflow_jax.convert.state_dict import load_state_dict
 from detailflow_jax.losses import diffaug, gan
+from detailflow_jax.tokenizer.quantizer import VectorQuantizer, codebook_losses, entropy_loss
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.tokenizer_step import TokenizerStep
 from float_tolerance import dot_product_tolerance
@@ -69,6 +70,23 @@ def test_ar_loss_matches_train_c2i(folder):
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_codebook_terms_match_vector_quantizer(folder):
+    """vq, commit and entropy losses of the official VectorQuantizer (train mode) on given encoder outputs: vq and
+    commit skip the positions before noise_end, the entropy takes them all."""
+    c = json.loads((folder / "config.json").read_text())
+    q, io = c["quantizer_loss"], np.load(folder / "quantizer_loss_io.npz")
+    n = c["num_latent_tokens"]
+    quantized = VectorQuantizer(c["codebook_size"], q["codebook_dim"]).apply(
+        {"params": {"codebook": io["codebook"]}}, io["z"])
+    for end in q["noise_ends"]:
+        vq, commit = codebook_losses(quantized, np.arange(n) >= end, q["beta"], q["vq_loss_ratio"])
+        entropy = q["entropy_loss_ratio"] * entropy_loss(quantized.distances, np.ones(n, bool))
+        # The longest sum: the entropy's mean over the B x N token distributions of the K codes.
+        rtol = dot_product_tolerance(q["batch"] * n * c["codebook_size"])
+        for term, got in (("vq_loss", vq), ("commit_loss", commit), ("entropy_loss", entropy)):
+            assert_term(got, io[f"noise_end{end}.{term}"], f"noise_end {end} {term}", rtol=rtol)
 
 AUGMENTED = ("gen_fake", "real", "fake", "strong_real", "strong_fake")  # the official DiffAugment calls, in order
 CASES = [(half, when) for half in ("with_sc", "without_sc") for when in ("before_disc", "after_disc")]
