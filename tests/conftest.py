@@ -29,6 +29,8 @@ REPO_FIXTURES = ROOT / "tests" / "fixtures"
 # the checkout (where CI keeps them).
 LARGE_FIXTURES_VAR = "DETAILFLOW_LARGE_FIXTURES"
 LARGE_FIXTURES = pathlib.Path(os.environ.get(LARGE_FIXTURES_VAR, ROOT.parent / "shared" / "fixtures"))
+MAKE_LARGE_COMMAND = ("python tests/fixtures/make_large.py --official <DetailFlow checkout> "
+                      f"--out <folder for ${LARGE_FIXTURES_VAR}>")
 
 
 def parity_folders():
@@ -61,5 +63,5 @@ def large_fixtures():
     """The folder with fid_inception/ and losses/; the test is skipped, saying how to get them, when it is absent."""
     if not (LARGE_FIXTURES / "fid_inception").is_dir() or not (LARGE_FIXTURES / "losses").is_dir():
         pytest.skip(f"large fixtures not found at {LARGE_FIXTURES}: set ${LARGE_FIXTURES_VAR} to a folder holding "
-                    "fid_inception/ and losses/ (how they are made: tests/fixtures/README.md)")
+                    f"fid_inception/ and losses/; make one with `{MAKE_LARGE_COMMAND}` (tests/fixtures/MAKE_OFFICIAL.md)")
     return LARGE_FIXTURES

@@ -25,6 +25,14 @@ def reorder_tolerance(num_terms: int, scale: float) -> float:
     return 2.0 * num_terms * F32_EPS * scale
 
 
+def dot_product_tolerance(length: int) -> float:
+    """Relative difference expected between two float32 implementations of the same network, whose longest
+    dot product has ``length`` terms: rounding errors of independent roundings grow like sqrt(n) * eps
+    (the probabilistic bound of Higham & Mary, SIAM J. Sci. Comput. 2019), twice for the two sides. Comparisons
+    with another framework (other kernels, other orders throughout) use this, not the worst case n * eps."""
+    return 2.0 * float(np.sqrt(length)) * F32_EPS
+
+
 def plain_sgd(learning_rate: float = 0.01):
     """Stands in for the trainers' Adam (``optim.adam`` / ``optim.adamw`` take a schedule and more; ignored)."""
     return lambda *args, **kwargs: optax.sgd(learning_rate)

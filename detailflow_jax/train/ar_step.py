@@ -90,8 +90,14 @@ class ARStep:
         """Mean cross-entropy over all B x N targets (float32 logits), and the token accuracy."""
         k_mix, k_dropout = jax.random.split(key)
         use_corrected = jax.random.uniform(k_mix, labels.shape) < self.config.correction_prob
+        return self.loss_given(params, codes, labels, use_corrected, k_dropout)
+
+    def loss_given(self, params: Any, codes: jax.Array, labels: jax.Array, use_corrected: jax.Array,
+                   dropout_key: jax.Array) -> tuple[jax.Array, dict]:
+        """``loss`` with the self-correction decisions (B,) bool given; ``dropout_key`` drives class and token
+        dropout (with the dropout rates at 0, pass the null class as the label to drop one)."""
         inputs, targets = self_correction_mix(codes.astype(jnp.int32), use_corrected, self.model_cfg.group_size)
-        logits = self.model.apply({"params": params}, inputs, labels, True, rngs={"dropout": k_dropout})
+        logits = self.model.apply({"params": params}, inputs, labels, True, rngs={"dropout": dropout_key})
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == targets)
         return jnp.mean(ce), dict(accuracy=accuracy)

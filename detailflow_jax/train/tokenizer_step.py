@@ -194,6 +194,61 @@ class TokenizerStep:
             images = bicubic_resize(images, (size, size))
         return self.disc.apply(variables, images, True, mask, mutable=["batch_stats"])
 
+    def image_losses(self, disc: dict, frozen: dict, recon: jax.Array, target: jax.Array, weight: jax.Array,
+                     step1: jax.Array, keys: tuple) -> tuple[jax.Array, dict, dict]:
+        """The generator's losses on the decoded images (official ``VQLoss.forward``, optimizer_idx 0): MSE,
+        LPIPS and the adversarial term, weighted for the 1-based ``step1``. ``keys`` = (DiffAugment, DINO crop,
+        LPIPS dropout). Returns (weighted sum, metrics, the discriminator's batch_stats after its call)."""
+        losses = self.config.losses
+        k_aug, k_disc, k_lpips = keys
+        mse = gan.sample_mean(jnp.mean((recon - target) ** 2, axis=(1, 2, 3)), weight)
+        loss = losses.mse_weight * mse
+        metrics, disc_stats = dict(mse=mse), {}
+        if self.lpips is not None:
+            lp = gan.sample_mean(self.lpips.apply(frozen["lpips"], target, recon, True, rngs={"dropout": k_lpips}),
+                                 weight)
+            loss = loss + self.schedule.perceptual(step1) * lp
+            metrics["lpips"] = lp
+        if self.disc is not None:
+            fake = diffaug.diff_augment(k_aug, recon, losses.diffaug_policy, losses.diffaug_prob)
+            logits, disc_stats = self._disc_logits(disc, fake, frozen, k_disc, weight)
+            g_adv = gan.hinge_g_loss(logits, weight)
+            loss = loss + self.schedule.adversarial(step1) * g_adv
+            metrics["g_adv"] = g_adv
+        return loss, metrics, disc_stats
+
+    def disc_loss(self, disc_params: Any, disc: dict, frozen: dict, fake: jax.Array, target: jax.Array,
+                  weight: jax.Array, step1: jax.Array, lecam: gan.LeCAMState, keys: tuple):
+        """The discriminator's loss (official ``VQLoss.forward``, optimizer_idx 1) from the variables ``disc``
+        left by the generator's call. ``keys`` = (DiffAugment real, fake, strong; DINO crops). Returns
+        (loss, (new LeCAM state, variables after the calls, metrics))."""
+        losses = self.config.losses
+        k_real, k_fake, k_strong, k_d = keys
+        # DINO draws a crop at every call (official FrozenDINOSmallNoDrop.forward).
+        k_d_real, k_d_fake, k_d_strong_real, k_d_strong_fake = jax.random.split(k_d, 4)
+        # Every train-mode call runs a power iteration and a BatchNorm update; the official module keeps them
+        # all: generator's call, real, fake, strong real, strong fake.
+        variables = dict(disc, params=disc_params)
+
+        def logits(images, crop_key):
+            nonlocal variables
+            out, mut = self._disc_logits(variables, images, frozen, crop_key, weight)
+            variables = dict(variables, **mut)
+            return out
+
+        aug = lambda k, x: diffaug.diff_augment(k, x, losses.diffaug_policy, losses.diffaug_prob)
+        real_logits = logits(aug(k_real, target), k_d_real)
+        fake_logits = logits(aug(k_fake, fake), k_d_fake)
+        strong = {}
+        if losses.cr_weight > 0:
+            k_sr, k_sf = jax.random.split(k_strong)
+            strong_aug = lambda k, x: diffaug.diff_augment(k, x, losses.cr_policy, 1.0)
+            strong["strong_real"] = logits(strong_aug(k_sr, target), k_d_strong_real)
+            strong["strong_fake"] = logits(strong_aug(k_sf, fake), k_d_strong_fake)
+        loss, lecam, m = gan.discriminator_loss(self.schedule, step1, lecam, real_logits, fake_logits, **strong,
+                                                weight=weight)
+        return loss, (lecam, variables, m)
+
     def step(self, state: dict, frozen: dict, images: jax.Array, t: jax.Array, matrix: jax.Array,
              noise_idx: jax.Array, noise_end: jax.Array, *, canvas: int) -> tuple[dict, dict]:
         losses = self.config.losses
@@ -201,36 +256,23 @@ class TokenizerStep:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         keys = jax.random.split(key, 8)
         k_model, k_gen_aug, k_gen_d, k_real, k_fake, k_strong, k_d, k_lpips = keys
-        # DINO draws a crop at every call (official FrozenDINOSmallNoDrop.forward).
-        k_d_real, k_d_fake, k_d_strong_real, k_d_strong_fake = jax.random.split(k_d, 4)
         target = degrade(images, matrix)
         target2 = jnp.concatenate([target, target])
         if self.align:  # frozen SigLIP2 features of the clean full-resolution input (no gradient)
             align_target = siglip_target(self._siglip(), frozen["siglip"], images)
 
         def generator_loss(trainable):
-            disc_stats = {}  # batch_stats after the discriminator's train-mode call on recon
             params = trainable["tokenizer"] if self.align else trainable
             out = self.model.apply({"params": params}, images, t, canvas, noise_idx, noise_end, k_model, True)
             recon, weight = out["recon"].astype(jnp.float32), out["recon_weight"]
-            mse = gan.sample_mean(jnp.mean((recon - target2) ** 2, axis=(1, 2, 3)), weight)
-            loss = losses.mse_weight * mse + out["vq_loss"] + out["commit_loss"]
-            metrics = dict(mse=mse, vq_loss=out["vq_loss"], commit_loss=out["commit_loss"],
+            loss, metrics, disc_stats = self.image_losses(state["disc"], frozen, recon, target2, weight, step1,
+                                                          (k_gen_aug, k_gen_d, k_lpips))
+            loss = loss + out["vq_loss"] + out["commit_loss"]
+            metrics.update(vq_loss=out["vq_loss"], commit_loss=out["commit_loss"],
                            codebook_usage=out["codebook_usage"], fea_cosine_sim=out["fea_cosine_sim"])
             if "entropy_loss" in out:
                 loss = loss + out["entropy_loss"]
                 metrics["entropy_loss"] = out["entropy_loss"]
-            if self.lpips is not None:
-                lp = gan.sample_mean(self.lpips.apply(frozen["lpips"], target2, recon, True,
-                                                     rngs={"dropout": k_lpips}), weight)
-                loss = loss + self.schedule.perceptual(step1) * lp
-                metrics["lpips"] = lp
-            if self.disc is not None:
-                fake = diffaug.diff_augment(k_gen_aug, recon, losses.diffaug_policy, losses.diffaug_prob)
-                logits, disc_stats = self._disc_logits(state["disc"], fake, frozen, k_gen_d, weight)
-                g_adv = gan.hinge_g_loss(logits, weight)
-                loss = loss + self.schedule.adversarial(step1) * g_adv
-                metrics["g_adv"] = g_adv
             if self.align:  # token 1 of the clean half, straight-through (official global_token_learning)
                 align = alignment_loss(trainable["align_proj"], out["quant"][:images.shape[0], 0], align_target)
                 loss = loss + losses.align_weight * align
@@ -247,34 +289,10 @@ class TokenizerStep:
         metrics["grad_norm"] = optax.global_norm(grads)
 
         if self.disc is not None:
-            fake = jax.lax.stop_gradient(recon)
-
-            def discriminator_loss(disc_params):
-                # Every train-mode call runs a power iteration and a BatchNorm update; the official
-                # module keeps them all: generator's call, real, fake, strong real, strong fake.
-                variables = dict(state["disc"], **disc_stats, params=disc_params)
-
-                def logits(images, crop_key):
-                    nonlocal variables
-                    out, mut = self._disc_logits(variables, images, frozen, crop_key, weight)
-                    variables = dict(variables, **mut)
-                    return out
-
-                aug = lambda k, x: diffaug.diff_augment(k, x, losses.diffaug_policy, losses.diffaug_prob)
-                real_logits = logits(aug(k_real, target2), k_d_real)
-                fake_logits = logits(aug(k_fake, fake), k_d_fake)
-                strong = {}
-                if losses.cr_weight > 0:
-                    k_sr, k_sf = jax.random.split(k_strong)
-                    strong_aug = lambda k, x: diffaug.diff_augment(k, x, losses.cr_policy, 1.0)
-                    strong["strong_real"] = logits(strong_aug(k_sr, target2), k_d_strong_real)
-                    strong["strong_fake"] = logits(strong_aug(k_sf, fake), k_d_strong_fake)
-                loss, lecam, m = gan.discriminator_loss(self.schedule, step1, state["lecam"], real_logits,
-                                                        fake_logits, **strong, weight=weight)
-                return loss, (lecam, variables, m)
-
-            (d_loss, (lecam, variables, d_metrics)), d_grads = jax.value_and_grad(
-                discriminator_loss, has_aux=True)(state["disc"]["params"])
+            disc = dict(state["disc"], **disc_stats)
+            (d_loss, (lecam, variables, d_metrics)), d_grads = jax.value_and_grad(self.disc_loss, has_aux=True)(
+                state["disc"]["params"], disc, frozen, jax.lax.stop_gradient(recon), target2, weight, step1,
+                state["lecam"], (k_real, k_fake, k_strong, k_d))
             d_updates, disc_opt = self.disc_tx.update(d_grads, state["disc_opt"], state["disc"]["params"])
             variables["params"] = optax.apply_updates(state["disc"]["params"], d_updates)
             new.update(disc=variables, disc_opt=disc_opt, lecam=lecam)
