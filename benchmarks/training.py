@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -65,24 +66,32 @@ def lowered_flops(lowered) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-class Chain:
-    """Calls a state-donating step again and again, feeding each call the state the previous one returned."""
+class LiveState:
+    """The one train state every timed call steps: each call donates it and keeps the state it returns."""
 
-    def __init__(self, fn, state, *args):
-        self.fn, self.state, self.args = fn, state, args
+    def __init__(self, state):
+        self.state = state
 
-    def __call__(self):
-        self.state, metrics = self.fn(self.state, *self.args)
-        return metrics
+    def caller(self, fn, *args):
+        def call():
+            self.state, metrics = fn(self.state, *args)
+            return metrics
+        return call
 
 
 def time_loop(step_fn, state, data, first_step: int, steps: int):
-    """(seconds per iteration, final state) of ``steps`` loop iterations, dispatched back to back."""
+    """Runs ``steps`` loop iterations back to back (no sync per step, one at the end), as the training loop does.
+    Returns (seconds per iteration, host seconds per iteration: waiting for the batch + dispatching the step,
+    final state)."""
+    host = 0.0
     start = time.perf_counter()
     for step in range(first_step, first_step + steps):
-        state, metrics = step_fn(state, next(data), step)
+        tick = time.perf_counter()
+        batch = next(data)
+        state, metrics = step_fn(state, batch, step)
+        host += time.perf_counter() - tick
     jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - start) / steps, state
+    return (time.perf_counter() - start) / steps, host / steps, state
 
 
 def host_seconds(fn, repeats: int) -> float:
@@ -93,25 +102,45 @@ def host_seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def interleaved(calls: dict, rounds: int) -> dict:
+    """{name: median seconds}: every call once per round, round after round, so that a machine shared with other
+    work slows them all alike (the ratios stay meaningful)."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(seconds(fn))
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-def generator_passes(trainer, params, images, t, canvas, matrix, noise_idx, noise_end, key):
-    """Jitted forward + backward of the generator's pixel loss two ways: as trained (clean + self-corrected, the
-    re-encode included, 2B decoded), and on the clean B images alone (one encode, B decoded)."""
+def generator_passes(trainer, params, images, t, canvas, matrix, noise_idx, noise_end, key) -> dict:
+    """Jitted forward + backward passes of pieces of the generator's loss at one canvas: as trained (clean +
+    self-corrected: two encodes, 2B decoded), on the clean B images alone (one encode, B decoded), the encoder
+    alone (B) and the decoder alone (2B)."""
     model = trainer.model
     target = degrade(images, matrix)
+    b = images.shape[0]
+    quant = model.apply({"params": params}, images, method="encode")["quant"]
+    quant2 = jnp.concatenate([quant, quant])
 
     def with_correction(p):
         out = model.apply({"params": p}, images, t, canvas, noise_idx, noise_end, key, True)
         return jnp.mean((out["recon"] - jnp.concatenate([target, target])) ** 2)
 
     def clean_only(p):
-        quant = model.apply({"params": p}, images, method="encode")["quant"]
-        recon = model.apply({"params": p}, quant, t, canvas, method="decode")
-        return jnp.mean((recon - target) ** 2)
+        q = model.apply({"params": p}, images, method="encode")["quant"]
+        return jnp.mean((model.apply({"params": p}, q, t, canvas, method="decode") - target) ** 2)
 
-    full, clean = jax.jit(jax.grad(with_correction)), jax.jit(jax.grad(clean_only))
-    return (lambda: full(params)), (lambda: clean(params))
+    def encoder(p):
+        return jnp.mean(model.apply({"params": p}, images, method="encode")["pre_quant"] ** 2)
+
+    def decoder(p):
+        return jnp.mean(model.apply({"params": p}, quant2, t, canvas, method="decode") ** 2)
+
+    passes = {"with_correction": with_correction, "clean_only": clean_only, f"encoder_B{b}": encoder,
+              f"decoder_2B{2 * b}": decoder}
+    return {name: functools.partial(jax.jit(jax.grad(fn)), params) for name, fn in passes.items()}
 
 
 def bench_tokenizer(config, steps: int, repeats: int, peak: float) -> dict:
@@ -125,28 +154,32 @@ def bench_tokenizer(config, steps: int, repeats: int, peak: float) -> dict:
     state, shardings = trainer.init(config.seed, frozen)
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
     draws = HostDraws(config, tables)
-    recipe_canvases = collections.Counter(draws(s)[1] for s in range(config.total_steps))
+    recipe = [draws(s)[:2] for s in range(config.total_steps)]  # (t, canvas) of every step of the recipe
+    share = collections.Counter(canvas for _, canvas in recipe)
     first_step_of = {}
-    for s in range(config.total_steps):
-        first_step_of.setdefault(draws(s)[1], s)
+    for s, (_, canvas) in enumerate(recipe):
+        first_step_of.setdefault(canvas, s)
 
     data = make_train_iter(config.data, config.batch_size, config.seed)
     host_batch = next(data)
     images = to_global(host_batch["image"], mesh)
-    rows = []
-    for canvas in sorted(recipe_canvases):
+    live, calls, rows = LiveState(state), {}, {}
+    for canvas in sorted(share):
         t, _, matrix, noise_idx, noise_end = draws(first_step_of[canvas])
         fn = trainer.compiled(canvas, shardings, frozen)
         args = (frozen, images, np.int32(t), matrix, noise_idx, noise_end)
-        flops_xla = lowered_flops(fn.lower(state, *args))
-        chain = Chain(fn, state, *args)
-        first = seconds(chain)
-        steady = seconds(chain, repeats)
-        state = chain.state
-        flops = model_flops.tokenizer_step(trainer, canvas, config.batch_size)
-        rows.append(dict(canvas=canvas, t=int(t), share=recipe_canvases[canvas] / config.total_steps,
-                         compile_s=max(first - steady, 0.0), step_s=steady, model_flops=flops, xla_flops=flops_xla,
-                         flops_per_s=flops / steady))
+        flops_xla = lowered_flops(fn.lower(live.state, *args))
+        calls[canvas] = live.caller(fn, *args)
+        first = seconds(calls[canvas])  # compiles
+        rows[canvas] = dict(canvas=canvas, t=int(t), share=share[canvas] / config.total_steps, first_s=first,
+                            model_flops=model_flops.tokenizer_step(trainer, canvas, config.batch_size),
+                            xla_flops=flops_xla)
+        print(f"  tokenizer canvas {canvas}: first call {first:.1f} s", flush=True)
+    steady = interleaved(calls, repeats)
+    for canvas, r in rows.items():
+        r.update(step_s=steady[canvas], compile_s=max(r.pop("first_s") - steady[canvas], 0.0),
+                 flops_per_s=r["model_flops"] / steady[canvas])
+    rows = list(rows.values())
     device_s = sum(r["share"] * r["step_s"] for r in rows)
     model_flops_mean = sum(r["share"] * r["model_flops"] for r in rows)
 
@@ -155,23 +188,24 @@ def bench_tokenizer(config, steps: int, repeats: int, peak: float) -> dict:
         draws_s=host_seconds(lambda i: HostDraws(config, tables)(i), steps),  # fresh: no cached matrices
         to_global_s=host_seconds(lambda _: jax.block_until_ready(to_global(host_batch["image"], mesh)), steps))
     step_fn = make_step_fn(trainer, draws, shardings, frozen)
-    # Steps whose canvases are all compiled already (every canvas is above); the recipe's own sequence of draws.
-    loop_s, state = time_loop(step_fn, state, data, 0, steps)
+    loop_s, loop_host_s, live.state = time_loop(step_fn, live.state, data, 0, steps)  # all canvases compiled
+    loop_device_s = float(np.mean([steady[canvas] for _, canvas in recipe[:steps]]))
     data.close()
 
     t_full = tables.num_tokens
-    _, _, matrix, noise_idx, noise_end = draws(next(s for s in range(config.total_steps) if draws(s)[0] == t_full))
-    full, clean = generator_passes(trainer, state["params"], images, t_full, tables.canvas[t_full], matrix,
-                                   noise_idx, noise_end, jax.random.key(0))
-    seconds(full), seconds(clean)  # compile
-    full_s, clean_s = seconds(full, repeats), seconds(clean, repeats)
+    _, _, matrix, noise_idx, noise_end = draws(next(s for s, (t, _) in enumerate(recipe) if t == t_full))
+    params = jax.tree.map(jnp.copy, live.state["params"])  # the steps timed beside them donate the state
+    passes = generator_passes(trainer, params, images, t_full, tables.canvas[t_full], matrix, noise_idx,
+                              noise_end, jax.random.key(0))
+    for fn in passes.values():
+        seconds(fn)  # compiles
+    passes_s = interleaved({"step": calls[tables.canvas[t_full]], **passes}, repeats)
     batch = config.batch_size
     return dict(
         batch=batch, canvases=rows, num_programs=len(rows), compile_s=sum(r["compile_s"] for r in rows),
-        device_step_s=device_s, loop_step_s=loop_s, steps_per_s=1 / loop_s, images_per_s=batch / loop_s,
-        host_share=max(loop_s - device_s, 0.0) / loop_s, host=host,
-        generator_with_correction_s=full_s, generator_clean_only_s=clean_s,
-        correction_cost=full_s / clean_s, model_flops=model_flops_mean,
+        device_step_s=device_s, loop_step_s=loop_s, loop_device_s=loop_device_s, loop_host_s=loop_host_s,
+        steps_per_s=1 / loop_s, images_per_s=batch / loop_s, host=host, full_canvas_passes_s=passes_s,
+        correction_cost=passes_s["with_correction"] / passes_s["clean_only"], model_flops=model_flops_mean,
         achieved_flops_per_s=model_flops_mean / device_s, mfu=model_flops_mean / device_s / peak)
 
 
@@ -204,19 +238,20 @@ def bench_gpt(config, steps: int, repeats: int, peak: float, codes_dir: str | No
     batch = to_global(host_batch, mesh)
     fn = trainer.compiled(shardings)
     flops_xla = lowered_flops(fn.lower(state, batch))
-    chain = Chain(fn, state, batch)
-    first = seconds(chain)
-    device_s = seconds(chain, repeats)
-    state = chain.state
+    live = LiveState(state)
+    call = live.caller(fn, batch)
+    first = seconds(call)  # compiles
+    device_s = interleaved({"step": call}, repeats)["step"]
     host = dict(data_s=host_seconds(lambda _: next(data), steps),
                 to_global_s=host_seconds(lambda _: jax.block_until_ready(to_global(host_batch, mesh)), steps))
-    loop_s, state = time_loop(lambda s, b, _: fn(s, to_global(b, mesh)), state, data, 0, steps)
+    loop_s, loop_host_s, live.state = time_loop(lambda s, b, _: fn(s, to_global(b, mesh)), live.state, data, 0,
+                                                steps)
     close()
-    flops = model_flops.gpt_step(trainer.model_cfg, state["params"], config.batch_size)
+    flops = model_flops.gpt_step(trainer.model_cfg, live.state["params"], config.batch_size)
     return dict(batch=config.batch_size, data="codes" if codes_dir else "random codes", num_programs=1,
                 compile_s=max(first - device_s, 0.0), device_step_s=device_s, loop_step_s=loop_s,
-                steps_per_s=1 / loop_s, images_per_s=config.batch_size / loop_s,
-                host_share=max(loop_s - device_s, 0.0) / loop_s, host=host, model_flops=flops, xla_flops=flops_xla,
+                loop_device_s=device_s, loop_host_s=loop_host_s, steps_per_s=1 / loop_s,
+                images_per_s=config.batch_size / loop_s, host=host, model_flops=flops, xla_flops=flops_xla,
                 achieved_flops_per_s=flops / device_s, mfu=flops / device_s / peak)
 
 
@@ -224,17 +259,18 @@ def bench_gpt(config, steps: int, repeats: int, peak: float, codes_dir: str | No
 
 def print_report(result: dict) -> None:
     peak = result["peak_flops_per_s"]
-    print(f"\ndevice {result['device']}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'recipe':<10}{'steps/s':>9}{'img/s':>9}{'loop ms':>9}{'device ms':>11}{'host %':>8}{'compile s':>11}"
-          f"{'programs':>10}{'GFLOP/step':>12}{'MFU':>7}")
+    print(f"\ndevice {result['device']} x {result['num_devices']}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'recipe':<10}{'batch':>6}{'steps/s':>9}{'img/s':>8}{'loop ms':>9}{'device ms':>11}{'host ms':>9}"
+          f"{'compile s':>11}{'programs':>10}{'GFLOP/step':>12}{'MFU':>7}")
     for name in ("tokenizer", "gpt"):
         r = result.get(name)
         if r is None:
             continue
-        print(f"{name:<10}{r['steps_per_s']:>9.2f}{r['images_per_s']:>9.1f}{1e3 * r['loop_step_s']:>9.1f}"
-              f"{1e3 * r['device_step_s']:>11.1f}{100 * r['host_share']:>8.1f}{r['compile_s']:>11.1f}"
-              f"{r['num_programs']:>10d}{r['model_flops'] / 1e9:>12.2f}{r['mfu']:>7.1%}")
-        print("  host work per iteration: " + ", ".join(f"{k[:-2]} {1e3 * v:.2f} ms" for k, v in r["host"].items()))
+        print(f"{name:<10}{r['batch']:>6d}{r['steps_per_s']:>9.2f}{r['images_per_s']:>8.1f}"
+              f"{1e3 * r['loop_step_s']:>9.1f}{1e3 * r['loop_device_s']:>11.1f}{1e3 * r['loop_host_s']:>9.1f}"
+              f"{r['compile_s']:>11.1f}{r['num_programs']:>10d}{r['model_flops'] / 1e9:>12.2f}{r['mfu']:>7.1%}")
+        print("  host work per iteration, each piece alone: "
+              + ", ".join(f"{k[:-2]} {1e3 * v:.2f} ms" for k, v in r["host"].items()))
     tok = result.get("tokenizer")
     if tok:
         print(f"\n{'canvas':>7}{'t':>5}{'share':>8}{'compile s':>11}{'step ms':>9}{'GFLOP model':>13}"
@@ -243,9 +279,10 @@ def print_report(result: dict) -> None:
             xla = f"{r['xla_flops'] / 1e9:.2f}" if r["xla_flops"] else "-"
             print(f"{r['canvas']:>7}{r['t']:>5}{r['share']:>8.1%}{r['compile_s']:>11.2f}{1e3 * r['step_s']:>9.1f}"
                   f"{r['model_flops'] / 1e9:>13.2f}{xla:>11}{r['flops_per_s'] / 1e9:>9.1f}")
-        print(f"self-correction: the generator pass with it (2 encodes, 2B decoded) takes "
-              f"{tok['correction_cost']:.2f}x the clean-only pass ({1e3 * tok['generator_with_correction_s']:.1f} vs "
-              f"{1e3 * tok['generator_clean_only_s']:.1f} ms, full canvas)")
+        passes = tok["full_canvas_passes_s"]
+        print("full canvas, forward + backward: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in passes.items()))
+        print(f"self-correction (a second encode, 2B decoded) makes the generator pass {tok['correction_cost']:.2f}x "
+              "the clean-only one")
 
 
 def main(argv=None):
@@ -256,15 +293,21 @@ def main(argv=None):
     p.add_argument("--codes_dir", default=None, help="extracted codes for the GPT's pipeline (default: random codes)")
     p.add_argument("--steps", type=int, default=20, help="loop iterations timed (and host calls averaged)")
     p.add_argument("--repeats", type=int, default=3, help="steady calls timed per compiled program (median)")
+    p.add_argument("--tokenizer_batch", type=int, default=0, help="override the tokenizer recipe's batch size")
+    p.add_argument("--gpt_batch", type=int, default=0, help="override the GPT recipe's batch size")
     args = p.parse_args(argv)
 
     peak = measure_peak_flops(jnp.float32)
     result = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "peak_flops_per_s": peak,
               "tokenizer_config": args.tokenizer_config, "gpt_config": args.gpt_config}
     if args.part in ("tokenizer", "both"):
-        result["tokenizer"] = bench_tokenizer(load_config_file(args.tokenizer_config), args.steps, args.repeats, peak)
+        config = load_config_file(args.tokenizer_config)
+        config.batch_size = args.tokenizer_batch or config.batch_size
+        result["tokenizer"] = bench_tokenizer(config, args.steps, args.repeats, peak)
     if args.part in ("gpt", "both"):
-        result["gpt"] = bench_gpt(load_config_file(args.gpt_config), args.steps, args.repeats, peak, args.codes_dir)
+        config = load_config_file(args.gpt_config)
+        config.batch_size = args.gpt_batch or config.batch_size
+        result["gpt"] = bench_gpt(config, args.steps, args.repeats, peak, args.codes_dir)
     print_report(result)
     print(json.dumps(result), flush=True)
     return result
