@@ -29,3 +29,14 @@ def test_previews_and_png_strip(tmp_path):
     pictures.save_png(pictures.strip([(pictures.token_label(t), p) for t, p in previews]), tmp_path / "strip.png")
     layout = pictures.grid_layout(2, 2, 128, column_labels=["t = 1", "t = 32"])  # 64 px shown at 128
     assert Image.open(tmp_path / "strip.png").size == (layout.width, layout.height)
+
+
+def test_one_decode_program_per_canvas():
+    sys.path.insert(0, ".")
+    from configs.tokenizer import model_config
+    cfg = model_config("tiny")
+    decoder = TokenDecoder(cfg, jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0)))
+    codes = np.random.default_rng(1).integers(0, cfg.codebook_size, (2, cfg.num_latent_tokens))
+    before = TokenDecoder._decode._cache_size()
+    previews = decoder.previews(codes)  # every admissible t
+    assert TokenDecoder._decode._cache_size() - before == len(decoder.tables.canvas_sizes) < len(previews)

@@ -21,7 +21,8 @@ from detailflow_jax.tokenizer.resolution import ResolutionTables
 
 
 class TokenDecoder:
-    """Decodes token sequences (B, N) with a tokenizer; one compiled function per (t, canvas)."""
+    """Decodes token sequences (B, N) with a tokenizer; one compiled function per canvas (t is traced: every
+    prefix length decoding at one canvas shares it)."""
 
     def __init__(self, tokenizer_config: Any, tokenizer_params: Any):
         self.model = DetailFlowTokenizer(tokenizer_config)
@@ -29,7 +30,7 @@ class TokenDecoder:
         self.params = tokenizer_params
         self.tables = ResolutionTables.from_model_config(cfg)
 
-    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
+    @functools.partial(jax.jit, static_argnums=(0, 4))
     def _decode(self, params, codes, t, canvas):
         return self.model.apply({"params": params}, codes, t=t, canvas=canvas, method="decode_code")
 
@@ -38,7 +39,7 @@ class TokenDecoder:
         t = self.tables.num_tokens if t is None else int(t)
         if t not in self.tables.canvas:
             raise ValueError(f"t={t} is not an admissible token count; choose one of {self.tables.token_counts}")
-        return self._decode(self.params, jnp.asarray(codes, jnp.int32), t, self.tables.canvas[t])
+        return self._decode(self.params, jnp.asarray(codes, jnp.int32), jnp.int32(t), self.tables.canvas[t])
 
     def previews(self, codes, counts: Sequence[int] | None = None) -> list[tuple[int, np.ndarray]]:
         """Coarse-to-fine: [(t, uint8 images (B, canvas_t, canvas_t, 3))] for increasing t (default: every
