@@ -12,8 +12,7 @@ def test_main_job_runs_every_stage_and_resumes(tmp_path):
     timings = quickstart.run_main_job(workdir, smoke=True, quality_samples=20)
     assert set(timings) == {"tokenizer", "codes", "gpt", "samples", "quality", "total"}
     for path in ("samples/samples.png", "samples/coarse_to_fine.png", "samples/samples.gif",
-                 "tokenizer/reconstruction_psnr.json",
-                 "quality.json", "timings.json", "codes/metadata.json"):
+                 "tokenizer/reconstruction_psnr.json", "quality.json", "timings.json", "codes/metadata.json"):
         assert (tmp_path / "job" / path).is_file(), path
     report = json.loads((tmp_path / "job" / "quality.json").read_text())
     assert {"GPT samples", "untrained GPT samples", "tokenizer reconstructions (all tokens)"} <= set(report["rows"])
