@@ -12,7 +12,7 @@ CORE = [
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "numpy",
-    "pillow",
+    "pillow>=10.1",  # ImageFont.load_default(size=...) for the picture labels
     "tqdm",
     "safetensors",
     "tensorboardX",

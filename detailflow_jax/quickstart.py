@@ -205,6 +205,7 @@ def main(argv) -> None:
     print(f"\nresults in {workdir}:")
     for path, what in (("samples/samples.png", "class-conditional samples (rows = classes)"),
                        ("samples/coarse_to_fine.png", "coarse-to-fine: one sample per class from its first t tokens"),
+                       ("samples/samples.gif", "the sample grid refining as tokens arrive"),
                        ("tokenizer/images", "tokenizer reconstructions and coarse-to-fine strips during training"),
                        ("tokenizer/reconstruction_psnr.json", "tokenizer PSNR per token count"),
                        ("quality.json", "the quality table"), ("timings.json", "wall time per stage"),

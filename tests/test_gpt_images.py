@@ -1,4 +1,4 @@
-"""Tokens -> images through the tokenizer: full decode, coarse-to-fine previews, PNG grid."""
+"""Tokens -> images through the tokenizer: full decode, coarse-to-fine previews, a labelled PNG strip."""
 
 import sys
 
@@ -6,7 +6,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from detailflow_jax.ar.images import TokenDecoder, preview_strip
+from detailflow_jax.ar.images import TokenDecoder
+from detailflow_jax.eval import pictures
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.model import init_params
 
@@ -25,7 +26,17 @@ def test_previews_and_png_strip(tmp_path):
     assert [t for t, _ in previews] == counts
     assert [p.shape[1] for _, p in previews] == [decoder.tables.canvas[t] for t in counts]
     np.testing.assert_array_equal(previews[-1][1], to_uint8(full))
-    strip = preview_strip(previews)
-    strip.save(tmp_path / "strip.png")
-    w, h = Image.open(tmp_path / "strip.png").size
-    assert (w, h) == (2 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+    pictures.save_png(pictures.strip([(pictures.token_label(t), p) for t, p in previews]), tmp_path / "strip.png")
+    layout = pictures.grid_layout(2, 2, 128, column_labels=["t = 1", "t = 32"])  # 64 px shown at 128
+    assert Image.open(tmp_path / "strip.png").size == (layout.width, layout.height)
+
+
+def test_one_decode_program_per_canvas():
+    sys.path.insert(0, ".")
+    from configs.tokenizer import model_config
+    cfg = model_config("tiny")
+    decoder = TokenDecoder(cfg, jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0)))
+    codes = np.random.default_rng(1).integers(0, cfg.codebook_size, (2, cfg.num_latent_tokens))
+    before = TokenDecoder._decode._cache_size()
+    previews = decoder.previews(codes)  # every admissible t
+    assert TokenDecoder._decode._cache_size() - before == len(decoder.tables.canvas_sizes) < len(previews)

@@ -117,3 +117,26 @@ def test_restore_target_is_the_same_from_real_or_abstract_dino_weights():
     real = {"dino": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract["dino"])}
     describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
     assert describe(trainer.abstract_state(0, abstract)) == describe(trainer.abstract_state(0, real))
+
+
+@pytest.mark.parametrize("canvas_t", [1, 32])
+def test_analytic_tokenizer_flops_match_xlas_count_of_the_step(canvas_t):
+    """The analytic count leaves out only small terms (patch embedding, quantizer, norms, softmax): it is at most
+    XLA's count of the lowered step and within 10% of it — so no pass of the step is missed."""
+    from detailflow_jax.preflight import model_flops
+    from detailflow_jax.tokenizer.resolution import ResolutionTables
+    config = tokenizer_fashion_mnist.get_config()
+    mesh = sharding.make_mesh((-1, 1, 1))
+    trainer = TokenizerStep(config, mesh)
+    abstract = trainer.abstract_state(config.seed, {})
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    canvas = ResolutionTables.from_model_config(trainer.model_cfg).canvas[canvas_t]
+    size, batch = trainer.model_cfg.image_size, config.batch_size
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    lowered = trainer.compiled(canvas, shardings, {}).lower(
+        abstract, {}, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), scalar,
+        jax.ShapeDtypeStruct((canvas, size), jnp.float32), scalar, scalar)
+    cost = lowered.cost_analysis()
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    analytic = model_flops.tokenizer_step(trainer, canvas, batch)
+    assert 0.9 * xla <= analytic <= xla

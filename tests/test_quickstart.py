@@ -19,8 +19,8 @@ def job(tmp_path_factory):
 def test_main_job_runs_every_stage_and_resumes(job):
     workdir, timings = job
     assert set(timings) == {"tokenizer", "codes", "gpt", "samples", "quality", "total"}
-    for path in ("samples/samples.png", "samples/coarse_to_fine.png", "tokenizer/reconstruction_psnr.json",
-                 "quality.json", "timings.json", "codes/metadata.json"):
+    for path in ("samples/samples.png", "samples/coarse_to_fine.png", "samples/samples.gif",
+                 "tokenizer/reconstruction_psnr.json", "quality.json", "timings.json", "codes/metadata.json"):
         assert (workdir / path).is_file(), path
     report = json.loads((workdir / "quality.json").read_text())
     assert {"GPT samples", "untrained GPT samples", "tokenizer reconstructions (all tokens)"} <= set(report["rows"])

@@ -12,9 +12,12 @@ from PIL import Image
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import sharding
 from detailflow_jax.convert.params_io import restore_params, save_params
+from detailflow_jax.data.codes import read_metadata
+from detailflow_jax.eval import pictures
 from detailflow_jax.eval.sample import load_generator, sample
 from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.tokenizer.model import init_params
+from detailflow_jax.tokenizer.resolution import ResolutionTables
 from detailflow_jax.train import ar as ar_train
 from detailflow_jax.train.weights import load_gpt
 
@@ -38,8 +41,13 @@ def trained(tmp_path_factory):
 def test_training_writes_class_grids_from_the_ema_weights(trained):
     root, state = trained
     grid = Image.open(root / "ar" / "images" / "samples_2.png")
-    assert grid.size == (1 * 34 + 2, 10 * 34 + 2)  # smoke: 1 sample per class, 10 classes of 32 px, 2 px padding
+    # smoke: 1 sample per class, 10 classes of 32 px shown at 128, rows labelled with the codes' class names
+    names = read_metadata(str(root / "codes")).class_names
+    layout = pictures.grid_layout(10, 1, 128, pictures.class_labels(range(10), names))
+    assert grid.size == (layout.width, layout.height)
     assert (root / "ar" / "images" / "coarse_to_fine_2.png").is_file()
+    counts = ResolutionTables.from_model_config(tokenizer_fashion_mnist.get_config("smoke").model).token_counts
+    assert Image.open(root / "ar" / "images" / "samples_2.gif").n_frames == len(counts)  # one per token count
     mesh = sharding.make_mesh((-1, 1, 1))
     for ema, key in ((True, "ema"), (False, "params")):
         _, params, _ = load_gpt(str(root / "ar"), mesh, ema=ema)
@@ -51,13 +59,18 @@ def test_sample_command_writes_grid_strip_and_adm_npz(trained):
     root, state = trained
     # Both from converted directories (the EMA weights exported as a bare parameter tree).
     gpt_dir = save_params(root / "gpt_ema", state["ema"])
+    names = root / "names.txt"
+    names.write_text("".join(f"garment {k}\n" for k in range(10)))
     paths = sample(gpt_dir, str(root / "samples"), tokenizer=str(root / "tok"), gpt_config=GPT_CONFIG,
                    tokenizer_config=TOKENIZER_CONFIG, classes=[3, 1, 4], num_per_class=2, num_samples=11, npz=True,
-                   batch_size=8, cfg_scale=1.5, top_k=10)
+                   batch_size=8, cfg_scale=1.5, top_k=10, class_names_file=str(names))
     grid = Image.open(paths["samples"])
-    assert grid.size == (2 * 34 + 2, 3 * 34 + 2)
+    labels = ["garment 3", "garment 1", "garment 4"]  # the rows, in the order asked for, named from the file
+    layout = pictures.grid_layout(3, 2, 128, labels)
+    assert grid.size == (layout.width, layout.height)
     strip = np.asarray(Image.open(paths["coarse_to_fine"]))
-    assert strip.shape[0] == 3 * 34 + 2  # one row per class
+    assert strip.shape[0] == pictures.grid_layout(3, 1, 128, labels, ["t = 1"]).height  # one row per class
+    assert Image.open(paths["refinement"]).n_frames > 1
     with np.load(paths["npz"]) as data:
         assert data["arr_0"].shape == (11, 32, 32, 3) and data["arr_0"].dtype == np.uint8
         assert data["labels"].shape == (11,) and data["labels"].max() < 10

@@ -11,8 +11,10 @@ work directory the tokenizer defaults to the one its codes were extracted with, 
 config's ``sampling`` section. Writes to ``--out``:
 
   samples.png          rows = classes (``--classes``, default: the config's sample_classes or the first 16),
-                       ``--num_per_class`` columns
+                       ``--num_per_class`` columns, each row labelled with its class name (``--class_names``,
+                       default: the names recorded with the AR run's codes, else "class k")
   coarse_to_fine.png   the first sample of every row decoded from its first t tokens, t increasing to the right
+  samples.gif          the grid refining as tokens arrive: frame k = every sample from its first t_k tokens
   samples_<K>.npz      with ``--num_samples K --npz``: ``arr_0`` uint8 (K, R, R, 3) (the ADM evaluator's input) and
                        ``labels`` (K,), labels drawn uniformly (the official protocol)
 
@@ -28,10 +30,11 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from detailflow_jax import distributed, sharding
-from detailflow_jax.ar.images import TokenDecoder, image_grid, preview_strip
+from detailflow_jax.ar.images import TokenDecoder
 from detailflow_jax.ar.logits import SamplingSettings
 from detailflow_jax.ar.model import GPT, GPTConfig
 from detailflow_jax.ar.sampling import Sampler
@@ -39,6 +42,7 @@ from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import load_config_file
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.data import codes as codes_lib
+from detailflow_jax.eval import pictures
 from detailflow_jax.train import cli
 from detailflow_jax.train.weights import is_training_workdir, load_gpt, load_tokenizer, workdir_config
 
@@ -94,16 +98,16 @@ class ImageGenerator:
         return np.concatenate(out)
 
     def class_grid(self, classes: Sequence[int], per_class: int, key: jax.Array, batch_size: int,
-                   params: Any = None, num_columns: int = 8):
-        """(samples PNG with one row per class, coarse-to-fine PNG of each row's first sample at up to
-        ``num_columns`` prefix lengths). Batch i samples with ``fold_in(key, i)``."""
+                   params: Any = None, class_names: Sequence[str] | None = None) -> pictures.SamplePictures:
+        """Samples of each class (a row each, labelled with ``class_names`` or "class k"), decoded from their
+        first t tokens for up to ``pictures.MAX_GIF_FRAMES`` token counts: the grid (all tokens), the strip and
+        the GIF frames. Batch i samples with ``fold_in(key, i)``."""
         labels = np.repeat(np.asarray(classes, np.int32), per_class)
         tokens = self.in_batches(labels, batch_size,
                                  lambda batch, i: self.tokens(batch, jax.random.fold_in(key, i), params))
-        counts = self.decoder.tables.token_counts
-        shown = sorted({counts[int(i)] for i in np.linspace(0, len(counts) - 1, min(num_columns, len(counts)))})
-        previews = [(t, self.decode(tokens[::per_class], t)) for t in shown]
-        return image_grid(self.decode(tokens), columns=per_class), preview_strip(previews)
+        counts = pictures.spread(self.decoder.tables.token_counts, pictures.MAX_GIF_FRAMES)
+        previews = [(t, self.decode(tokens, t)) for t in counts]
+        return pictures.sample_pictures(previews, per_class, pictures.class_labels(classes, class_names))
 
     def many(self, labels: np.ndarray, key: jax.Array, batch_size: int, progress: bool = True) -> np.ndarray:
         """uint8 images for any number of labels; batch i samples with ``fold_in(key, i)``."""
@@ -149,6 +153,17 @@ def default_classes(num_classes: int, config: Any) -> list[int]:
     return chosen or list(range(min(num_classes, 16)))
 
 
+def class_names(config: Any, names_file: str | None = None) -> list[str] | None:
+    """The class names for the grid rows: one per line of ``names_file`` (line k names class k), else those
+    recorded with an AR run's codes, else None (rows then read "class k")."""
+    if names_file:
+        return epath.Path(names_file).read_text().splitlines()
+    codes_dir = config.get("codes_dir") if config else None
+    if codes_dir and epath.Path(codes_dir, codes_lib.METADATA_FILE).exists():
+        return list(codes_lib.read_metadata(codes_dir).class_names)
+    return None
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -156,8 +171,8 @@ def round_up(n: int, multiple: int) -> int:
 def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | None = None,
            tokenizer_config: str | None = None, classes: Sequence[int] | None = None, num_per_class: int = 8,
            num_samples: int = 0, npz: bool = False, batch_size: int = 64, seed: int = 0, ema: bool = True,
-           dtype: str | None = None, **setting_overrides) -> dict[str, str]:
-    """Writes the PNGs (and the npz); returns {name: path}."""
+           dtype: str | None = None, class_names_file: str | None = None, **setting_overrides) -> dict[str, str]:
+    """Writes the PNGs and the GIF (and the npz); returns {name: path}."""
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
     generator, config = load_generator(gpt, mesh, tokenizer, gpt_config, tokenizer_config, ema, dtype,
@@ -170,15 +185,12 @@ def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | N
         raise ConfigError(f"classes {bad} are out of range: the GPT has {generator.gpt_cfg.num_classes} classes")
     key = jax.random.key(seed)
     grid_batch = min(round_up(len(classes) * num_per_class, data), batch_size)
-    grid, strip = generator.class_grid(classes, num_per_class, jax.random.fold_in(key, 0), grid_batch)
+    names = class_names(config, class_names_file)
+    grids = generator.class_grid(classes, num_per_class, jax.random.fold_in(key, 0), grid_batch, class_names=names)
     paths = {}
     main = distributed.is_main_process()
     if main:
-        os.makedirs(out, exist_ok=True)
-        paths["samples"] = os.path.join(out, "samples.png")
-        paths["coarse_to_fine"] = os.path.join(out, "coarse_to_fine.png")
-        grid.save(paths["samples"])
-        strip.save(paths["coarse_to_fine"])
+        paths.update({name: str(path) for name, path in grids.save(out).items()})
     if num_samples and npz:
         labels = np.random.default_rng(seed).integers(0, generator.gpt_cfg.num_classes, num_samples).astype(np.int32)
         images = generator.many(labels, jax.random.fold_in(key, 1), batch_size)
@@ -197,6 +209,8 @@ def _define_flags():
     flags.DEFINE_string("out", None, "output directory")
     flags.DEFINE_list("classes", None, "class ids, one grid row each (default: the config's or the first 16)")
     flags.DEFINE_integer("num_per_class", 8, "samples per class in samples.png")
+    flags.DEFINE_string("class_names", None, "text file, line k = the name of class k, for the row labels "
+                        "(default: the names recorded with the AR run's codes, else 'class k')")
     flags.DEFINE_integer("num_samples", 0, "with --npz: this many samples with uniformly drawn labels")
     flags.DEFINE_bool("npz", False, "write samples_<K>.npz (ADM evaluator format)")
     flags.DEFINE_integer("batch_size", 64, "global sampling batch (rounded up to a multiple of the devices)")
@@ -226,7 +240,7 @@ def main(argv) -> None:
                           "in samples.png)")
     paths = sample(f.gpt, f.out, f.tokenizer, f.gpt_config, f.tokenizer_config,
                    [int(c) for c in f.classes] if f.classes else None, f.num_per_class, f.num_samples, f.npz,
-                   f.batch_size, f.seed, not f.no_ema, f.dtype, cfg_scale=f.cfg_scale,
+                   f.batch_size, f.seed, not f.no_ema, f.dtype, f.class_names, cfg_scale=f.cfg_scale,
                    cfg_schedule=f.cfg_schedule, top_k=f.top_k, top_p=f.top_p, temperature=f.temperature)
     for name, path in paths.items():
         print(f"{name}: {path}")

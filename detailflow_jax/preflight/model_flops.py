@@ -38,7 +38,8 @@ DINO_VIT = dict(width=384, depth=12, mlp=1536, seq=197)
 def tokenizer_step(trainer, canvas: int, batch: int) -> float:
     """Approximate FLOPs of one tokenizer step.
 
-    Generator fwd+bwd (encoder on B images, decoder on the clean + self-corrected 2B); the frozen
+    Generator fwd+bwd (encoder twice on the B images: the clean pass and the self-correction re-encode, both
+    trained; decoder on the clean + self-corrected 2B); the frozen
     nets the generator loss differentiates through (LPIPS, DINO: 3x forward on 2B); the
     discriminator's real/fake (+ consistency) forwards; SigLIP2 forward once on B. Left out: patch
     embedding, VQ, discriminator heads."""
@@ -46,7 +47,7 @@ def tokenizer_step(trainer, canvas: int, batch: int) -> float:
     enc_seq = (m.image_size // m.patch_size) ** 2 + m.num_latent_tokens
     dec_seq = (canvas // m.patch_size) ** 2 + m.num_latent_tokens
     e, d = m.encoder, m.decoder
-    total = 3 * (batch * vit_forward(e.width, e.depth, e.mlp_dim, enc_seq)
+    total = 3 * (2 * batch * vit_forward(e.width, e.depth, e.mlp_dim, enc_seq)
                  + 2 * batch * vit_forward(d.width, d.depth, d.mlp_dim, dec_seq))
     if trainer.lpips is not None:
         total += 3 * 2 * batch * 2 * VGG16_FLOPS_224 * (canvas / 224) ** 2  # x and y through VGG

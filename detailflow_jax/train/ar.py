@@ -9,7 +9,8 @@ The codes come from ``python -m detailflow_jax.tokenizer.extract``; their metada
 and the classes, which the GPT config must match. Writes to the work directory: config.json, metrics.jsonl
 (loss, accuracy, lr, grad_norm, steps/s, images/s), tensorboard/, checkpoints/<step>/ (state with the EMA weights +
 data iterator) and, when the tokenizer is available (config ``tokenizer``, else the one recorded with the codes),
-images/samples_<step>.png (one row per class, EMA weights) and images/coarse_to_fine_<step>.png. Running the same
+images/samples_<step>.png (one row per class, labelled, EMA weights), images/coarse_to_fine_<step>.png and
+images/samples_<step>.gif (the grid refining as tokens arrive). Running the same
 command again continues from the latest checkpoint; SIGTERM saves and exits.
 """
 
@@ -74,14 +75,12 @@ def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_
                                sampling_settings(config.sampling))
     classes = default_classes(meta.num_classes, config)
     batch = round_up(len(classes) * config.samples_per_class, generator.data_parallelism)
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
 
     def hook(step: int, state) -> None:
-        grid, strip = generator.class_grid(classes, config.samples_per_class, jax.random.key(config.sample_seed),
-                                           batch, params=state["ema"])
+        grids = generator.class_grid(classes, config.samples_per_class, jax.random.key(config.sample_seed), batch,
+                                     params=state["ema"], class_names=meta.class_names)
         if distributed.is_main_process():
-            grid.save(os.path.join(workdir, "images", f"samples_{step}.png"))
-            strip.save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
+            grids.save(os.path.join(workdir, "images"), suffix=f"_{step}")
 
     return hook
 

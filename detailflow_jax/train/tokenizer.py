@@ -5,7 +5,8 @@
         --config.batch_size=512 --config.mesh.fsdp=8
 
 Writes to the work directory: config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/ (state + data iterator),
-images/step_<k>.png (inputs | reconstructions) and images/coarse_to_fine_<k>.png, and at the end
+images/step_<k>.png (labelled rows: inputs over reconstructions) and images/coarse_to_fine_<k>.png (a column per
+token count t, then the input), and at the end
 reconstruction_psnr.json (PSNR on held-out images for every admissible token count). Running the same command again
 continues from the latest checkpoint; SIGTERM saves and exits.
 """
@@ -22,10 +23,10 @@ import ml_collections
 import numpy as np
 
 from detailflow_jax import distributed, sharding
-from detailflow_jax.ar.images import image_grid, preview_strip
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_eval_iter, make_train_iter
+from detailflow_jax.eval import pictures
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
@@ -74,6 +75,17 @@ class HostDraws:
         return t, self.tables.canvas[t], self._matrices[t], np.int32(noise_idx), np.int32(noise_end)
 
 
+def make_step_fn(trainer: TokenizerStep, draws: HostDraws, state_shardings, frozen: dict):
+    """(state, host batch, step) -> (state, device metrics): the step's host draws, then the compiled step of its
+    canvas on the batch placed over the mesh."""
+    def step_fn(state, batch, step):
+        t, canvas, matrix, noise_idx, noise_end = draws(step)
+        fn = trainer.compiled(canvas, state_shardings, frozen)
+        return fn(state, frozen, to_global(batch["image"], trainer.mesh), np.int32(t), matrix, noise_idx, noise_end)
+
+    return step_fn
+
+
 def eval_batches(config, mesh) -> list[jax.Array]:
     """The first ``eval_images`` held-out images as global arrays (fixed across runs)."""
     stream = make_eval_iter(config.data, min(config.batch_size, config.eval_images))
@@ -88,12 +100,12 @@ def eval_batches(config, mesh) -> list[jax.Array]:
 
 
 def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Array, num: int = 8):
-    """PNG grids: inputs over full reconstructions, and a coarse-to-fine strip (columns = increasing t)."""
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    """Labelled PNGs: inputs over full reconstructions, and a coarse-to-fine strip (a column per token count t,
+    then the input)."""
     images = images[:num]
     tables = evaluator.tables
-    counts = tables.token_counts
-    shown = sorted({counts[int(i)] for i in np.linspace(0, len(counts) - 1, min(8, len(counts)))})
+    shown = pictures.spread(tables.token_counts, pictures.MAX_STRIP_COLUMNS)
+    directory = os.path.join(workdir, "images")
 
     def hook(step: int, state) -> None:
         # Every process computes (the arrays span all processes) and gathers; process 0 writes.
@@ -103,10 +115,13 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
         inputs, full, previews = distributed.to_host((images, full, previews))
         if not distributed.is_main_process():
             return
-        grid = np.asarray(jnp.concatenate([to_uint8(inputs, "float32"), to_uint8(full)]))  # real, decoded
-        image_grid(grid, columns=len(inputs)).save(os.path.join(workdir, "images", f"step_{step}.png"))
-        strip = [(t, np.asarray(to_uint8(p))) for t, p in zip(shown, previews)]
-        preview_strip(strip).save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
+        inputs = np.asarray(to_uint8(inputs, "float32"))  # real images: float32 arithmetic
+        grid = pictures.reconstruction_grid(inputs, np.asarray(to_uint8(full)),
+                                            title=f"step {step}: all {tables.num_tokens} tokens")
+        pictures.save_png(grid, os.path.join(directory, f"step_{step}.png"))
+        columns = [(pictures.token_label(t), np.asarray(to_uint8(p))) for t, p in zip(shown, previews)]
+        strip = pictures.strip(columns + [("input", inputs)], title=f"step {step}")
+        pictures.save_png(strip, os.path.join(directory, f"coarse_to_fine_{step}.png"))
 
     return hook
 
@@ -139,13 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     if distributed.is_main_process():
         run_config.save(config, workdir)
 
-    draws = HostDraws(config, tables)
-
-    def step_fn(state, batch, step):
-        t, canvas, matrix, noise_idx, noise_end = draws(step)
-        fn = trainer.compiled(canvas, state_shardings, frozen)
-        return fn(state, frozen, to_global(batch["image"], mesh), np.int32(t), matrix, noise_idx, noise_end)
-
+    step_fn = make_step_fn(trainer, HostDraws(config, tables), state_shardings, frozen)
     evaluator = ReconstructionEvaluator(trainer.model_cfg, tables)
     held_out = eval_batches(config, mesh)
     loop = LoopConfig(total_steps=config.total_steps, log_every=config.log_every,
