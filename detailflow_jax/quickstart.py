@@ -14,7 +14,6 @@ Wall time per stage goes to timings.json.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -24,7 +23,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
-from detailflow_jax import cli_errors, sharding
+from detailflow_jax import cli_errors, sharding, storage
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.eval.sample import load_generator, round_up, sample
@@ -47,22 +46,20 @@ class Stages:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.done_dir = os.path.join(workdir, ".done")
-        os.makedirs(self.done_dir, exist_ok=True)
+        self.done_dir = storage.path(workdir) / ".done"
+        self.done_dir.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, fn) -> float:
-        marker = os.path.join(self.done_dir, name)
-        if os.path.exists(marker):
-            with open(marker) as f:
-                seconds = float(f.read() or 0)
+        marker = self.done_dir / name
+        if marker.exists():
+            seconds = float(marker.read_text() or 0)
             print(f"== {name}: done already ({seconds:.0f} s), skipped", flush=True)
             return seconds
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start
-        with open(marker, "w") as f:
-            f.write(f"{seconds:.1f}")
+        marker.write_text(f"{seconds:.1f}")
         print(f"== {name}: {seconds:.0f} s", flush=True)
         return seconds
 
@@ -77,8 +74,8 @@ def configs(workdir: str, smoke: bool, tokenizer_steps: int = 0, gpt_steps: int 
         ar.total_steps = gpt_steps
     if extract_images:
         ar.extract.max_images = extract_images
-    ar.codes_dir = os.path.join(workdir, "codes")
-    ar.tokenizer = os.path.join(workdir, "tokenizer")
+    ar.codes_dir = os.fspath(storage.path(workdir) / "codes")
+    ar.tokenizer = os.fspath(storage.path(workdir) / "tokenizer")
     return tok, ar
 
 
@@ -92,7 +89,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
     (_, _), (held_images, held_labels) = quality.split_real(test_images, test_labels)
 
     mesh = sharding.make_mesh((-1, 1, 1))
-    tok_model_cfg, tok_params = load_tokenizer(os.path.join(workdir, "tokenizer"), mesh)
+    tok_model_cfg, tok_params = load_tokenizer(ar_cfg.tokenizer, mesh)
     evaluator = ReconstructionEvaluator(tok_model_cfg)
     recon, batch = [], 100 * jax.device_count()
     for start in range(0, len(held_images), batch):
@@ -104,7 +101,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
         recon.append(np.asarray(out)[:len(chunk)])
     recon = np.concatenate(recon)
 
-    generator, _ = load_generator(os.path.join(workdir, "gpt"), mesh)
+    generator, _ = load_generator(os.fspath(storage.path(workdir) / "gpt"), mesh)
     num_classes = generator.gpt_cfg.num_classes
     k = max(num_samples // num_classes, 1) * num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), k // num_classes)
@@ -118,7 +115,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
         params, {"GPT samples": (trained, labels), "tokenizer reconstructions (all tokens)": (recon, held_labels),
                  "untrained GPT samples": (untrained, labels)},
         test_images, test_labels, classifier_accuracy=info["test_accuracy"],
-        path=os.path.join(workdir, "quality.json"))
+        path=storage.path(workdir) / "quality.json")
 
 
 def train_to_end(name: str, train_fn, config, workdir: str) -> None:
@@ -133,36 +130,33 @@ def train_to_end(name: str, train_fn, config, workdir: str) -> None:
 def run_main_job(workdir: str, smoke: bool = False, tokenizer_steps: int = 0, gpt_steps: int = 0,
                  extract_images: int = 0, quality_samples: int = 1000) -> dict:
     """Runs (or resumes) every stage; returns the wall time per stage in seconds."""
-    os.makedirs(workdir, exist_ok=True)
+    work = storage.prepare_dir(workdir)
     tok_cfg, ar_cfg = configs(workdir, smoke, tokenizer_steps, gpt_steps, extract_images)
     stages = Stages(workdir)
     timings = {
         "tokenizer": stages.run("tokenizer", lambda: train_to_end("tokenizer", tokenizer_train.train, tok_cfg,
-                                                                  os.path.join(workdir, "tokenizer"))),
-        "codes": stages.run("codes", lambda: extract_codes(ar_cfg, os.path.join(workdir, "tokenizer"),
-                                                           ar_cfg.codes_dir)),
-        "gpt": stages.run("gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, os.path.join(workdir, "gpt"))),
-        "samples": stages.run("samples", lambda: sample(os.path.join(workdir, "gpt"), os.path.join(workdir, "samples"),
+                                                                  ar_cfg.tokenizer)),
+        "codes": stages.run("codes", lambda: extract_codes(ar_cfg, ar_cfg.tokenizer, ar_cfg.codes_dir)),
+        "gpt": stages.run("gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, os.fspath(work / "gpt"))),
+        "samples": stages.run("samples", lambda: sample(os.fspath(work / "gpt"), os.fspath(work / "samples"),
                                                         num_per_class=10)),
         "quality": stages.run("quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke,
                                                                        quality_samples)),
     }
     timings["total"] = sum(timings.values())
-    with open(os.path.join(workdir, "timings.json"), "w") as f:
-        json.dump(timings, f, indent=1)
+    storage.write_json(work / "timings.json", timings)
     return timings
 
 
 def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
-    workdir = os.path.abspath(flags.FLAGS.workdir or DEFAULT_WORKDIR)  # --workdir is defined by train.cli
+    workdir = os.fspath(storage.path(flags.FLAGS.workdir or DEFAULT_WORKDIR))  # --workdir is defined by train.cli
     timings = run_main_job(workdir, _SMOKE.value, _TOKENIZER_STEPS.value, _GPT_STEPS.value,
                            _EXTRACT_IMAGES.value, _QUALITY_SAMPLES.value)
-    report = os.path.join(workdir, "quality.json")
-    if os.path.exists(report):
-        with open(report) as f:
-            print(quality.format_table(json.load(f)))
+    report = storage.path(workdir) / "quality.json"
+    if report.exists():
+        print(quality.format_table(storage.read_json(report)))
     print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"\nresults in {workdir}:")
     for path, what in (("samples/samples.png", "class-conditional samples (rows = classes)"),
@@ -172,7 +166,7 @@ def main(argv) -> None:
                        ("quality.json", "the quality table"), ("timings.json", "wall time per stage"),
                        ("tokenizer/checkpoints", "checkpoints"), ("gpt/checkpoints", "checkpoints"),
                        ("tokenizer/metrics.jsonl", "training metrics (also gpt/metrics.jsonl, TensorBoard)")):
-        print(f"  {os.path.join(workdir, path):<60} {what}")
+        print(f"  {os.fspath(storage.path(workdir) / path):<60} {what}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.ar.images import TokenDecoder, image_grid, preview_strip
 from detailflow_jax.ar.logits import SamplingSettings
 from detailflow_jax.ar.model import GPT, GPTConfig
@@ -174,17 +174,17 @@ def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | N
     paths = {}
     main = distributed.is_main_process()
     if main:
-        os.makedirs(out, exist_ok=True)
-        paths["samples"] = os.path.join(out, "samples.png")
-        paths["coarse_to_fine"] = os.path.join(out, "coarse_to_fine.png")
-        grid.save(paths["samples"])
-        strip.save(paths["coarse_to_fine"])
+        out = storage.prepare_dir(out)
+        paths["samples"] = os.fspath(out / "samples.png")
+        paths["coarse_to_fine"] = os.fspath(out / "coarse_to_fine.png")
+        storage.save_image(grid, paths["samples"])
+        storage.save_image(strip, paths["coarse_to_fine"])
     if num_samples and npz:
         labels = np.random.default_rng(seed).integers(0, generator.gpt_cfg.num_classes, num_samples).astype(np.int32)
         images = generator.many(labels, jax.random.fold_in(key, 1), batch_size)
         if main:
-            paths["npz"] = os.path.join(out, f"samples_{num_samples}.npz")
-            np.savez(paths["npz"], arr_0=images, labels=labels)
+            paths["npz"] = os.fspath(out / f"samples_{num_samples}.npz")
+            storage.save_npz(paths["npz"], arr_0=images, labels=labels)
     return paths
 
 

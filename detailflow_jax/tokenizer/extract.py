@@ -18,7 +18,6 @@ files, so rerunning the command after an interruption only does the missing ones
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, complete_config, finish_dataset
@@ -102,23 +101,23 @@ def _metadata(config, data_cfg, model_cfg, tokenizer: str, num_images: int, clas
         codebook_size=m.codebook_size, views=VIEW_MODES[ex.views], view_mode=ex.views, num_images=num_images,
         num_classes=len(class_names), class_names=list(class_names), image_size=m.image_size,
         chunk_size=ex.chunk_size, num_chunks=-(-num_images // ex.chunk_size), seed=ex.seed,
-        tokenizer={"path": os.path.abspath(tokenizer), "model": model_cfg.to_dict()},
+        tokenizer={"path": os.fspath(storage.path(tokenizer)), "model": model_cfg.to_dict()},
         data={k: v for k, v in data_cfg.items() if k not in _SPEED_FIELDS}, split=ex.split)
 
 
 def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata) -> None:
-    path = os.path.join(out, codes_lib.METADATA_FILE)
-    if os.path.isfile(path):
+    path = storage.path(out) / codes_lib.METADATA_FILE
+    if path.is_file():
         existing = codes_lib.read_metadata(out)
         if existing != meta:
             diff = sorted(k for k in meta.__dataclass_fields__ if getattr(existing, k) != getattr(meta, k))
             raise ConfigError(f"{out} holds codes extracted with other settings (differ: {diff}); pass a new --out "
                               "or delete the directory")
     elif distributed.is_main_process():
-        os.makedirs(out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(meta.to_json())
-        os.replace(path + ".tmp", path)
+        storage.prepare_dir(out)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(meta.to_json())
+        tmp.replace(path)
 
 
 def _data_config(config) -> ml_collections.ConfigDict:
@@ -158,15 +157,15 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     require(ex.max_images >= 0, "extract.max_images", ex.max_images, "must be >= 0 (0 = the whole split)")
     num_images = min(len(source), ex.max_images or len(source))
     meta = _metadata(config, data_cfg, model_cfg, tokenizer, num_images, class_names)
-    out = os.path.abspath(out)
+    out = storage.path(out)
     _write_or_check_metadata(out, meta)
-    os.makedirs(out, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     mine = range(jax.process_index(), meta.num_chunks, jax.process_count())
-    todo = [c for c in mine if not os.path.isfile(codes_lib.chunk_path(out, c, meta.num_chunks))]
+    todo = [c for c in mine if not codes_lib.chunk_path(out, c, meta.num_chunks).is_file()]
     for chunk in todo:  # partial files of a killed run
-        for stale in glob.glob(codes_lib.chunk_path(out, chunk, meta.num_chunks) + ".tmp-*"):
-            os.remove(stale)
+        for stale in out.glob(codes_lib.chunk_path(out, chunk, meta.num_chunks).name + ".tmp-*"):
+            stale.unlink()
     extractor = CodeExtractor(model_cfg, params, mesh, ex.seed)
     bounds = {c: chunk_bounds(c, ex.chunk_size, meta.num_images) for c in todo}
     total = sum(stop - start for start, stop in bounds.values())
@@ -203,7 +202,7 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     bar.close()
     seconds = time.perf_counter() - begin
     return dict(images=written, seconds=seconds, images_per_s=written / max(seconds, 1e-9),
-                chunks_done=len(todo), chunks_skipped=len(mine) - len(todo), out=out)
+                chunks_done=len(todo), chunks_skipped=len(mine) - len(todo), out=os.fspath(out))
 
 
 def _define_flags():

@@ -5,7 +5,6 @@ A thin wrapper over the v0 ``CheckpointManager`` so a later move to orbax v1 sta
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
@@ -14,12 +13,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from detailflow_jax import storage
+
 
 class Checkpointer:
     """Saves ``state`` (any pytree of jax arrays) and, optionally, a grain iterator under ``directory/<step>/``."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.path(directory)  # a bucket URI reaches orbax as it is
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

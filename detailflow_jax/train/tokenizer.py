@@ -12,16 +12,14 @@ continues from the latest checkpoint; SIGTERM saves and exits.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.ar.images import image_grid, preview_strip
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
@@ -89,7 +87,8 @@ def eval_batches(config, mesh) -> list[jax.Array]:
 
 def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Array, num: int = 8):
     """PNG grids: inputs over full reconstructions, and a coarse-to-fine strip (columns = increasing t)."""
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    images_dir = storage.path(workdir) / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
     images = images[:num]
     tables = evaluator.tables
     counts = tables.token_counts
@@ -104,9 +103,9 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
         if not distributed.is_main_process():
             return
         grid = np.asarray(jnp.concatenate([to_uint8(inputs, "float32"), to_uint8(full)]))  # real, decoded
-        image_grid(grid, columns=len(inputs)).save(os.path.join(workdir, "images", f"step_{step}.png"))
+        storage.save_image(image_grid(grid, columns=len(inputs)), images_dir / f"step_{step}.png")
         strip = [(t, np.asarray(to_uint8(p))) for t, p in zip(shown, previews)]
-        preview_strip(strip).save(os.path.join(workdir, "images", f"coarse_to_fine_{step}.png"))
+        storage.save_image(preview_strip(strip), images_dir / f"coarse_to_fine_{step}.png")
 
     return hook
 
@@ -121,10 +120,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     frozen = trainer.load_frozen()  # fails fast when a loss lacks its weights
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
     run_config.check_resume(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    storage.prepare_dir(workdir)
 
     data = make_train_iter(config.data, config.batch_size, config.seed)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
         state, state_shardings = trainer.init(config.seed, frozen)
@@ -159,9 +158,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         return state, {}
     curve = evaluator.psnr_curve(state["params"], held_out)
     if distributed.is_main_process():
-        with open(os.path.join(workdir, "reconstruction_psnr.json"), "w") as f:
-            json.dump({"step": step, "images": sum(b.shape[0] for b in held_out),
-                       "psnr_db": {str(t): v for t, v in curve.items()}}, f, indent=1)
+        storage.write_json(storage.path(workdir) / "reconstruction_psnr.json",
+                           {"step": step, "images": sum(b.shape[0] for b in held_out),
+                            "psnr_db": {str(t): v for t, v in curve.items()}})
         print("tokens  canvas  PSNR (dB) on held-out images")
         for t, v in curve.items():
             print(f"{t:6d}  {tables.canvas[t]:6d}  {v:8.2f}")

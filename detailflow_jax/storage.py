@@ -1,0 +1,128 @@
+"""One path type for every file the project reads or writes: ``etils.epath``.
+
+Local paths and bucket URIs (``gs://bucket/run``; any filesystem epath knows) behave the same, so a work
+directory, a code directory or a weight directory may live on a bucket. ``gs://`` needs gcsfs
+(``pip install -e '.[gcs]'``); the objects appear whole when a write closes, so no temporary files are needed
+there. Readers that open local files themselves (the ArrayRecord reader) get a local copy (``local_copy``) or
+a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import uuid
+from typing import Any, Iterable
+
+import numpy as np
+from etils import epath
+
+from detailflow_jax.config_lib import ConfigError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+def is_uri(path: PathLike) -> bool:
+    """True for ``scheme://...`` (a bucket), False for a local path."""
+    return "://" in os.fspath(path)
+
+
+def path(p: PathLike) -> epath.Path:
+    """``p`` as an epath.Path: a local path made absolute, a URI kept as it is."""
+    p = epath.Path(p)
+    return p if is_uri(p) else p.absolute()
+
+
+def read_json(p: PathLike) -> Any:
+    return json.loads(path(p).read_text())
+
+
+def write_json(p: PathLike, value: Any, indent: int | None = 1) -> None:
+    path(p).write_text(json.dumps(value, indent=indent))
+
+
+def save_image(image, p: PathLike) -> None:
+    """Saves a PIL image (the format from the suffix, e.g. ``.png``)."""
+    p = path(p)
+    with p.open("wb") as f:
+        image.save(f, format=p.suffix.lstrip(".").upper() or "PNG")
+
+
+def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()  # np.savez seeks, which a bucket object being written cannot
+    np.savez(buffer, **arrays)
+    path(p).write_bytes(buffer.getvalue())
+
+
+def load_npz(p: PathLike) -> dict[str, np.ndarray]:
+    with path(p).open("rb") as f, np.load(f) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _bucket(p: epath.Path) -> epath.Path:
+    scheme, rest = os.fspath(p).split("://", 1)
+    return epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
+
+
+def prepare_dir(p: PathLike) -> epath.Path:
+    """Creates directory ``p`` (and its parents). On a bucket, first checks that the bucket exists and that
+    this account may write to it, so a wrong name or a missing role stops a run before it has computed
+    anything (object stores would only say so at the first write)."""
+    p = path(p)
+    if is_uri(p):
+        check_bucket(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def check_bucket(p: PathLike) -> None:
+    """For a bucket URI: FileNotFoundError when the bucket does not exist, PermissionError when this account may
+    not write to ``p``, ConfigError when the client is not installed (each says what to do)."""
+    p = path(p)
+    bucket = _bucket(p)
+    probe = p / f".write-check-{uuid.uuid4().hex}"  # one per process: several may start at once
+    try:
+        if not bucket.exists():
+            raise FileNotFoundError(f"bucket {bucket} does not exist: create it (gcloud storage buckets create "
+                                    f"{bucket}) or fix the name in {p}")
+        probe.write_text("")
+        probe.unlink()
+    except ImportError as e:
+        raise ConfigError(f"{p}: {e}; install the cloud storage client with pip install -e '.[gcs]'") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # gcsfs: "Forbidden: ..." (HTTP 403)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PermissionError(f"cannot write to {p} ({reason}): grant this account write access to {bucket} "
+                              "(e.g. roles/storage.objectUser) or pass another directory") from None
+
+
+def cache_dir(p: PathLike) -> epath.Path:
+    """The local folder that mirrors bucket directory ``p`` (``$TMPDIR/detailflow_jax/<scheme>/<path>``)."""
+    scheme, rest = os.fspath(p).split("://", 1)
+    return epath.Path(tempfile.gettempdir()) / "detailflow_jax" / scheme / rest.strip("/")
+
+
+def local_copy(files: Iterable[PathLike]) -> list[str]:
+    """Local paths of ``files``: local files as they are; bucket files copied into ``cache_dir`` once (a copy of
+    the same size is reused), for readers that can only open local files."""
+    out = []
+    for f in files:
+        if not is_uri(f):
+            out.append(os.fspath(f))
+            continue
+        f = epath.Path(f)
+        local = cache_dir(f)
+        if not (local.exists() and local.stat().length == f.stat().length):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            log.info("copying %s to %s", f, local)
+            partial = local.with_name(local.name + f".part-{os.getpid()}")
+            f.copy(partial, overwrite=True)
+            partial.replace(local)
+        out.append(os.fspath(local))
+    return out
