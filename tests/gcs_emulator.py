@@ -26,10 +26,11 @@ def free_port() -> int:
 
 
 def client_env(url: str) -> dict[str, str]:
-    """The variables that point every client at ``url``: gcsfs and google-cloud-storage (tensorboardX) read
-    STORAGE_EMULATOR_HOST and then need no credentials; tensorstore (orbax) reads TENSORSTORE_GCS_HTTP_URL.
+    """The variables that point every client at ``url``: gcsfs reads STORAGE_EMULATOR_HOST and then needs no
+    credentials; tensorstore (orbax) reads TENSORSTORE_GCS_HTTP_URL, the ArrayRecord reader (google-cloud-cpp)
+    CLOUD_STORAGE_EMULATOR_ENDPOINT.
     gcsfs's probe for zonal buckets asks a gRPC endpoint that an emulator does not serve: off."""
-    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test"}
 
 

@@ -1,7 +1,7 @@
 """Work directories on a bucket, against a local Google Cloud Storage server (gcp-storage-emulator): the main job
 writes every artefact into the bucket and nothing into a local ``gs:`` folder, a run stopped as a preemption stops
 resumes from the bucket's checkpoint exactly, and a missing bucket or a bucket without write access is one clear
-line."""
+line; image datasets and codes are read from the bucket."""
 
 import importlib.util
 import json
@@ -105,9 +105,26 @@ def test_bucket_without_write_access_is_one_clear_line():
     assert last.startswith(f"error: cannot write to gs://{BUCKET}/run (Forbidden") and "write access" in last
 
 
-def test_image_data_on_a_bucket_says_to_mount_it():
+def test_image_folder_dataset_is_read_from_a_bucket(bucket, tmp_path):
+    from test_data_imagefolder import _write_tree
+
+    from detailflow_jax.data.imagefolder import build_imagefolder, open_imagefolder
+    _write_tree(tmp_path / "tree")
+    build_imagefolder(tmp_path / "tree", tmp_path / "tfds")
+    remote = f"{bucket}/tfds"
+    for file in (tmp_path / "tfds").rglob("*"):
+        if file.is_file():
+            storage.path(f"{remote}/{file.relative_to(tmp_path / 'tfds')}").write_bytes(file.read_bytes())
+    local, local_classes = open_imagefolder(tmp_path / "tfds", "train")
+    source, classes = open_imagefolder(remote, "train")
+    assert classes == local_classes == ["cat", "dog"] and len(source) == len(local) == 6
+    for i in range(len(source)):
+        assert source[i]["image"] == local[i]["image"] and source[i]["label"] == local[i]["label"]
+
+
+def test_fashion_mnist_on_a_bucket_says_to_mount_it():
     from detailflow_jax.config_lib import ConfigError
     from detailflow_jax.data.pipeline import default_data_config
     from detailflow_jax.data.sources import open_source
     with pytest.raises(ConfigError, match="mount the bucket"):
-        open_source(default_data_config(name="imagefolder", data_dir="gs://b/tfds"), "train")
+        open_source(default_data_config(name="fashion_mnist", data_dir="gs://b/fashion_mnist"), "train")

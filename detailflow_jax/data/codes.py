@@ -170,7 +170,7 @@ def make_code_iter(directory: str, batch_size: int, seed: int, process_index: in
     count = jax.process_count() if process_count is None else process_count
     if batch_size <= 0 or batch_size % count:
         raise ConfigError(f"batch_size={batch_size} (global) must be a positive multiple of the {count} processes")
-    source = grain.sources.ArrayRecordDataSource(storage.local_copy(files))  # the reader opens local files only
+    source = grain.sources.ArrayRecordDataSource(files)  # reads gs:// itself
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     # Pick the view before slicing so each element's RNG depends on its global position, not on the process.
     ds = ds.random_map(PickView(meta.views, meta.num_tokens))[index::count]

@@ -45,15 +45,15 @@ def open_source(data_cfg, split: str):
     if name != "fashion_mnist":
         require(data_cfg.pad_to is None, "data.pad_to", data_cfg.pad_to,
                 "only applies to fashion_mnist (pad the 28x28 images)")
-    require(not (data_cfg.data_dir and storage.is_uri(data_cfg.data_dir)), "data.data_dir", data_cfg.data_dir,
-            "the image readers open local files only: mount the bucket (e.g. gcsfuse --implicit-dirs BUCKET "
-            "/mnt/BUCKET) and pass the mounted path")
     if name == "synthetic":
         # Each split gets its own images so "eval" is not a copy of "train".
         source = SyntheticSource(data_cfg.synthetic_examples, data_cfg.image_size, data_cfg.synthetic_classes,
                                  seed=data_cfg.synthetic_seed + (split != "train"))
         return source, source.class_names
     if name == "fashion_mnist":
+        require(not (data_cfg.data_dir and storage.is_uri(data_cfg.data_dir)), "data.data_dir", data_cfg.data_dir,
+                "the Fashion-MNIST files are read from a local disk: copy them there, or mount the bucket (e.g. "
+                "gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and pass the mounted path")
         from detailflow_jax.data.fashion_mnist import FashionMnistSource
         source = FashionMnistSource(split, data_cfg.data_dir, pad_to=data_cfg.pad_to, rgb=data_cfg.rgb)
         return source, source.class_names
