@@ -2,20 +2,20 @@
 
 Local paths and bucket URIs (``gs://bucket/run``; any filesystem epath knows) behave the same, so a work
 directory, a code directory or a weight directory may live on a bucket. ``gs://`` needs gcsfs
-(``pip install -e '.[gcs]'``); the objects appear whole when a write closes, so no temporary files are needed
-there. Readers that open local files themselves (the ArrayRecord reader) get a local copy (``local_copy``) or
-a clear error.
+(``pip install -e '.[gcs]'``; orbax, tensorstore and the ArrayRecord reader reach buckets by themselves). A bucket
+object appears whole when its write closes. Readers that need a local file (the converters' checkpoint readers) get
+a local copy (``local_copy``); the ArrayRecord writer writes a local file that is then uploaded (data/codes.py).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from etils import epath
@@ -54,14 +54,27 @@ def save_image(image, p: PathLike) -> None:
 
 
 def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()  # np.savez seeks, which a bucket object being written cannot
-    np.savez(buffer, **arrays)
-    path(p).write_bytes(buffer.getvalue())
+    with path(p).open("wb") as f:  # zipfile streams into a bucket object (it does not need to seek back)
+        np.savez(f, **arrays)
 
 
 def load_npz(p: PathLike) -> dict[str, np.ndarray]:
     with path(p).open("rb") as f, np.load(f) as data:
         return {k: data[k] for k in data.files}
+
+
+@contextlib.contextmanager
+def written_whole(p: PathLike) -> Iterator[epath.Path]:
+    """Yields where to write file ``p`` so that readers never see part of it: locally a sibling ``.tmp`` file,
+    renamed to ``p`` once the block succeeds; on a bucket ``p`` itself, as an object appears only when its upload
+    completes (a rename there would be a copy)."""
+    p = path(p)
+    if is_uri(p):
+        yield p
+        return
+    tmp = p.with_name(p.name + ".tmp")
+    yield tmp
+    tmp.replace(p)
 
 
 def _bucket(p: epath.Path) -> epath.Path:

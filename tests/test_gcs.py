@@ -81,6 +81,26 @@ def test_run_stopped_on_a_bucket_resumes_from_its_checkpoint_exactly(bucket, tmp
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_evaluation_samples_on_a_bucket_resume_and_equal_a_local_run(bucket, tmp_path):
+    from test_evaluate import FakeGenerator
+
+    from detailflow_jax.eval import evaluate
+    settings = {**dict.fromkeys(evaluate.GENERATION_KEYS), "num_samples": 10, "num_classes": 5,
+                "label_mode": "random", "seed": 7, "batch_size": 2, "chunk_size": 4}
+    quiet = dict(log=lambda message: None)
+    evaluate.run_evaluation(FakeGenerator(), None, settings, str(tmp_path), **quiet)
+    work = f"{bucket}/eval"
+    assert evaluate.run_evaluation(FakeGenerator(), None, settings, work, stop_after_chunks=1, **quiet) is None
+    assert names(f"{work}/chunks") == {"chunk_00000.npz"}
+    results = evaluate.run_evaluation(FakeGenerator(), None, settings, work, **quiet)
+    assert results["samples_npz"] == f"{work}/samples_10.npz"
+    remote, local = storage.load_npz(results["samples_npz"]), storage.load_npz(tmp_path / "samples_10.npz")
+    assert remote.keys() == local.keys() == {"arr_0", "labels"}
+    for key in local:
+        np.testing.assert_array_equal(remote[key], local[key])
+    assert storage.read_json(f"{work}/results.json")["samples_shape"] == [10, 4, 4, 3]
+
+
 def _train_cli(workdir: str, env: dict) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "detailflow_jax.train.tokenizer", "--config",
            "configs/tokenizer_fashion_mnist.py:smoke", "--workdir", workdir]

@@ -15,7 +15,7 @@ LOCAL_ONLY = ("open", "os.makedirs", "os.mkdir", "os.path.exists", "os.path.isfi
 
 ALLOWED = {
     ("storage.py", "tempfile"): "the local cache that bucket files are copied into for local-only readers",
-    ("storage.py", "np.savez"): "into an in-memory buffer, then written through epath",
+    ("storage.py", "np.savez"): "into an epath file object",
     ("storage.py", "np.load"): "from an epath file object",
     ("eval/reference_stats.py", "np.load"): "from an epath file object (arr_0 is read only when asked for)",
     ("data/codes.py", "tempfile"): "the ArrayRecord writer writes a local file; commit() uploads it to the bucket",

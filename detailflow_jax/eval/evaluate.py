@@ -102,9 +102,8 @@ def chunk_path(out_dir: str, chunk: int) -> epath.Path:
 
 
 def _atomic_savez(path: epath.Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    storage.save_npz(tmp, **arrays)
-    tmp.replace(path)
+    with storage.written_whole(path) as tmp:
+        storage.save_npz(tmp, **arrays)
 
 
 def _chunk_is_done(path: str, labels: np.ndarray) -> bool:
@@ -182,9 +181,9 @@ def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
     chunk (50k images at 256 px are 9.8 GB) and written atomically. Returns the shape of ``arr_0``."""
     image_shape = storage.load_npz(chunk_path(out_dir, 0))["images"].shape[1:]
     shape = (plan.num_samples, *image_shape)
-    tmp = storage.path(f"{path}.tmp")
     labels = []
-    with tmp.open("wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with storage.written_whole(path) as tmp, tmp.open("wb") as out, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # zip64: the size is unknown up front
             _write_npy_header(f, shape, np.uint8)
             for images, chunk_labels in iter_chunk_images(out_dir, plan):
@@ -194,7 +193,6 @@ def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
                 labels.append(chunk_labels)
         with zf.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels))
-    tmp.replace(path)
     return shape
 
 

@@ -115,9 +115,8 @@ def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata) -> None:
                               "or delete the directory")
     elif distributed.is_main_process():
         storage.prepare_dir(out)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(meta.to_json())
-        tmp.replace(path)
+        with storage.written_whole(path) as tmp:
+            tmp.write_text(meta.to_json())
 
 
 def _data_config(config) -> ml_collections.ConfigDict:
