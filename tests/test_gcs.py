@@ -49,7 +49,11 @@ def test_main_job_on_a_bucket_writes_everything_there(bucket, tmp_path, monkeypa
     assert names(f"{work}/.done") == {"tokenizer", "codes", "gpt", "samples", "quality"}
     for run in ("tokenizer", "gpt"):
         assert {"config.json", "metrics.jsonl", "checkpoints", "images", "tensorboard"} <= names(f"{work}/{run}")
-        assert any(n.startswith("events.out.tfevents") for n in names(f"{work}/{run}/tensorboard"))
+        events = [p for p in storage.path(f"{work}/{run}/tensorboard").iterdir() if "tfevents" in p.name]
+        assert len(events) == 1 and b"steps_per_s" in events[0].read_bytes()  # the scalars reached the bucket
+        rows = storage.path(f"{work}/{run}/metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(row)["step"] for row in rows]
+        assert steps and steps == sorted(steps)
         assert any(n.isdigit() for n in names(f"{work}/{run}/checkpoints"))
     assert {"step_3.png", "coarse_to_fine_6.png"} <= names(f"{work}/tokenizer/images")
     assert "psnr_db" in storage.read_json(f"{work}/tokenizer/reconstruction_psnr.json")

@@ -80,7 +80,7 @@ class MetricWriter:
         self._flushed_at = time.monotonic()
         self._tb = None
         if self.enabled:
-            storage.prepare_dir(workdir)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 self._tb = _tensorboard_writer(str(storage.path(workdir) / "tensorboard"))
 
