@@ -122,20 +122,21 @@ def cache_dir(p: PathLike) -> epath.Path:
 
 
 def local_copy(files: Iterable[PathLike]) -> list[str]:
-    """Local paths of ``files``: local files as they are; bucket files copied into ``cache_dir`` once (a copy of
-    the same size is reused), for readers that can only open local files."""
+    """Local paths of ``files``: local files as they are; bucket files copied into ``cache_dir``, for readers that
+    can only open local files (a copy is reused while the object keeps its size and modification time)."""
     out = []
     for f in files:
         if not is_uri(f):
             out.append(os.fspath(f))
             continue
         f = epath.Path(f)
-        local = cache_dir(f)
-        if not (local.exists() and local.stat().length == f.stat().length):
+        local, remote = cache_dir(f), f.stat()
+        if not (local.exists() and (local.stat().length, local.stat().mtime) == (remote.length, remote.mtime)):
             local.parent.mkdir(parents=True, exist_ok=True)
             log.info("copying %s to %s", f, local)
             partial = local.with_name(local.name + f".part-{os.getpid()}")
             f.copy(partial, overwrite=True)
+            os.utime(partial, (remote.mtime, remote.mtime))  # what the next call compares
             partial.replace(local)
         out.append(os.fspath(local))
     return out

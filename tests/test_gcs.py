@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -144,6 +145,23 @@ def test_image_folder_dataset_is_read_from_a_bucket(bucket, tmp_path):
     assert classes == local_classes == ["cat", "dog"] and len(source) == len(local) == 6
     for i in range(len(source)):
         assert source[i]["image"] == local[i]["image"] and source[i]["label"] == local[i]["label"]
+
+
+def test_converters_read_a_checkpoint_file_from_a_bucket_and_write_weights_there(bucket, tmp_path):
+    from detailflow_jax.convert.params_io import restore_params, save_params
+    from detailflow_jax.convert.state_dict import load_state_dict
+    weights = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "conv.bias": np.ones(2, np.float32)}
+    storage.save_npz(f"{bucket}/downloads/model.npz", **weights)
+    loaded = load_state_dict(f"{bucket}/downloads/model.npz")
+    assert loaded.keys() == weights.keys()
+    for key in weights:
+        np.testing.assert_array_equal(loaded[key], weights[key])
+    time.sleep(1.1)  # object times have a resolution of a second
+    storage.save_npz(f"{bucket}/downloads/model.npz", **{k: v + 1 for k, v in weights.items()})  # same size
+    np.testing.assert_array_equal(load_state_dict(f"{bucket}/downloads/model.npz")["conv.bias"], 2)  # not cached
+    out = save_params(f"{bucket}/converted", loaded)  # orbax writes the bucket itself
+    assert out == f"{bucket}/converted"
+    np.testing.assert_array_equal(restore_params(out)["conv.weight"], weights["conv.weight"])
 
 
 def test_fashion_mnist_on_a_bucket_says_to_mount_it():
