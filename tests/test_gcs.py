@@ -1,7 +1,9 @@
-"""Work directories on a bucket, against a local Google Cloud Storage server (gcp-storage-emulator): the main job
-writes every artefact into the bucket and nothing into a local ``gs:`` folder, a run stopped as a preemption stops
-resumes from the bucket's checkpoint exactly, and a missing bucket or a bucket without write access is one clear
-line; image datasets and codes are read from the bucket."""
+"""Work directories on a bucket, against a local Google Cloud Storage server (gcp-storage-emulator, see
+tests/gcs_emulator.py): the main job (tokenizer, codes extracted into the bucket, the GPT trained from them, samples
+from the bucket's GPT, the quality check) writes every artefact into the bucket and nothing into a local ``gs:``
+folder; a run stopped as a preemption stops resumes from the bucket's checkpoint exactly; evaluation samples,
+image-folder datasets and converter inputs and outputs live on the bucket; a missing bucket or a bucket without write
+access is one clear line. Select them with ``-m gcs``."""
 
 import importlib.util
 import json
