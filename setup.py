@@ -26,7 +26,10 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "chex"],
+        # The tests run the cloud storage ones against a local emulator (tests/test_gcs.py).
+        "dev": ["pytest", "pytest-xdist", "chex", "gcsfs", "gcp-storage-emulator"],
+        # Work directories, codes and weights on gs:// buckets (etils.epath reads them through gcsfs).
+        "gcs": ["gcsfs"],
         # Reading official `.pt` checkpoints; `.npz`/`.safetensors` need no torch.
         "torch": ["torch"],
         # Ahead-of-time compiles for TPU topologies on any machine (python -m detailflow_jax.preflight).

@@ -24,10 +24,9 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from etils import epath
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
-from detailflow_jax import cli_errors, sharding
+from detailflow_jax import cli_errors, sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
@@ -59,7 +58,7 @@ class Stages:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.done_dir = epath.Path(workdir) / ".done"
+        self.done_dir = storage.path(workdir) / ".done"
         self.done_dir.mkdir(parents=True, exist_ok=True)
 
     def _marker(self, name: str) -> dict | None:
@@ -81,7 +80,7 @@ class Stages:
             print(f"== {name}: done already ({marker['seconds']:.0f} s, same settings and inputs), skipped",
                   flush=True)
             return marker["seconds"], result
-        if marker is not None and marker.get("inputs") != inputs and trained and epath.Path(trained).exists():
+        if marker is not None and marker.get("inputs") != inputs and trained and storage.path(trained).exists():
             raise ConfigError(f"the inputs of the {name} stage changed since it ran (fingerprint "
                               f"{marker.get('inputs')} -> {inputs}, e.g. the stage before it ran with other "
                               f"settings): {trained} was trained on the old ones; delete it to train again on the "
@@ -109,8 +108,8 @@ def configs(workdir: str, smoke: bool, tokenizer_steps: int = 0, gpt_steps: int 
         ar.total_steps = gpt_steps
     if extract_images:
         ar.extract.max_images = extract_images
-    ar.codes_dir = os.path.join(workdir, "codes")
-    ar.tokenizer = os.path.join(workdir, "tokenizer")
+    ar.codes_dir = os.fspath(storage.path(workdir) / "codes")
+    ar.tokenizer = os.fspath(storage.path(workdir) / "tokenizer")
     return tok, ar
 
 
@@ -124,7 +123,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
     (_, _), (held_images, held_labels) = quality.split_real(test_images, test_labels)
 
     mesh = sharding.make_mesh((-1, 1, 1))
-    tok_model_cfg, tok_params = load_tokenizer(os.path.join(workdir, "tokenizer"), mesh)
+    tok_model_cfg, tok_params = load_tokenizer(ar_cfg.tokenizer, mesh)
     evaluator = ReconstructionEvaluator(tok_model_cfg)
     recon, batch = [], 100 * jax.device_count()
     for start in range(0, len(held_images), batch):
@@ -136,7 +135,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
         recon.append(np.asarray(out)[:len(chunk)])
     recon = np.concatenate(recon)
 
-    generator, _ = load_generator(os.path.join(workdir, "gpt"), mesh)
+    generator, _ = load_generator(os.fspath(storage.path(workdir) / "gpt"), mesh)
     num_classes = generator.gpt_cfg.num_classes
     k = max(num_samples // num_classes, 1) * num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), k // num_classes)
@@ -150,7 +149,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
         params, {"GPT samples": (trained, labels), "tokenizer reconstructions (all tokens)": (recon, held_labels),
                  "untrained GPT samples": (untrained, labels)},
         test_images, test_labels, classifier_accuracy=info["test_accuracy"],
-        path=os.path.join(workdir, "quality.json"))
+        path=storage.path(workdir) / "quality.json")
 
 
 def train_to_end(name: str, train_fn, config, workdir: str) -> None:
@@ -165,28 +164,27 @@ def train_to_end(name: str, train_fn, config, workdir: str) -> None:
 def run_main_job(workdir: str, smoke: bool = False, tokenizer_steps: int = 0, gpt_steps: int = 0,
                  extract_images: int = 0, quality_samples: int = 1000) -> dict:
     """Runs (or resumes) every stage; returns the wall time per stage in seconds."""
-    os.makedirs(workdir, exist_ok=True)
+    work = storage.prepare_dir(workdir)
     tok_cfg, ar_cfg = configs(workdir, smoke, tokenizer_steps, gpt_steps, extract_images)
     stages = Stages(workdir)
     timings = {}
     timings["tokenizer"], tok_fp = stages.run(
-        "tokenizer", lambda: train_to_end("tokenizer", tokenizer_train.train, tok_cfg,
-                                          os.path.join(workdir, "tokenizer")), fingerprint(tok_cfg))
+        "tokenizer", lambda: train_to_end("tokenizer", tokenizer_train.train, tok_cfg, ar_cfg.tokenizer),
+        fingerprint(tok_cfg))
     timings["codes"], codes_fp = stages.run(  # overwrite: codes of an older tokenizer are replaced
-        "codes", lambda: extract_codes(ar_cfg, os.path.join(workdir, "tokenizer"), ar_cfg.codes_dir, overwrite=True),
+        "codes", lambda: extract_codes(ar_cfg, ar_cfg.tokenizer, ar_cfg.codes_dir, overwrite=True),
         fingerprint(ar_cfg.extract), tok_fp)
+    gpt_dir, samples_dir = os.fspath(work / "gpt"), os.fspath(work / "samples")
     timings["gpt"], gpt_fp = stages.run(
-        "gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, os.path.join(workdir, "gpt")),
-        fingerprint(ar_cfg), codes_fp, trained=os.path.join(workdir, "gpt"))
+        "gpt", lambda: train_to_end("GPT", ar_train.train, ar_cfg, gpt_dir), fingerprint(ar_cfg), codes_fp,
+        trained=gpt_dir)
     timings["samples"], _ = stages.run(
-        "samples", lambda: sample(os.path.join(workdir, "gpt"), os.path.join(workdir, "samples"), num_per_class=10),
-        fingerprint("num_per_class=10"), gpt_fp)
+        "samples", lambda: sample(gpt_dir, samples_dir, num_per_class=10), fingerprint("num_per_class=10"), gpt_fp)
     timings["quality"], _ = stages.run(
         "quality", lambda: quality_stage(workdir, tok_cfg, ar_cfg, smoke, quality_samples),
         fingerprint(smoke, quality_samples), fingerprint(tok_fp, gpt_fp))
     timings["total"] = sum(timings.values())
-    with open(os.path.join(workdir, "timings.json"), "w") as f:
-        json.dump(timings, f, indent=1)
+    storage.write_json(work / "timings.json", timings)
     return timings
 
 
@@ -194,13 +192,12 @@ def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save through absl at INFO
     default = DEFAULT_WORKDIR + ("_smoke" if _SMOKE.value else "")
-    workdir = os.path.abspath(flags.FLAGS.workdir or default)  # --workdir is defined by train.cli
+    workdir = os.fspath(storage.path(flags.FLAGS.workdir or default))  # --workdir is defined by train.cli
     timings = run_main_job(workdir, _SMOKE.value, _TOKENIZER_STEPS.value, _GPT_STEPS.value,
                            _EXTRACT_IMAGES.value, _QUALITY_SAMPLES.value)
-    report = os.path.join(workdir, "quality.json")
-    if os.path.exists(report):
-        with open(report) as f:
-            print(quality.format_table(json.load(f)))
+    report = storage.path(workdir) / "quality.json"
+    if report.exists():
+        print(quality.format_table(storage.read_json(report)))
     print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"\nresults in {workdir}:")
     for path, what in (("samples/samples.png", "class-conditional samples (rows = classes)"),
@@ -211,7 +208,7 @@ def main(argv) -> None:
                        ("quality.json", "the quality table"), ("timings.json", "wall time per stage"),
                        ("tokenizer/checkpoints", "checkpoints"), ("gpt/checkpoints", "checkpoints"),
                        ("tokenizer/metrics.jsonl", "training metrics (also gpt/metrics.jsonl, TensorBoard)")):
-        print(f"  {os.path.join(workdir, path):<60} {what}")
+        print(f"  {os.fspath(storage.path(workdir) / path):<60} {what}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from detailflow_jax import cli_errors
+from detailflow_jax import cli_errors, storage
 from detailflow_jax.convert.params_io import restore_params, save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.eval.inception import abstract_params
@@ -60,7 +60,7 @@ def convert_state_dict(state: dict[str, np.ndarray], name: str = "Inception chec
 def load_inception_params(path: str | os.PathLike) -> Any:
     """Inception params from an orbax directory written by this module's CLI, or from a state-dict file."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if storage.path(path).is_dir():
         return restore_params(path)
     return convert_state_dict(load_state_dict(path), name=os.path.basename(path))
 

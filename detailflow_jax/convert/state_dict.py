@@ -20,6 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from detailflow_jax import storage
 from detailflow_jax.convert import pt_reader
 from detailflow_jax.convert.errors import ConversionError
 
@@ -39,8 +40,9 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
         the first of ``wrappers`` present is used, or the file itself when it is a flat state dict.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    path = storage.local_copy([path])[0]  # the readers below need random access to a local file
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
         raw: Mapping[str, Any] = _load_npz(path)

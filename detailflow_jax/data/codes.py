@@ -19,15 +19,17 @@ process's slice, batches ``{"codes": int16 (b, N, 3), "label": int32 (b,)}`` fro
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
+import tempfile
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from etils import epath
 
+from detailflow_jax import storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.data.pipeline import DataStream, SkipCounter
 
@@ -70,8 +72,8 @@ class CodesMetadata:
         return 2 * _HEADER.itemsize + self.views * self.num_tokens * 3 * _CODE.itemsize
 
 
-def chunk_path(directory: str, chunk: int, num_chunks: int) -> str:
-    return os.path.join(directory, f"codes-{chunk:05d}-of-{num_chunks:05d}.array_record")
+def chunk_path(directory: str, chunk: int, num_chunks: int) -> epath.Path:
+    return storage.path(directory) / f"codes-{chunk:05d}-of-{num_chunks:05d}.array_record"
 
 
 def encode_record(index: int, label: int, codes: np.ndarray) -> bytes:
@@ -89,13 +91,15 @@ def decode_record(data: bytes, views: int, num_tokens: int) -> tuple[int, int, n
 
 
 class ChunkWriter:
-    """Writes one chunk file; it appears under its final name only after ``commit()``."""
+    """Writes one chunk file; it appears under its final name only after ``commit()``. The ArrayRecord writer
+    needs a local file: for a bucket it writes one in the temporary directory and uploads it at ``commit()``."""
 
     def __init__(self, directory: str, chunk: int, num_chunks: int):
         from array_record.python.array_record_module import ArrayRecordWriter
         self.path = chunk_path(directory, chunk, num_chunks)
-        self._tmp = f"{self.path}.tmp-{os.getpid()}"
-        self._writer = ArrayRecordWriter(self._tmp, WRITER_OPTIONS)
+        local = epath.Path(tempfile.gettempdir()) if storage.is_uri(self.path) else self.path.parent
+        self._tmp = local / f"{self.path.name}.tmp-{os.getpid()}"
+        self._writer = ArrayRecordWriter(os.fspath(self._tmp), WRITER_OPTIONS)
         self.count = 0
 
     def write(self, index: int, label: int, codes: np.ndarray) -> None:
@@ -104,44 +108,46 @@ class ChunkWriter:
 
     def commit(self) -> str:
         self._writer.close()
-        os.replace(self._tmp, self.path)
-        return self.path
+        if storage.is_uri(self.path):
+            self._tmp.copy(self.path, overwrite=True)
+            self._tmp.unlink()
+        else:
+            self._tmp.replace(self.path)
+        return os.fspath(self.path)
 
     def abort(self) -> None:
         self._writer.close()
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        self._tmp.unlink(missing_ok=True)
 
 
 def read_metadata(directory: str) -> CodesMetadata:
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isfile(path):
+    path = storage.path(directory) / METADATA_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: extract codes first (python -m detailflow_jax.tokenizer.extract "
                                 f"... --out {directory})")
-    with open(path) as f:
-        return CodesMetadata.from_json(f.read())
+    return CodesMetadata.from_json(path.read_text())
 
 
 def missing_chunks(directory: str, meta: CodesMetadata) -> list[int]:
-    return [c for c in range(meta.num_chunks) if not os.path.isfile(chunk_path(directory, c, meta.num_chunks))]
+    return [c for c in range(meta.num_chunks) if not chunk_path(directory, c, meta.num_chunks).is_file()]
 
 
 def open_codes(directory: str) -> tuple[CodesMetadata, list[str]]:
     """(metadata, chunk files in order); an incomplete extraction is an error that says how to finish it."""
-    directory = os.path.abspath(directory)
+    directory = storage.path(directory)
     meta = read_metadata(directory)
     missing = missing_chunks(directory, meta)
     if missing:
         raise FileNotFoundError(
             f"{directory} is incomplete: {len(missing)} of {meta.num_chunks} chunk files are missing (first: "
-            f"{os.path.basename(chunk_path(directory, missing[0], meta.num_chunks))}); rerun the extraction command "
+            f"{chunk_path(directory, missing[0], meta.num_chunks).name}); rerun the extraction command "
             "with the same --out to finish it")
-    stray = set(glob.glob(os.path.join(directory, "codes-*.array_record"))) - {
-        chunk_path(directory, c, meta.num_chunks) for c in range(meta.num_chunks)}
+    stray = set(map(os.fspath, directory.glob("codes-*.array_record"))) - {
+        os.fspath(chunk_path(directory, c, meta.num_chunks)) for c in range(meta.num_chunks)}
     if stray:
         raise ConfigError(f"{directory} holds chunk files of another extraction ({sorted(stray)[0]}, ...); use a clean "
                          "directory")
-    return meta, [chunk_path(directory, c, meta.num_chunks) for c in range(meta.num_chunks)]
+    return meta, [os.fspath(chunk_path(directory, c, meta.num_chunks)) for c in range(meta.num_chunks)]
 
 
 @dataclasses.dataclass
@@ -164,7 +170,7 @@ def make_code_iter(directory: str, batch_size: int, seed: int, process_index: in
     count = jax.process_count() if process_count is None else process_count
     if batch_size <= 0 or batch_size % count:
         raise ConfigError(f"batch_size={batch_size} (global) must be a positive multiple of the {count} processes")
-    source = grain.sources.ArrayRecordDataSource(files)
+    source = grain.sources.ArrayRecordDataSource(files)  # reads gs:// itself
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     # Pick the view before slicing so each element's RNG depends on its global position, not on the process.
     ds = ds.random_map(PickView(meta.views, meta.num_tokens))[index::count]

@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from detailflow_jax import cli_errors
+from detailflow_jax import cli_errors, storage
 from detailflow_jax.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,9 @@ def build_imagefolder(root: str | os.PathLike, data_dir: str | os.PathLike, rebu
     return builder
 
 
-def dataset_dir(data_dir: str | os.PathLike) -> pathlib.Path:
+def dataset_dir(data_dir: str | os.PathLike) -> epath.Path:
     """The folder holding ``dataset_info.json``: ``data_dir`` itself or ``<data_dir>/imagefolder/<version>``."""
-    data_dir = pathlib.Path(data_dir)
+    data_dir = storage.path(data_dir)  # a bucket too: TFDS and the ArrayRecord reader read gs://
     for candidate in (data_dir, data_dir / NAME / DATASET_VERSION):
         if (candidate / "dataset_info.json").is_file():
             return candidate

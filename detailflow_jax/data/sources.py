@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from detailflow_jax import storage
 from detailflow_jax.config_lib import require
 
 
@@ -50,6 +51,9 @@ def open_source(data_cfg, split: str):
                                  seed=data_cfg.synthetic_seed + (split != "train"))
         return source, source.class_names
     if name == "fashion_mnist":
+        require(not (data_cfg.data_dir and storage.is_uri(data_cfg.data_dir)), "data.data_dir", data_cfg.data_dir,
+                "the Fashion-MNIST files are read from a local disk: copy them there, or mount the bucket (e.g. "
+                "gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and pass the mounted path")
         from detailflow_jax.data.fashion_mnist import FashionMnistSource
         source = FashionMnistSource(split, data_cfg.data_dir, pad_to=data_cfg.pad_to, rgb=data_cfg.rgb)
         return source, source.class_names

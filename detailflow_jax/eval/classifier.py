@@ -14,7 +14,6 @@ the gray channel repeated, either uint8 or float in [-1, 1].
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from detailflow_jax import storage
 from detailflow_jax.convert.params_io import restore_params, save_params
 from detailflow_jax.data.pipeline import default_data_config, make_eval_iter
 from detailflow_jax.data.sources import DEFAULT_EVAL_SPLIT
@@ -226,13 +226,12 @@ def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps
     if data_cfg.image_size != IMAGE_SIZE:
         raise ValueError(f"the quality classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images; got data image_size="
                          f"{data_cfg.image_size} (use fashion_mnist_config(): Fashion-MNIST padded to 32)")
-    root = os.path.join(os.fspath(workdir), CLASSIFIER_DIR)
-    params_dir, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
-    if os.path.isdir(params_dir):
+    root = storage.path(workdir) / CLASSIFIER_DIR
+    params_dir, info_path = root / "params", root / "info.json"
+    if params_dir.is_dir():
         params = restore_params(params_dir)
-        if os.path.isfile(info_path):
-            with open(info_path) as f:
-                return params, json.load(f)
+        if info_path.is_file():
+            return params, storage.read_json(info_path)
         info = {"steps": None, "batch_size": None, "seed": None, "train_seconds": None}  # saved by an older run
     else:
         train_images, train_labels = load_split(data_cfg, data_cfg.train_split)
@@ -246,6 +245,5 @@ def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps
     test_images, test_labels = load_split(data_cfg, data_cfg.get("eval_split") or DEFAULT_EVAL_SPLIT[data_cfg.name])
     info.update(test_accuracy=accuracy(params, test_images, test_labels), test_images=len(test_labels))
     log.info("quality classifier: %.2f%% on %d held-out images", 100 * info["test_accuracy"], len(test_labels))
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=2)
+    storage.write_json(info_path, info, indent=2)
     return params, info

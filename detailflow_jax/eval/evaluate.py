@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 import zipfile
@@ -45,7 +44,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from detailflow_jax import cli_errors, distributed, sharding
+from etils import epath
+
+from detailflow_jax import cli_errors, distributed, sharding, storage
 from detailflow_jax.eval.fid import evaluate_samples
 from detailflow_jax.eval.inception import PREPROCESS_MODES, InceptionFeatures
 from detailflow_jax.eval.reference_stats import iter_images
@@ -96,24 +97,22 @@ class ChunkPlan:
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), chunk), batch)
 
 
-def chunk_path(out_dir: str, chunk: int) -> str:
-    return os.path.join(out_dir, "chunks", f"chunk_{chunk:05d}.npz")
+def chunk_path(out_dir: str, chunk: int) -> epath.Path:
+    return storage.path(out_dir) / "chunks" / f"chunk_{chunk:05d}.npz"
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp.npz"  # np.savez appends .npz to names without it
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _atomic_savez(path: epath.Path, **arrays) -> None:
+    with storage.written_whole(path) as tmp:
+        storage.save_npz(tmp, **arrays)
 
 
 def _chunk_is_done(path: str, labels: np.ndarray) -> bool:
     """A chunk counts as done when its file holds exactly the expected labels (else it is regenerated). Chunks are
     written whole and atomically, so the images need not be read here."""
-    if not os.path.exists(path):
+    if not path.exists():
         return False
     try:
-        with np.load(path) as data:
-            return np.array_equal(data["labels"], labels)
+        return np.array_equal(storage.load_npz(path)["labels"], labels)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
 
@@ -132,7 +131,7 @@ def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, o
 
     ``stop_after_chunks`` stops after that many newly generated chunks, as an interruption would (for tests).
     """
-    os.makedirs(os.path.join(out_dir, "chunks"), exist_ok=True)
+    (storage.prepare_dir(out_dir) / "chunks").mkdir(exist_ok=True)
     expected = [labels[slice(*plan.bounds(i))] for i in range(plan.num_chunks)]
     done = _same_on_all_processes(np.array([_chunk_is_done(chunk_path(out_dir, i), expected[i])
                                             for i in range(plan.num_chunks)]))
@@ -168,8 +167,8 @@ def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, o
 def iter_chunk_images(out_dir: str, plan: ChunkPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, labels) of every chunk, in order."""
     for chunk in range(plan.num_chunks):
-        with np.load(chunk_path(out_dir, chunk)) as data:
-            yield data["images"], data["labels"]
+        data = storage.load_npz(chunk_path(out_dir, chunk))
+        yield data["images"], data["labels"]
 
 
 def _write_npy_header(f, shape: tuple[int, ...], dtype) -> None:
@@ -180,12 +179,11 @@ def _write_npy_header(f, shape: tuple[int, ...], dtype) -> None:
 def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
     """Packs the chunks into one ADM-format npz (``arr_0`` uint8 (K, R, R, 3), ``labels`` (K,)), streamed chunk by
     chunk (50k images at 256 px are 9.8 GB) and written atomically. Returns the shape of ``arr_0``."""
-    with np.load(chunk_path(out_dir, 0)) as data:
-        image_shape = data["images"].shape[1:]
+    image_shape = storage.load_npz(chunk_path(out_dir, 0))["images"].shape[1:]
     shape = (plan.num_samples, *image_shape)
-    tmp = f"{path}.tmp"
     labels = []
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with storage.written_whole(path) as tmp, tmp.open("wb") as out, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # zip64: the size is unknown up front
             _write_npy_header(f, shape, np.uint8)
             for images, chunk_labels in iter_chunk_images(out_dir, plan):
@@ -195,7 +193,6 @@ def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
                 labels.append(chunk_labels)
         with zf.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels))
-    os.replace(tmp, path)
     return shape
 
 
@@ -211,19 +208,17 @@ GENERATION_KEYS = ("tokenizer", "gpt", "ema", "dtype", "num_samples", "label_mod
 
 def check_settings(out_dir: str, settings: dict) -> None:
     """Writes DIR/settings.json on the first run; refuses to resume when a generation setting changed."""
-    path = os.path.join(out_dir, "settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+    path = storage.path(out_dir) / "settings.json"
+    if path.exists():
+        previous = storage.read_json(path)
         changed = {k: (previous.get(k), settings.get(k)) for k in GENERATION_KEYS if previous.get(k) != settings.get(k)}
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ResumeError(f"{out_dir} holds samples generated with other settings ({details}); use another --out "
                              "or delete its chunks/ and settings.json to start over")
     elif distributed.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({k: settings[k] for k in GENERATION_KEYS}, f, indent=1)
+        storage.prepare_dir(out_dir)
+        storage.write_json(path, {k: settings[k] for k in GENERATION_KEYS})
 
 
 def run_evaluation(generate: GenerateFn, extractor: Callable | None, settings: dict, out_dir: str,
@@ -243,7 +238,7 @@ def run_evaluation(generate: GenerateFn, extractor: Callable | None, settings: d
         _wait_for_main()
         return None
 
-    npz_path = os.path.join(out_dir, f"samples_{plan.num_samples}.npz")
+    npz_path = os.fspath(storage.path(out_dir) / f"samples_{plan.num_samples}.npz")
     shape = write_adm_npz(npz_path, out_dir, plan)
     results = {"settings": settings, "samples_npz": npz_path, "samples_shape": list(shape), "metrics": None,
                "throughput": {  # wall clock including compilation; sampling counts only the chunks made by this run
@@ -257,8 +252,7 @@ def run_evaluation(generate: GenerateFn, extractor: Callable | None, settings: d
                                               total=plan.num_samples, log=log, timings=timings)
         results["throughput"].update(inception_images_per_s=plan.num_samples / timings["samples_seconds"],
                                      metrics_seconds=time.perf_counter() - start)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    storage.write_json(storage.path(out_dir) / "results.json", results)
     log(format_results(results))
     if jax.process_count() > 1:
         _wait_for_main()
@@ -334,7 +328,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.no_metrics and not (args.inception and args.reference):
         p.error("--inception and --reference are required (or pass --no_metrics to only write the samples)")
-    if args.reference and not os.path.isfile(args.reference):
+    if args.reference and not storage.path(args.reference).is_file():
         p.error(f"--reference {args.reference} does not exist")
     return args
 

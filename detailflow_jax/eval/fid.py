@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from detailflow_jax import storage
 from detailflow_jax.eval.metrics import RunningStats, frechet_distance, precision_recall
 from detailflow_jax.eval.reference_stats import (FeatureSummary, ReferenceBatch, collect_features, count_images,
                                                  iter_images, load_reference_batch)
@@ -24,7 +25,7 @@ PR_NEIGHBOURS = 3  # ADM's ManifoldEstimator nhood_sizes=(3,)
 
 def reference_has_images(path: str | os.PathLike) -> bool:
     """Whether an ADM reference npz stores ``arr_0`` images (needed for precision/recall); reads only the index."""
-    with zipfile.ZipFile(os.fspath(path)) as zf:
+    with storage.path(path).open("rb") as raw, zipfile.ZipFile(raw) as zf:
         return "arr_0.npy" in zf.namelist()
 
 

@@ -19,12 +19,12 @@ is compared with images it was not made from. Fréchet distances shrink with mor
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
+from detailflow_jax import storage
 from detailflow_jax.eval.classifier import FEATURE_DIM, classify
 from detailflow_jax.eval.metrics import RunningStats, frechet_distance
 
@@ -89,8 +89,7 @@ def quality_report(classifier_params: Any, rows: Mapping[str, tuple[Any, Any]], 
     report = {"classifier": {"test_accuracy": classifier_accuracy, "feature_dim": FEATURE_DIM},
               "reference": {"count": reference.count}, "rows": table}
     if path is not None:
-        with open(os.fspath(path), "w") as f:
-            json.dump(report, f, indent=2)
+        storage.write_json(path, report, indent=2)
     if echo:
         print(format_table(report), flush=True)
     return report

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from detailflow_jax import cli_errors
+from detailflow_jax import cli_errors, storage
 from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES, SPATIAL_DIM
 from detailflow_jax.eval.metrics import InceptionScoreAccumulator, RunningStats
 
@@ -44,7 +44,7 @@ class ReferenceBatch:
 
 def load_reference_batch(path: str | os.PathLike, with_images: bool = False) -> ReferenceBatch:
     """Reads ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` (and ``arr_0`` if ``with_images``) from an ADM npz."""
-    with np.load(os.fspath(path)) as data:
+    with storage.path(path).open("rb") as f, np.load(f) as data:
         missing = [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k not in data.files]
         if missing:
             raise ValueError(f"{path} is not an ADM reference batch: missing {missing} (has {data.files}); compute "
@@ -59,13 +59,13 @@ def save_reference_batch(path: str | os.PathLike, ref: ReferenceBatch) -> None:
     arrays = dict(mu=ref.pool.mu, sigma=ref.pool.sigma, mu_s=ref.spatial.mu, sigma_s=ref.spatial.sigma)
     if ref.images is not None:
         arrays["arr_0"] = ref.images
-    np.savez(os.fspath(path), **arrays)
+    storage.save_npz(path, **arrays)
 
 
 # ---- streaming image sources ------------------------------------------------------------------------------------
 
 def _image_files(folder: str) -> list[str]:
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
+    files = sorted(os.fspath(root / f) for root, _, names in storage.path(folder).walk() for f in names
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
@@ -74,14 +74,14 @@ def _image_files(folder: str) -> list[str]:
 
 def _read_image(path: str) -> np.ndarray:
     from PIL import Image
-    with Image.open(path) as img:
+    with storage.path(path).open("rb") as f, Image.open(f) as img:
         return np.asarray(img.convert("RGB"))
 
 
 @contextlib.contextmanager
 def _npz_member(path: str, key: str = "arr_0"):
     """Opens one array of an npz as (file object positioned at the data, shape, dtype), like ADM's reader."""
-    with zipfile.ZipFile(path) as zf:
+    with storage.path(path).open("rb") as raw, zipfile.ZipFile(raw) as zf:
         if f"{key}.npy" not in zf.namelist():
             raise ValueError(f"{path} has no {key!r} array (has {[n[:-4] for n in zf.namelist()]})")
         with zf.open(f"{key}.npy") as f:
@@ -97,7 +97,7 @@ def _npz_member(path: str, key: str = "arr_0"):
 
 
 def count_images(source: str) -> int:
-    if os.path.isdir(source):
+    if storage.path(source).is_dir():
         return len(_image_files(source))
     with _npz_member(source) as (_, shape, _):
         return int(shape[0])
@@ -105,7 +105,7 @@ def count_images(source: str) -> int:
 
 def iter_images(source: str, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
     """uint8 (B, H, W, 3) batches from an image folder (sorted paths) or the ``arr_0`` of an npz, streamed."""
-    if os.path.isdir(source):
+    if storage.path(source).is_dir():
         files = _image_files(source)[:limit]
         for start in range(0, len(files), batch_size):
             images = [_read_image(f) for f in files[start:start + batch_size]]

@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.ar.images import TokenDecoder
 from detailflow_jax.ar.logits import SamplingSettings
 from detailflow_jax.ar.model import GPT, GPTConfig
@@ -190,13 +190,14 @@ def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | N
     paths = {}
     main = distributed.is_main_process()
     if main:
+        out = storage.prepare_dir(out)
         paths.update({name: str(path) for name, path in grids.save(out).items()})
     if num_samples and npz:
         labels = np.random.default_rng(seed).integers(0, generator.gpt_cfg.num_classes, num_samples).astype(np.int32)
         images = generator.many(labels, jax.random.fold_in(key, 1), batch_size)
         if main:
-            paths["npz"] = os.path.join(out, f"samples_{num_samples}.npz")
-            np.savez(paths["npz"], arr_0=images, labels=labels)
+            paths["npz"] = os.fspath(out / f"samples_{num_samples}.npz")
+            storage.save_npz(paths["npz"], arr_0=images, labels=labels)
     return paths
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import time
@@ -54,7 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from detailflow_jax import cli_errors, distributed, sharding
+from detailflow_jax import cli_errors, distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval.fid import fid_between
@@ -324,22 +323,20 @@ def plot_curves(rows: list[dict], path: str, title: str = "", x_key: str = "toke
             draw.line(pixels, fill=colours[metric], width=2)
         for px, py in pixels:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colours[metric])
-    canvas.save(path)
+    storage.save_image(canvas, path)
 
 
 def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str,
                   noisy: list[dict] = ()) -> dict[str, str]:
     """tokenizer_eval.json (settings, curve, noisy), tokenizer_curve.png and, with a sweep,
     tokenizer_noisy.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "tokenizer_eval.json"), "png": os.path.join(out_dir, "tokenizer_curve.png")}
-    with open(paths["json"], "w") as f:
-        json.dump({"settings": settings, "ssim_note": note, "curve": rows, "noisy": list(noisy)}, f,
-                  indent=1)
+    out = storage.prepare_dir(out_dir)
+    paths = {"json": os.fspath(out / "tokenizer_eval.json"), "png": os.fspath(out / "tokenizer_curve.png")}
+    storage.write_json(paths["json"], {"settings": settings, "ssim_note": note, "curve": rows, "noisy": list(noisy)})
     title = f"{settings.get('tokenizer', '')}  ({settings.get('num_images')} images)"
     plot_curves(rows, paths["png"], title=title)
     if noisy:
-        paths["noisy_png"] = os.path.join(out_dir, "tokenizer_noisy.png")
+        paths["noisy_png"] = os.fspath(out / "tokenizer_noisy.png")
         plot_curves(noisy, paths["noisy_png"], title=f"{title}, all {noisy[0]['tokens']} tokens",
                     x_key="noise_idx")
     return paths

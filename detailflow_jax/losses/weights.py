@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from detailflow_jax import storage
 from detailflow_jax.convert.params_io import restore_params
 
 
@@ -23,14 +24,14 @@ def require_weights(name: str, path: str | os.PathLike | None, flag: str, conver
     how = f"{flag}=<dir converted by python -m {converter}>"
     if not path:
         raise MissingWeightsError(f"{name} needs {how} (or disable it in the config)")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(path):
+    path = storage.path(path)
+    if path.is_file():
         raise MissingWeightsError(
             f"{name}: {path} is a file, but {flag} takes the directory written by `python -m {converter}`; "
             f"convert the file first (see `python -m {converter} --help`)")
-    if not os.path.isdir(path):
+    if not path.is_dir():
         raise MissingWeightsError(f"{name}: {flag}={path} does not exist; pass {how}")
-    return path
+    return str(path)
 
 
 def load_required_params(name: str, path, flag: str, converter: str):

@@ -19,7 +19,6 @@ files, so rerunning the command after an interruption only does the missing ones
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 import sys
@@ -34,7 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, complete_config, finish_dataset
@@ -109,7 +108,8 @@ def _metadata(config, data_cfg, model_cfg, tokenizer: str, tokenizer_step: int |
         codebook_size=m.codebook_size, views=VIEW_MODES[ex.views], view_mode=ex.views, num_images=num_images,
         num_classes=len(class_names), class_names=list(class_names), image_size=m.image_size,
         chunk_size=ex.chunk_size, num_chunks=-(-num_images // ex.chunk_size), seed=ex.seed,
-        tokenizer={"path": os.path.abspath(tokenizer), "step": tokenizer_step, "model": model_cfg.to_dict()},
+        tokenizer={"path": os.fspath(storage.path(tokenizer)), "step": tokenizer_step,
+                   "model": model_cfg.to_dict()},
         data={k: v for k, v in data_cfg.items() if k not in _SPEED_FIELDS}, split=ex.split)
 
 
@@ -126,11 +126,11 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata, overwrite: bool) -> None:
+def _write_or_check_metadata(out: epath.Path, meta: codes_lib.CodesMetadata, overwrite: bool) -> None:
     """Writes ``metadata.json``, or checks it against ``meta`` when ``out`` has codes already: codes made with
     other settings or another tokenizer checkpoint are refused, or with ``overwrite`` deleted (re-extracted)."""
-    path = os.path.join(out, codes_lib.METADATA_FILE)
-    if os.path.isfile(path):
+    path = out / codes_lib.METADATA_FILE
+    if path.is_file():
         existing = codes_lib.read_metadata(out)
         if existing == meta:
             return
@@ -141,15 +141,14 @@ def _write_or_check_metadata(out: str, meta: codes_lib.CodesMetadata, overwrite:
         _barrier("extract: metadata checked")
         if distributed.is_main_process():
             log.warning("re-extracting %s (%s)", out, "; ".join(diff[:5]))
-            for stale in epath.Path(out).glob("codes-*-of-*.array_record*"):
+            for stale in out.glob("codes-*-of-*.array_record*"):
                 stale.unlink()
-            epath.Path(path).unlink()
+            path.unlink()
         _barrier("extract: stale codes deleted")
     if distributed.is_main_process():
-        os.makedirs(out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(meta.to_json())
-        os.replace(path + ".tmp", path)
+        storage.prepare_dir(out)
+        with storage.written_whole(path) as tmp:
+            tmp.write_text(meta.to_json())
 
 
 def _data_config(config) -> ml_collections.ConfigDict:
@@ -191,15 +190,15 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     require(ex.max_images >= 0, "extract.max_images", ex.max_images, "must be >= 0 (0 = the whole split)")
     num_images = min(len(source), ex.max_images or len(source))
     meta = _metadata(config, data_cfg, model_cfg, tokenizer, tokenizer_step, num_images, class_names)
-    out = os.path.abspath(out)
+    out = storage.path(out)
     _write_or_check_metadata(out, meta, overwrite)
-    os.makedirs(out, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     mine = range(jax.process_index(), meta.num_chunks, jax.process_count())
-    todo = [c for c in mine if not os.path.isfile(codes_lib.chunk_path(out, c, meta.num_chunks))]
+    todo = [c for c in mine if not codes_lib.chunk_path(out, c, meta.num_chunks).is_file()]
     for chunk in todo:  # partial files of a killed run
-        for stale in glob.glob(codes_lib.chunk_path(out, chunk, meta.num_chunks) + ".tmp-*"):
-            os.remove(stale)
+        for stale in out.glob(codes_lib.chunk_path(out, chunk, meta.num_chunks).name + ".tmp-*"):
+            stale.unlink()
     extractor = CodeExtractor(model_cfg, params, mesh, ex.seed)
     bounds = {c: chunk_bounds(c, ex.chunk_size, meta.num_images) for c in todo}
     total = sum(stop - start for start, stop in bounds.values())
@@ -236,7 +235,7 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
     bar.close()
     seconds = time.perf_counter() - begin
     return dict(images=written, seconds=seconds, images_per_s=written / max(seconds, 1e-9),
-                chunks_done=len(todo), chunks_skipped=len(mine) - len(todo), out=out)
+                chunks_done=len(todo), chunks_skipped=len(mine) - len(todo), out=os.fspath(out))
 
 
 def _define_flags():

@@ -17,12 +17,11 @@ command again continues from the latest checkpoint; SIGTERM saves and exits.
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import ml_collections
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
@@ -66,7 +65,7 @@ def validate(config: ml_collections.ConfigDict, meta: CodesMetadata, num_devices
 def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_shardings):
     """PNG grids of class-conditional samples from the EMA weights, or None when the tokenizer is not at hand."""
     path = config.tokenizer or meta.tokenizer["path"]
-    if not os.path.isdir(path):
+    if not storage.path(path).is_dir():
         log.warning("tokenizer %s not found: no sample images (set --config.tokenizer)", path)
         return None
     model_cfg = None if config.tokenizer else meta.tokenizer["model"]
@@ -80,7 +79,7 @@ def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_
         grids = generator.class_grid(classes, config.samples_per_class, jax.random.key(config.sample_seed), batch,
                                      params=state["ema"], class_names=meta.class_names)
         if distributed.is_main_process():
-            grids.save(os.path.join(workdir, "images"), suffix=f"_{step}")
+            grids.save(storage.path(workdir) / "images", suffix=f"_{step}")
 
     return hook
 
@@ -96,10 +95,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     mesh = sharding.make_mesh(validate(config, meta, jax.device_count()))
     trainer = ARStep(config, mesh)
     run_config.check_resume(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    storage.prepare_dir(workdir)
 
     data = make_code_iter(config.codes_dir, config.batch_size, config.seed, num_threads=config.data_threads)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
         state, state_shardings = trainer.init(config.seed)

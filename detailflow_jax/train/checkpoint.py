@@ -31,6 +31,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from detailflow_jax import storage
+
 log = logging.getLogger(__name__)
 
 CHECKSUM_FILE = "sha256.process_{}.json"
@@ -124,7 +126,7 @@ class Checkpointer:
     """Saves ``state`` (any pytree of jax arrays) and, optionally, a grain iterator under ``directory/<step>/``."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.path(directory)  # a bucket URI reaches orbax as it is
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._unsealed: int | None = None  # the step saved last, whose checksums are not written yet

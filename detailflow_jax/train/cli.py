@@ -9,14 +9,13 @@ own errors end with one line ``error: ...`` (exit status 2); ``--verbose`` adds 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from detailflow_jax import cli_errors
+from detailflow_jax import cli_errors, storage
 from detailflow_jax.config_lib import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]",
@@ -68,7 +67,10 @@ def parse(argv, doc: str):
     if config is None or not _WORKDIR.value:
         print(doc.strip() + "\n", file=sys.stderr)
         cli_errors.fail("--config and --workdir are required")
-    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    workdir = storage.path(_WORKDIR.value)
+    if storage.is_uri(workdir):
+        storage.check_bucket(workdir)
+    elif workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new, or a "
                           "run to resume)")
     return config, _WORKDIR.value

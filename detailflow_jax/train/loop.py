@@ -81,6 +81,7 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
                         log(*entry)
                         pending = None
                     checkpointer.save(step, state, data_iter)
+                    writer.flush()  # a bucket holds the metrics up to every checkpoint
                     last_saved = step
                 if cfg.hook_every and step % cfg.hook_every == 0:
                     for hook in hooks:
@@ -90,6 +91,7 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
                         bar.write(f"stop requested: saved step {step} to {checkpointer.directory}")
                     break
     except BaseException:
+        writer.flush()
         bar.close()  # so an error message starts on its own line, not after the progress bar
         raise
     if pending is not None:

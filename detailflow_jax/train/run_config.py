@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import ml_collections
 
+from detailflow_jax import storage
 from detailflow_jax.config_lib import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _has_checkpoint(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    directory = storage.path(workdir) / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[object, object]]:
@@ -55,11 +55,10 @@ def _is_model_field(key: str) -> bool:
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Before a run touches ``workdir``: raises ConfigError when its checkpoints were trained with
     other model settings; logs and returns the other changed settings ({} for a fresh start)."""
-    path = os.path.join(workdir, FILE)
-    if not (os.path.isfile(path) and _has_checkpoint(workdir)):
+    path = storage.path(workdir) / FILE
+    if not (path.is_file() and _has_checkpoint(workdir)):
         return {}
-    with open(path) as f:
-        diff = changes(json.load(f), config)
+    diff = changes(storage.read_json(path), config)
     refused = [f"{k}={old}, you asked for {new}" for k, (old, new) in diff.items()
                if _is_model_field(k)]
     if refused:
@@ -73,5 +72,4 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes ``config.json`` (call once the state was initialised or restored)."""
-    with open(os.path.join(workdir, FILE), "w") as f:
-        f.write(config.to_json(indent=2))
+    (storage.path(workdir) / FILE).write_text(config.to_json(indent=2))

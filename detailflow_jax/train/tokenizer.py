@@ -13,16 +13,14 @@ continues from the latest checkpoint; SIGTERM saves and exits.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_eval_iter, make_train_iter
@@ -105,7 +103,7 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
     images = images[:num]
     tables = evaluator.tables
     shown = pictures.spread(tables.token_counts, pictures.MAX_STRIP_COLUMNS)
-    directory = os.path.join(workdir, "images")
+    directory = storage.path(workdir) / "images"
 
     def hook(step: int, state) -> None:
         # Every process computes (the arrays span all processes) and gathers; process 0 writes.
@@ -118,10 +116,10 @@ def image_hook(workdir: str, evaluator: ReconstructionEvaluator, images: jax.Arr
         inputs = np.asarray(to_uint8(inputs, "float32"))  # real images: float32 arithmetic
         grid = pictures.reconstruction_grid(inputs, np.asarray(to_uint8(full)),
                                             title=f"step {step}: all {tables.num_tokens} tokens")
-        pictures.save_png(grid, os.path.join(directory, f"step_{step}.png"))
+        pictures.save_png(grid, directory / f"step_{step}.png")
         columns = [(pictures.token_label(t), np.asarray(to_uint8(p))) for t, p in zip(shown, previews)]
         strip = pictures.strip(columns + [("input", inputs)], title=f"step {step}")
-        pictures.save_png(strip, os.path.join(directory, f"coarse_to_fine_{step}.png"))
+        pictures.save_png(strip, directory / f"coarse_to_fine_{step}.png")
 
     return hook
 
@@ -137,10 +135,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     frozen = trainer.load_frozen()  # fails fast when a loss lacks its weights
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
     run_config.check_resume(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    storage.prepare_dir(workdir)
 
     data = make_train_iter(config.data, config.batch_size, config.seed)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
         state, state_shardings = trainer.init(config.seed, frozen)
@@ -170,9 +168,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         return state, {}
     curve = evaluator.psnr_curve(state["params"], held_out)
     if distributed.is_main_process():
-        with open(os.path.join(workdir, "reconstruction_psnr.json"), "w") as f:
-            json.dump({"step": step, "images": sum(b.shape[0] for b in held_out),
-                       "psnr_db": {str(t): v for t, v in curve.items()}}, f, indent=1)
+        storage.write_json(storage.path(workdir) / "reconstruction_psnr.json",
+                           {"step": step, "images": sum(b.shape[0] for b in held_out),
+                            "psnr_db": {str(t): v for t, v in curve.items()}})
         print("tokens  canvas  PSNR (dB) on held-out images")
         for t, v in curve.items():
             print(f"{t:6d}  {tables.canvas[t]:6d}  {v:8.2f}")

@@ -11,8 +11,6 @@ bare parameter tree; its model config comes from a config file (``FILE.py:ARG``)
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from detailflow_jax import sharding
+from detailflow_jax import sharding, storage
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import load_config_file
@@ -36,21 +34,20 @@ _MODEL_MARKER = {"gpt": "n_layer", "tokenizer": "num_latent_tokens"}
 
 
 def is_training_workdir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints"))
+    return (storage.path(path) / "checkpoints").is_dir()
 
 
 def workdir_config(path: str) -> ml_collections.ConfigDict:
     """The ``config.json`` a trainer wrote into its work directory."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
+    file = storage.path(path) / "config.json"
+    if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: {path} does not look like a training work directory")
-    with open(file) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(storage.read_json(file))
 
 
 def model_section(path: str, config_spec: str | None, what: str) -> ml_collections.ConfigDict:
     """The ``model`` section from ``config_spec`` (FILE.py:ARG) when given, else from the work directory."""
-    if not os.path.isdir(path):
+    if not storage.path(path).is_dir():
         raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
                                 f"{what} parameter directory)")
     if config_spec:
@@ -73,13 +70,13 @@ def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = No
     target = {entry: jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
 
     def read(candidate: int) -> Any:
-        path = os.path.join(workdir, "checkpoints", str(candidate), "state")
+        path = storage.path(workdir) / "checkpoints" / str(candidate) / "state"
         with ocp.PyTreeCheckpointer() as ckptr:
             return ckptr.restore(path, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))[entry]
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints")
     try:
         return checkpointer.restore_newest(read, step)[1]
     except FileNotFoundError:
@@ -94,7 +91,7 @@ def checkpoint_step(path: str) -> int | None:
     match (None for a converted directory)."""
     if not is_training_workdir(path):
         return None
-    checkpointer = Checkpointer(os.path.join(path, "checkpoints"))
+    checkpointer = Checkpointer(storage.path(path) / "checkpoints")
 
     def has_state(step: int) -> None:  # checksums are checked by restore_newest; a stray empty folder fails here
         if not (checkpointer.step_dir(step) / "state").exists():
@@ -109,10 +106,10 @@ def checkpoint_step(path: str) -> int | None:
 def load_params(path: str, abstract: Any, entry: str = "params", step: int | None = None) -> Any:
     """Parameters from a training work directory (``state[entry]``, of ``step`` or the newest intact one) or a
     converted orbax directory."""
-    path = os.path.abspath(path)
+    path = storage.path(path)
     if is_training_workdir(path):
         return restore_entry(path, entry, abstract, step)
-    if not os.path.isdir(path):
+    if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
                                 "orbax parameter directory)")
     return restore_params(path, abstract)
