@@ -46,11 +46,14 @@ def write_json(p: PathLike, value: Any, indent: int | None = 1) -> None:
     path(p).write_text(json.dumps(value, indent=indent))
 
 
-def save_image(image, p: PathLike) -> None:
-    """Saves a PIL image (the format from the suffix, e.g. ``.png``)."""
+def save_image(image, p: PathLike, **options) -> epath.Path:
+    """Saves a PIL image (the format from the suffix, e.g. ``.png``; ``options`` go to ``Image.save``), making
+    the parent folder."""
     p = path(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("wb") as f:
-        image.save(f, format=p.suffix.lstrip(".").upper() or "PNG")
+        image.save(f, format=p.suffix.lstrip(".").upper() or "PNG", **options)
+    return p
 
 
 def save_npz(p: PathLike, **arrays: np.ndarray) -> None:

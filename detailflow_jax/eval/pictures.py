@@ -11,12 +11,13 @@ Files are written through ``etils.epath``, so any path epath opens works.
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import NamedTuple, Sequence
 
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+from detailflow_jax import storage
 
 READABLE_TILE = 112  # px a tile is scaled towards (by a whole factor: 28 px -> 112, 32 -> 128, 256 stays 256)
 BACKGROUND = (255, 255, 255)
@@ -214,23 +215,13 @@ def sample_pictures(previews: Sequence[tuple[int, np.ndarray]], per_class: int,
                           frames=refinement_frames(previews, per_class, row_labels))
 
 
-def _write(path: str | epath.PathLike, data: bytes) -> epath.Path:
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
 def save_png(image: Image.Image, path: str | epath.PathLike) -> epath.Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return _write(path, buffer.getvalue())
+    return storage.save_image(image, path, optimize=True)
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | epath.PathLike, frame_ms: int = FRAME_MS,
              last_ms: int = LAST_FRAME_MS) -> epath.Path:
     """An endlessly looping GIF, every frame shown ``frame_ms``, the last ``last_ms``."""
-    buffer = io.BytesIO()
     durations = [frame_ms] * (len(frames) - 1) + [last_ms]
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
-    return _write(path, buffer.getvalue())
+    return storage.save_image(frames[0], path, save_all=True, append_images=list(frames[1:]), duration=durations,
+                              loop=0)
