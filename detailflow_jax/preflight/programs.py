@@ -30,9 +30,16 @@ def is_ar_config(config) -> bool:
     return "codes_dir" in config
 
 
+def stand_in_schedule(resolve, config):
+    """The trainer's lr schedule without a dataset: its step counts are constants of the program that change no
+    shape and no cost, so one step per epoch stands in for the data the preflight does not read."""
+    return resolve(config, dataset_size=config.batch_size)
+
+
 def ar_train(config, mesh) -> Program:
+    from detailflow_jax.train import optim
     from detailflow_jax.train.ar_step import ARStep
-    trainer = ARStep(config, mesh)
+    trainer = ARStep(config, mesh, stand_in_schedule(optim.resolve_ar_schedule, config))
     state = trainer.abstract_state(config.seed)
     jitted = trainer.compiled(jax.tree.map(lambda x: x.sharding, state))
     b, n = config.batch_size, trainer.model_cfg.num_tokens
@@ -45,8 +52,9 @@ def ar_train(config, mesh) -> Program:
 def tokenizer_train(config, mesh) -> Program:
     from detailflow_jax.tokenizer.degradation import degradation_matrix
     from detailflow_jax.tokenizer.resolution import ResolutionTables
+    from detailflow_jax.train import optim
     from detailflow_jax.train.tokenizer_step import TokenizerStep
-    trainer = TokenizerStep(config, mesh)
+    trainer = TokenizerStep(config, mesh, stand_in_schedule(optim.resolve_tokenizer_schedule, config))
     frozen = trainer.abstract_frozen()
     state = trainer.abstract_state(config.seed, frozen)
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
