@@ -20,6 +20,10 @@ class Program:
     args: tuple               # ShapeDtypeStructs with shardings
     global_batch: int
     model_flops: float
+    calls: int = 1            # calls of ``jitted`` per run (the reference sampler's step runs once per step)
+    # (jitted, args, count): more programs whose cost counts ``count`` times per run (loop iterations that XLA's
+    # cost analysis, which counts a loop body once, leaves out)
+    extra_cost: tuple = ()
 
 
 def _sds(shape, dtype, sharding_):
@@ -72,11 +76,99 @@ def tokenizer_train(config, mesh) -> Program:
     return Program(jitted, args, config.batch_size, flops)
 
 
+def _sampling_inputs(config, mesh):
+    """(GPTConfig, abstract params placed as eval/sample.py places them, their shardings, labels, key, settings)
+    for ``config.batch_size`` labels per call."""
+    from detailflow_jax.ar.model import GPTConfig
+    from detailflow_jax.eval.sample import sampling_settings
+    from detailflow_jax.train.weights import abstract_gpt_params
+    cfg = GPTConfig(**config.model.to_dict()).validate()
+    params, shardings = abstract_gpt_params(cfg, mesh)
+    labels = _sds((config.batch_size,), jnp.int32, sharding.batch_sharding(mesh, 1))
+    key = _sds((), jax.random.key(0).dtype, sharding.replicated(mesh))
+    return cfg, params, shardings, labels, key, sampling_settings(config.sampling)
+
+
+def gpt_sample(config, mesh) -> Program:
+    """The KV-cache sampler's jitted call, with the shardings eval/sample.py gives it; its loop iterations beyond
+    the first come from one step program per loop (``Sampler.step_program``)."""
+    from detailflow_jax.ar.model import GPT, decoding_params, init_cache
+    from detailflow_jax.ar.sampling import Sampler
+    cfg, params, shardings, labels, key, settings = _sampling_inputs(config, mesh)
+    sampler = Sampler(GPT(cfg), mesh, shardings)
+    b = config.batch_size
+    decoded = jax.jit(lambda p: decoding_params(p, cfg)).lower(params).compile()
+    decoded = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh),
+                           jax.eval_shape(lambda p: decoding_params(p, cfg), params), decoded.output_shardings)
+    cache_sh = sampler.cache_shardings()
+    cache = jax.eval_shape(lambda: init_cache(cfg, 2 * b if settings.guidance else b, sampler.cache_chunks))
+    cache = [{name: [_sds(c.shape, c.dtype, cache_sh[name]) for c in chunks] for name, chunks in layer.items()}
+             for layer in cache]
+    index = _sds((), jnp.int32, sharding.replicated(mesh))
+    extra = tuple(
+        (sampler.step_program(chunk, group),
+         (decoded, labels, key, settings, cache,
+          _sds((b, cfg.group_size if group else 1), jnp.int32, sharding.batch_sharding(mesh, 2)), index),
+         stop - start - 1)
+        for chunk, group, start, stop in sampler.loop_runs() if stop - start > 1)
+    flops = model_flops.gpt_sample(cfg, params, b, settings.guidance)
+    return Program(sampler.jitted, (params, labels, key, settings), b, flops, extra_cost=extra)
+
+
+def gpt_sample_reference(config, mesh) -> Program:
+    """The no-cache reference sampler at its fixed length: one jitted group step over the N - g token prefix,
+    run once per sampling step (an upper bound for the true-length steps, which grow from 1 to N - g tokens)."""
+    from detailflow_jax.ar.model import GPT
+    from detailflow_jax.ar.reference import ReferenceSampler
+    cfg, params, _, labels, key, settings = _sampling_inputs(config, mesh)
+    sampler = ReferenceSampler(GPT(cfg), fixed_length=True)
+    prefix = _sds((config.batch_size, cfg.num_tokens - cfg.group_size), jnp.int32, sharding.batch_sharding(mesh, 2))
+    step = _sds((), jnp.int32, sharding.replicated(mesh))
+    flops = model_flops.gpt_sample(cfg, params, config.batch_size, settings.guidance)
+    return Program(sampler.jitted_step, (params, prefix, labels, key, settings, step, cfg.group_size),
+                   config.batch_size, flops, calls=cfg.num_steps)
+
+
+def tokenizer_decode(config, mesh) -> Program:
+    """The sampler's image decoder (ar/images.py TokenDecoder): all N codes at the full canvas."""
+    from detailflow_jax.ar.images import TokenDecoder
+    from detailflow_jax.train.weights import abstract_tokenizer_params
+    params = abstract_tokenizer_params(config.model, mesh)
+    decoder = TokenDecoder(config.model, params)
+    t = decoder.tables.num_tokens
+    canvas = decoder.tables.canvas[t]
+    codes = _sds((config.batch_size, t), jnp.int32, sharding.batch_sharding(mesh, 2))
+    flops = model_flops.tokenizer_decode(decoder.model.cfg, canvas, config.batch_size)
+    return Program(TokenDecoder._decode, (decoder, params, codes, t, canvas), config.batch_size, flops)
+
+
+PROGRAMS = {"sample": gpt_sample, "sample_reference": gpt_sample_reference}
+
+
 def build(config, mesh, program: str) -> Program:
-    if program != "train":
-        raise ConfigError(f"--program={program!r}: only 'train' is implemented")
-    return (ar_train if is_ar_config(config) else tokenizer_train)(config, mesh)
+    if program == "train":
+        return (ar_train if is_ar_config(config) else tokenizer_train)(config, mesh)
+    if program in PROGRAMS:
+        if not is_ar_config(config):
+            raise ConfigError(f"--program={program} samples a GPT: pass an AR config (configs/ar_*.py)")
+        return PROGRAMS[program](config, mesh)
+    if program == "decode":
+        if is_ar_config(config):
+            raise ConfigError("--program=decode decodes with a tokenizer: pass a tokenizer config "
+                              "(configs/tokenizer_*.py)")
+        return tokenizer_decode(config, mesh)
+    raise ConfigError(f"--program={program!r}: choose train, sample, sample_reference or decode")
 
 
 def compile_program(prog: Program) -> Any:
     return prog.jitted.lower(*prog.args).compile()
+
+
+def cost_per_run(prog: Program, compiled) -> dict:
+    """XLA's flops and bytes of one run: the compiled program's x ``calls``, plus the ``extra_cost`` programs'."""
+    from detailflow_jax.preflight import analysis
+    cost = {k: v * prog.calls for k, v in analysis.cost(compiled).items()}
+    for jitted, args, count in prog.extra_cost:
+        extra = analysis.cost(jitted.lower(*args).compile())
+        cost = {k: cost[k] + count * extra[k] for k in cost}
+    return cost
