@@ -66,16 +66,19 @@ class Sampler:
       param_shardings: NamedSharding tree (or prefix) of the params on ``mesh``; default replicated.
       cache_chunks: chunks of the KV cache (see the module docstring); default `default_cache_chunks`. The tokens
         do not depend on it.
+      loop_unroll: {loop index in `loop_runs`: unroll factor} (default 1 each). The tokens do not depend on it; the
+        preflight unrolls one loop at a time to measure one of its iterations.
     """
 
     def __init__(self, model: GPT, mesh: Mesh | None = None, param_shardings: Any = None,
-                 rules=shd.DEFAULT_RULES, cache_chunks: int | None = None):
+                 rules=shd.DEFAULT_RULES, cache_chunks: int | None = None, loop_unroll: dict | None = None):
         self.model = GPT(unrolled(model.cfg))
         self.cfg = model.cfg
         self.cache_chunks = default_cache_chunks(model.cfg) if cache_chunks is None else cache_chunks
         jax.eval_shape(lambda: init_cache(model.cfg, 1, self.cache_chunks))  # checks the chunking, allocates nothing
         self.mesh = mesh
         self.rules = rules
+        self.loop_unroll = dict(loop_unroll or {})
         self.num_traces = 0
         if mesh is None:
             self._jitted = jax.jit(self._sample)
@@ -92,6 +95,15 @@ class Sampler:
         """The jitted (params, labels, key, settings) -> tokens that ``__call__`` runs (for ahead-of-time
         compilation)."""
         return self._jitted
+
+    def loop_runs(self) -> list[tuple[int, bool, int, int]]:
+        """The sampling loops, one ``lax.scan`` each: (cache chunk, group steps?, first step, stop). Token steps
+        count s = 0 .. C - 1, group steps k = 0 .. (N - C) / g - 1."""
+        cfg = self.cfg
+        c, g, chunk_len = cfg.causal_num, cfg.group_size, cfg.num_tokens // self.cache_chunks
+        group_slots = [c + k * g for k in range((cfg.num_tokens - c) // g)]
+        return ([(chunk, False, start, stop) for chunk, start, stop in _runs_by_chunk(list(range(c)), chunk_len)]
+                + [(chunk, True, start, stop) for chunk, start, stop in _runs_by_chunk(group_slots, chunk_len)])
 
     def __call__(self, params: Any, labels, key: jax.Array, settings: SamplingSettings | None = None) -> jax.Array:
         settings = SamplingSettings() if settings is None else settings.check()
@@ -110,40 +122,16 @@ class Sampler:
     def _constrain_cache(self, cache):
         if self.mesh is None:
             return cache
-        shardings = self.cache_shardings()
+        shardings = {name: nn.logical_to_mesh_sharding(P(*axes), self.mesh, self.rules)
+                     for name, axes in CACHE_AXES.items()}
         return [{name: [jax.lax.with_sharding_constraint(c, shardings[name]) for c in chunks]
                  for name, chunks in layer.items()} for layer in cache]
 
-    def cache_shardings(self) -> dict:
-        """{"k" | "v": NamedSharding} of every cache chunk on the mesh (by the cache's logical axes)."""
-        return {name: nn.logical_to_mesh_sharding(P(*axes), self.mesh, self.rules)
-                for name, axes in CACHE_AXES.items()}
-
-    def loop_runs(self) -> list[tuple[int, bool, int, int]]:
-        """The sampling loops, one ``lax.scan`` each: (cache chunk, group steps?, first step, stop). Token steps
-        count s = 0 .. C - 1, group steps k = 0 .. (N - C) / g - 1."""
-        cfg = self.cfg
-        c, g, chunk_len = cfg.causal_num, cfg.group_size, cfg.num_tokens // self.cache_chunks
-        group_slots = [c + k * g for k in range((cfg.num_tokens - c) // g)]
-        return ([(chunk, False, start, stop) for chunk, start, stop in _runs_by_chunk(list(range(c)), chunk_len)]
-                + [(chunk, True, start, stop) for chunk, start, stop in _runs_by_chunk(group_slots, chunk_len)])
-
-    def step_program(self, chunk: int, group: bool):
-        """One iteration of a sampling loop, jitted: (decoding params, labels, key, settings, cache, prev, index) ->
-        (cache, tokens), the cache donated as the loop updates it in place. XLA's cost analysis counts a loop body
-        once whatever its trip count; the preflight adds (trips - 1) of these to the cost of a whole call."""
-
-        def one(params, labels, key, settings, cache, prev, index):
-            token_step, group_step = self._step_functions(params, labels, key, settings)
-            (cache, _), tokens = (group_step if group else token_step)(chunk, (cache, prev), index)
-            return cache, tokens
-
-        return jax.jit(one, donate_argnums=4)
-
-    def _step_functions(self, params, labels, key, settings: SamplingSettings):
-        """token_step(chunk, carry, s) and group_step(chunk, carry, k) of the loops, over `decoding_params`."""
+    def _sample(self, params, labels, key, settings: SamplingSettings):
+        self.num_traces += 1  # Python side effect: runs once per trace, never per call
         cfg = self.cfg
         batch, g, c = labels.shape[0], cfg.group_size, cfg.causal_num
+        params = decoding_params(params, cfg)  # once per call, outside the loops
         apply = functools.partial(self.model.apply, {"params": params})
         select = functools.partial(select_tokens, key=key, settings=settings, num_groups=cfg.num_groups,
                                    group_size=g, causal_num=c)
@@ -155,6 +143,7 @@ class Sampler:
         cls_emb = apply(cond, method=GPT.embed_class)
         special = apply(method=GPT.special_tokens)
         embed = lambda tokens: apply(double(tokens), method=GPT.embed_tokens)  # noqa: E731
+        cache = self._constrain_cache(init_cache(cfg, cond.shape[0], self.cache_chunks))
 
         def token_step(chunk, carry, step):
             cache, prev = carry  # prev: (B, 1), the token of step - 1 (ignored at step 0)
@@ -174,27 +163,21 @@ class Sampler:
             tokens = select(logits, c + k)
             return (self._constrain_cache(cache), tokens), tokens
 
-        return token_step, group_step
-
-    def _sample(self, params, labels, key, settings: SamplingSettings):
-        self.num_traces += 1  # Python side effect: runs once per trace, never per call
-        cfg = self.cfg
-        batch, g, c = labels.shape[0], cfg.group_size, cfg.causal_num
-        params = decoding_params(params, cfg)  # once per call, outside the loops
-        token_step, group_step = self._step_functions(params, labels, key, settings)
-        rows = 2 * batch if settings.guidance else batch
-        cache = self._constrain_cache(init_cache(cfg, rows, self.cache_chunks))
-        runs = self.loop_runs()
-
         # One scan per run of steps that write the same chunk (one run each when the cache is one chunk).
+        runs = list(enumerate(self.loop_runs()))
+
+        def loop(i, step_fn, carry, chunk, start, stop):
+            return jax.lax.scan(functools.partial(step_fn, chunk), carry, jnp.arange(start, stop),
+                                unroll=self.loop_unroll.get(i, 1))
+
         carry, first = (cache, jnp.zeros((batch, 1), jnp.int32)), []
-        for chunk, _, start, stop in [r for r in runs if not r[1]]:
-            carry, out = jax.lax.scan(functools.partial(token_step, chunk), carry, jnp.arange(start, stop))
+        for i, (chunk, _, start, stop) in [r for r in runs if not r[1][1]]:
+            carry, out = loop(i, token_step, carry, chunk, start, stop)
             first.append(out.T)
         first = jnp.concatenate(first, axis=1)  # (B, C)
 
         carry, groups = (carry[0], first[:, c - g:]), []
-        for chunk, _, start, stop in [r for r in runs if r[1]]:
-            carry, out = jax.lax.scan(functools.partial(group_step, chunk), carry, jnp.arange(start, stop))
+        for i, (chunk, _, start, stop) in [r for r in runs if r[1][1]]:
+            carry, out = loop(i, group_step, carry, chunk, start, stop)
             groups.append(jnp.transpose(out, (1, 0, 2)).reshape(batch, (stop - start) * g))
         return jnp.concatenate([first, *groups], axis=1)

@@ -21,9 +21,9 @@ class Program:
     global_batch: int
     model_flops: float
     calls: int = 1            # calls of ``jitted`` per run (the reference sampler's step runs once per step)
-    # (jitted, args, count): more programs whose cost counts ``count`` times per run (loop iterations that XLA's
-    # cost analysis, which counts a loop body once, leaves out)
-    extra_cost: tuple = ()
+    # XLA's cost analysis counts a loop body once, whatever its trip count. (probe, weight): ``jitted`` with one
+    # loop unrolled twice, whose extra cost (one or two iterations) counts ``weight`` times more per run.
+    loop_probes: tuple = ()
 
 
 def _sds(shape, dtype, sharding_):
@@ -90,29 +90,22 @@ def _sampling_inputs(config, mesh):
 
 
 def gpt_sample(config, mesh) -> Program:
-    """The KV-cache sampler's jitted call, with the shardings eval/sample.py gives it; its loop iterations beyond
-    the first come from one step program per loop (``Sampler.step_program``)."""
-    from detailflow_jax.ar.model import GPT, decoding_params, init_cache
+    """The KV-cache sampler's jitted call, with the shardings eval/sample.py gives it. Each loop of more than one
+    iteration gets a probe: the same sampler with that loop unrolled twice, one more iteration (two with an odd
+    trip count, where the remainder runs as its own loop) in the cost analysis."""
+    from detailflow_jax.ar.model import GPT
     from detailflow_jax.ar.sampling import Sampler
     cfg, params, shardings, labels, key, settings = _sampling_inputs(config, mesh)
+    args = (params, labels, key, settings)
     sampler = Sampler(GPT(cfg), mesh, shardings)
-    b = config.batch_size
-    decoded = jax.jit(lambda p: decoding_params(p, cfg)).lower(params).compile()
-    decoded = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh),
-                           jax.eval_shape(lambda p: decoding_params(p, cfg), params), decoded.output_shardings)
-    cache_sh = sampler.cache_shardings()
-    cache = jax.eval_shape(lambda: init_cache(cfg, 2 * b if settings.guidance else b, sampler.cache_chunks))
-    cache = [{name: [_sds(c.shape, c.dtype, cache_sh[name]) for c in chunks] for name, chunks in layer.items()}
-             for layer in cache]
-    index = _sds((), jnp.int32, sharding.replicated(mesh))
-    extra = tuple(
-        (sampler.step_program(chunk, group),
-         (decoded, labels, key, settings, cache,
-          _sds((b, cfg.group_size if group else 1), jnp.int32, sharding.batch_sharding(mesh, 2)), index),
-         stop - start - 1)
-        for chunk, group, start, stop in sampler.loop_runs() if stop - start > 1)
-    flops = model_flops.gpt_sample(cfg, params, b, settings.guidance)
-    return Program(sampler.jitted, (params, labels, key, settings), b, flops, extra_cost=extra)
+    probes = []
+    for i, (_, _, start, stop) in enumerate(sampler.loop_runs()):
+        trips = stop - start
+        if trips > 1:
+            probe = Sampler(GPT(cfg), mesh, shardings, loop_unroll={i: 2})
+            probes.append((Program(probe.jitted, args, config.batch_size, 0.0), (trips - 1) / (1 + trips % 2)))
+    flops = model_flops.gpt_sample(cfg, params, config.batch_size, settings.guidance)
+    return Program(sampler.jitted, args, config.batch_size, flops, loop_probes=tuple(probes))
 
 
 def gpt_sample_reference(config, mesh) -> Program:
@@ -165,10 +158,12 @@ def compile_program(prog: Program) -> Any:
 
 
 def cost_per_run(prog: Program, compiled) -> dict:
-    """XLA's flops and bytes of one run: the compiled program's x ``calls``, plus the ``extra_cost`` programs'."""
+    """XLA's flops and bytes of one run: the compiled program's x ``calls``, plus the loop iterations that its
+    ``loop_probes`` measure."""
     from detailflow_jax.preflight import analysis
-    cost = {k: v * prog.calls for k, v in analysis.cost(compiled).items()}
-    for jitted, args, count in prog.extra_cost:
-        extra = analysis.cost(jitted.lower(*args).compile())
-        cost = {k: cost[k] + count * extra[k] for k in cost}
+    once = analysis.cost(compiled)
+    cost = {k: v * prog.calls for k, v in once.items()}
+    for probe, weight in prog.loop_probes:
+        unrolled = analysis.cost(compile_program(probe))
+        cost = {k: cost[k] + weight * (unrolled[k] - once[k]) for k in cost}
     return cost
