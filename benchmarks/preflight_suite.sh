@@ -4,7 +4,8 @@
 # N = 128/256/512 at batch 256 and 512, each on v5e:2x4, v5e:16x16, v4 (64 chips) and v5p
 # (64 chips) with that slice's mesh recipe. Measures only: rows that do not fit are reported, not
 # fixed. Each row prints its table; the JSON lines go to $1 (default preflight_suite.jsonl) and a
-# summary table ends the run. Each compile takes 1-3 minutes on 2 cores.
+# summary table ends the run. Each compile takes 1-3 minutes on 2 cores. Then the sampling rows on one v5e
+# chip (below).
 # Usage: bash benchmarks/preflight_suite.sh [out.jsonl]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,17 +30,35 @@ for slice in "${slices[@]}"; do
       --recipe "${slice##*=}" 2>/dev/null | tee /dev/stderr | tail -n 1 | grep '^{' >> "$out"
   done
 done
+# Sampling on one v5e chip (the FID batch 256 and batch 1): the KV-cache sampler, the no-cache reference (its
+# fixed-length step x the steps) and the DF-16 decoder; mesh (1, 1, 1).
+sampling=()
+for n in 128 512; do
+  for batch in 1 256; do
+    for program in sample sample_reference; do
+      sampling+=("configs/ar_imagenet.py:N=$n $program $batch")
+    done
+  done
+done
+sampling+=("configs/tokenizer_imagenet.py:DF-16 decode 1" "configs/tokenizer_imagenet.py:DF-16 decode 256")
+for row in "${sampling[@]}"; do
+  read -r config program batch <<< "$row"
+  echo "== $config --program $program at batch $batch on v5e:1x1"
+  "$python" -m detailflow_jax.preflight --config "$config" --program "$program" --topology v5e:1x1 \
+    --config.batch_size="$batch" 2>/dev/null | tee /dev/stderr | tail -n 1 | grep '^{' >> "$out"
+done
 "$python" - "$out" <<'PY'
 import json, sys
-print(f"{'topology':12s} {'mesh':>10s} {'batch':>5s} {'peak GiB':>8s} {'HBM':>5s} fits "
-      f" {'step ms':>8s} {'MFU':>6s}")
+print(f"{'topology':12s} {'program':16s} {'mesh':>10s} {'batch':>5s} {'peak GiB':>8s} {'HBM':>5s} fits "
+      f" {'step ms':>8s} {'MFU':>6s} {'ex/s':>8s}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     mesh = "x".join(str(v) for v in r["mesh"].values())
     peak = r.get("peak_bytes_per_chip", float("nan")) / 2 ** 30
     step, mfu = r.get("roofline_step_s", float("nan")) * 1e3, r.get("roofline_mfu", float("nan"))
     hbm = r["hbm_bytes_per_chip"] / 2 ** 30
-    print(f"{r['topology']:12s} {mesh:>10s} {r['global_batch']:5d} {peak:8.2f} {hbm:5.0f}"
-          f" {str(r['fits']):5s} {step:8.1f} {mfu:6.1%}")
+    rate = r.get("roofline_examples_per_s", float("nan"))
+    print(f"{r['topology']:12s} {r.get('program', 'train'):16s} {mesh:>10s} {r['global_batch']:5d} {peak:8.2f}"
+          f" {hbm:5.0f} {str(r['fits']):5s} {step:8.1f} {mfu:6.1%} {rate:8.4g}")
 PY
 echo "JSON lines in $out"

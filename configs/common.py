@@ -57,7 +57,8 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.data = data
     c.seed = 42
     c.batch_size = 256           # global
-    c.total_steps = 1_251_000     # 250 epochs x 5,004 steps
+    c.epochs = 250               # official README (yaml 50): 1,251,000 steps of 5,004 at batch 256
+    c.total_steps = 0            # 0: epochs x steps per epoch (images // batch_size); > 0: that many steps
     c.mesh = mesh_config()
     # Encoder start: random, or the SigLIP2 tower's first encoder.depth layers (official encoder_pretrained; the
     # directory comes from python -m detailflow_jax.convert.siglip2, e.g. the one of losses.siglip_weights).
@@ -69,8 +70,11 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     # Official --finetune-decoder: only the decoder and post_quant_conv train; the encoder, quant_conv, codebook,
     # refine_conv and the alignment projection keep their values and get no optimiser state.
     c.finetune_decoder_only = False
+    # Official: lr x batch / 256 (lr_batch; 0 = no scaling), 1 warm-up epoch from 1e-5 (warmup_steps -1: from
+    # warmup_epochs; >= 0: that many steps), cosine to min_lr_ratio x the scaled lr (train/optim.py).
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, b1=0.9, b2=0.95, warmup_steps=5_004, warmup_lr=1e-5, min_lr=1e-5, clip_norm=1.0))
+        lr=1e-4, lr_batch=256, b1=0.9, b2=0.95, warmup_epochs=1.0, warmup_steps=-1, warmup_lr=1e-5,
+        min_lr_ratio=0.1, clip_norm=1.0))
     c.losses = ml_collections.ConfigDict(dict(
         mse_weight=1.0,
         # Official LPIPS heads keep Dropout(0.5) active in training; 0 makes the perceptual loss deterministic.
@@ -112,12 +116,15 @@ def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.Con
     c.seed = 0
     c.batch_size = 256                 # global
     c.epochs = 300
-    c.total_steps = 0                  # 0: epochs x (images // batch_size)
+    c.total_steps = 0                  # 0: epochs x steps per epoch (code records // batch_size)
     c.grad_accum = 1                   # micro-batches per step (same result in expectation, less memory)
     c.mesh = mesh_config()
     c.correction_prob = 0.3
+    # Official train_c2i.py: the lr is not scaled with the batch (lr_batch 0), warm-up int(5% x total steps)
+    # (warmup_steps -1; >= 0: that many) from 0.005 x lr, cosine to 0.01 x lr (train/optim.py).
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_fraction=0.05, clip_norm=1.0))
+        lr=1e-4, lr_batch=0, b1=0.9, b2=0.95, weight_decay=0.05, warmup_fraction=0.05, warmup_steps=-1,
+        warmup_lr_ratio=0.005, min_lr_ratio=0.01, clip_norm=1.0))
     c.ema_decay = 0.9999
     c.data_threads = 8                 # grain read threads per process
     c.log_every = 50

@@ -171,7 +171,7 @@ def align_config(siglip_weights):
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.degradation_prob = 0.0
     config.model.update(patch_size=8, pos_grid=4)
-    config.optim.update(warmup_steps=0, lr=3e-3, min_lr=3e-3)
+    config.optim.update(warmup_steps=0, lr=3e-3, min_lr_ratio=1.0)
     config.losses.update(align_weight=1.0, siglip_weights=siglip_weights)
     return config
 

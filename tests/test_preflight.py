@@ -13,6 +13,7 @@ import pytest
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import config_lib, sharding
+from detailflow_jax.ar.model import GPTConfig
 from detailflow_jax.preflight import __main__ as preflight
 from detailflow_jax.preflight import programs
 from detailflow_jax.train.ar_step import ARStep
@@ -140,3 +141,39 @@ def test_analytic_tokenizer_flops_match_xlas_count_of_the_step(canvas_t):
     xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     analytic = model_flops.tokenizer_step(trainer, canvas, batch)
     assert 0.9 * xla <= analytic <= xla
+
+
+# 256 rows per chip (x 2 with CFG) x g = 8 slots x an 8,192-way vocabulary: before the argmax's barrier
+# (ar/logits.py first_argmax) the TPU compiler fused the head matmul and the Gumbel noise into the index
+# reduction and asked for more than v5e's 16 MiB of scoped VMEM (CompileTimeScopedVmemOom).
+VMEM_SAMPLER = ["--program", "sample", "--config.model.vocab_size=8192", "--config.model.num_tokens=16",
+                "--config.model.group_size=8", "--config.model.causal_num=8", "--config.model.n_layer=1",
+                "--config.batch_size=1024"]
+
+
+@needs_libtpu
+def test_sampler_compiles_for_v5e_2x2_at_a_batch_that_overflowed_vmem():
+    result = _cli(TINY_AR + VMEM_SAMPLER, "v5e:2x2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = _json_line(result.stdout)
+    assert report["fits"] and report["program"] == "sample" and report["global_batch"] == 1024
+
+
+def test_sampler_cost_counts_every_loop_iteration():
+    """XLA's cost analysis counts a loop body once; the preflight adds the other iterations, so the cached
+    sampler's FLOPs match the model's and the reference sampler's exceed them (it recomputes every prefix)."""
+    config = ar_fashion_mnist.get_config("smoke")
+    cached = preflight.run(config, "cpu:8", "sample")
+    reference = preflight.run(config, "cpu:8", "sample_reference")
+    model_per_chip = cached["model_flops_per_step"] / 8
+    assert 0.8 < cached["flops_per_chip"] / model_per_chip < 1.5
+    assert reference["calls_per_run"] == GPTConfig(**config.model.to_dict()).num_steps
+    assert reference["flops_per_chip"] > 2 * cached["flops_per_chip"]
+    assert cached["fits"] and reference["fits"] and 0 < cached["roofline_mfu"] <= 1
+
+
+def test_decoder_compiles_on_cpu8_and_programs_need_their_kind_of_config():
+    report = preflight.run(tokenizer_fashion_mnist.get_config("smoke"), "cpu:8", "decode")
+    assert report["fits"] and report["flops_per_chip"] > 0 and report["roofline_examples_per_s"] > 0
+    with pytest.raises(config_lib.ConfigError, match="pass an AR config"):
+        programs.build(tokenizer_fashion_mnist.get_config("smoke"), sharding.make_mesh((8, 1, 1)), "sample")

@@ -49,7 +49,7 @@ def _run_steps(trainer, state, shardings, images, num_steps, t=None, noise=(1, 2
 
 
 def test_a_few_steps_lower_the_loss():
-    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr": 3e-3})
+    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr_ratio": 1.0})
     trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     state, shardings = trainer.init(0, {})
     images = jax.device_put(_batch(config), sharding.batch_sharding(trainer.mesh, 4))
@@ -150,7 +150,7 @@ def test_command_line_rejects_unknown_keys_and_wrong_types(tmp_path, override, m
 
 
 def test_finetune_decoder_only_moves_only_the_decoder():
-    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr": 3e-3,
+    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr_ratio": 1.0,
                             "finetune_decoder_only": True})
     trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     state, shardings = trainer.init(0, {})

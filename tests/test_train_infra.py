@@ -50,7 +50,8 @@ def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_tokenizer_schedule_matches_timm_formula():
-    s = optim.tokenizer_schedule(1e-4, warmup_steps=10, total_steps=100)
+    s = optim.tokenizer_schedule(optim.ResolvedSchedule(lr=1e-4, min_lr=1e-5, warmup_lr=1e-5, warmup_steps=10,
+                                                        total_steps=100, steps_per_epoch=10))
     assert np.isclose(s(0), 1e-5) and np.isclose(s(5), 1e-5 + 5 * 9e-5 / 10)
     # After warm-up the cosine runs over the whole run (not offset by the warm-up).
     assert np.isclose(s(50), 1e-5 + 0.5 * 9e-5 * (1 + np.cos(np.pi * 0.5)))
@@ -58,7 +59,8 @@ def test_tokenizer_schedule_matches_timm_formula():
 
 
 def test_ar_schedule_endpoints():
-    s = optim.ar_schedule(1e-4, total_steps=1000)
+    s = optim.ar_schedule(optim.ResolvedSchedule(lr=1e-4, min_lr=1e-6, warmup_lr=5e-7, warmup_steps=50,
+                                                 total_steps=1000, steps_per_epoch=10))
     assert np.isclose(s(0), 5e-7) and np.isclose(s(50), 1e-4) and np.isclose(s(1000), 1e-6)
 
 

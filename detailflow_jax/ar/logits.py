@@ -111,6 +111,11 @@ def select_tokens(logits: jax.Array, step, key: jax.Array, settings: SamplingSet
 
 def first_argmax(x: jax.Array) -> jax.Array:
     """int32 jnp.argmax over the last axis (the first index of the maximum) as two plain reductions: XLA:CPU runs
-    argmax's (value, index) reduction ~5x slower, which showed in every sampling step."""
+    argmax's (value, index) reduction ~5x slower, which showed in every sampling step.
+
+    The barrier makes both reductions read ``x`` from memory. Without it the TPU compiler fuses the producers of
+    ``x`` (the head matmul, CFG, the Gumbel noise) into the index reduction, and that fusion's scoped VMEM outgrows
+    v5e's 16 MiB limit from about 256 rows x 8 slots x an 8,192-way vocabulary (the batch of a FID run)."""
+    x = jax.lax.optimization_barrier(x)
     is_max = x == jnp.max(x, axis=-1, keepdims=True)
     return jnp.min(jnp.where(is_max, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)

@@ -31,6 +31,12 @@ class ReferenceSampler:
         self.fixed_length = fixed_length
         self._step = jax.jit(self._step_fn, static_argnums=(6,))
 
+    @property
+    def jitted_step(self):
+        """The jitted (params, prefix, labels, key, settings, step, num_new) -> tokens of one step (num_new
+        static), which ``__call__`` runs once per sampling step (for ahead-of-time compilation)."""
+        return self._step
+
     def _step_fn(self, params, prefix, labels, key, settings: SamplingSettings, step, num_new: int):
         """Tokens of step `step` from the forward over `prefix` (B, T); the new inputs sit at positions T .. T +
         num_new - 1 of the official sequence (T = s for token steps, C + (s - C) g for group steps)."""

@@ -66,16 +66,19 @@ class Sampler:
       param_shardings: NamedSharding tree (or prefix) of the params on ``mesh``; default replicated.
       cache_chunks: chunks of the KV cache (see the module docstring); default `default_cache_chunks`. The tokens
         do not depend on it.
+      loop_unroll: {loop index in `loop_runs`: unroll factor} (default 1 each). The tokens do not depend on it; the
+        preflight unrolls one loop at a time to measure one of its iterations.
     """
 
     def __init__(self, model: GPT, mesh: Mesh | None = None, param_shardings: Any = None,
-                 rules=shd.DEFAULT_RULES, cache_chunks: int | None = None):
+                 rules=shd.DEFAULT_RULES, cache_chunks: int | None = None, loop_unroll: dict | None = None):
         self.model = GPT(unrolled(model.cfg))
         self.cfg = model.cfg
         self.cache_chunks = default_cache_chunks(model.cfg) if cache_chunks is None else cache_chunks
         jax.eval_shape(lambda: init_cache(model.cfg, 1, self.cache_chunks))  # checks the chunking, allocates nothing
         self.mesh = mesh
         self.rules = rules
+        self.loop_unroll = dict(loop_unroll or {})
         self.num_traces = 0
         if mesh is None:
             self._jitted = jax.jit(self._sample)
@@ -86,6 +89,21 @@ class Sampler:
                 in_shardings=(replicated if param_shardings is None else param_shardings,
                               shd.batch_sharding(mesh, 1), replicated, replicated),
                 out_shardings=shd.batch_sharding(mesh, 2))
+
+    @property
+    def jitted(self):
+        """The jitted (params, labels, key, settings) -> tokens that ``__call__`` runs (for ahead-of-time
+        compilation)."""
+        return self._jitted
+
+    def loop_runs(self) -> list[tuple[int, bool, int, int]]:
+        """The sampling loops, one ``lax.scan`` each: (cache chunk, group steps?, first step, stop). Token steps
+        count s = 0 .. C - 1, group steps k = 0 .. (N - C) / g - 1."""
+        cfg = self.cfg
+        c, g, chunk_len = cfg.causal_num, cfg.group_size, cfg.num_tokens // self.cache_chunks
+        group_slots = [c + k * g for k in range((cfg.num_tokens - c) // g)]
+        return ([(chunk, False, start, stop) for chunk, start, stop in _runs_by_chunk(list(range(c)), chunk_len)]
+                + [(chunk, True, start, stop) for chunk, start, stop in _runs_by_chunk(group_slots, chunk_len)])
 
     def __call__(self, params: Any, labels, key: jax.Array, settings: SamplingSettings | None = None) -> jax.Array:
         settings = SamplingSettings() if settings is None else settings.check()
@@ -126,7 +144,6 @@ class Sampler:
         special = apply(method=GPT.special_tokens)
         embed = lambda tokens: apply(double(tokens), method=GPT.embed_tokens)  # noqa: E731
         cache = self._constrain_cache(init_cache(cfg, cond.shape[0], self.cache_chunks))
-        chunk_len = cfg.num_tokens // self.cache_chunks
 
         def token_step(chunk, carry, step):
             cache, prev = carry  # prev: (B, 1), the token of step - 1 (ignored at step 0)
@@ -147,15 +164,20 @@ class Sampler:
             return (self._constrain_cache(cache), tokens), tokens
 
         # One scan per run of steps that write the same chunk (one run each when the cache is one chunk).
+        runs = list(enumerate(self.loop_runs()))
+
+        def loop(i, step_fn, carry, chunk, start, stop):
+            return jax.lax.scan(functools.partial(step_fn, chunk), carry, jnp.arange(start, stop),
+                                unroll=self.loop_unroll.get(i, 1))
+
         carry, first = (cache, jnp.zeros((batch, 1), jnp.int32)), []
-        for chunk, start, stop in _runs_by_chunk(list(range(c)), chunk_len):
-            carry, out = jax.lax.scan(functools.partial(token_step, chunk), carry, jnp.arange(start, stop))
+        for i, (chunk, _, start, stop) in [r for r in runs if not r[1][1]]:
+            carry, out = loop(i, token_step, carry, chunk, start, stop)
             first.append(out.T)
         first = jnp.concatenate(first, axis=1)  # (B, C)
 
-        num_group_steps = (cfg.num_tokens - c) // g
         carry, groups = (carry[0], first[:, c - g:]), []
-        for chunk, start, stop in _runs_by_chunk([c + k * g for k in range(num_group_steps)], chunk_len):
-            carry, out = jax.lax.scan(functools.partial(group_step, chunk), carry, jnp.arange(start, stop))
+        for i, (chunk, _, start, stop) in [r for r in runs if r[1][1]]:
+            carry, out = loop(i, group_step, carry, chunk, start, stop)
             groups.append(jnp.transpose(out, (1, 0, 2)).reshape(batch, (stop - start) * g))
         return jnp.concatenate([first, *groups], axis=1)

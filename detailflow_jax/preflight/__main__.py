@@ -4,6 +4,8 @@
         --config.mesh.data=1 --config.mesh.fsdp=16
     python -m detailflow_jax.preflight --config configs/tokenizer_fashion_mnist.py:smoke \
         --topology cpu:8
+    python -m detailflow_jax.preflight --config configs/ar_imagenet.py:N=128 --program sample \
+        --topology v5e:1x1 --config.batch_size=256      # the sampler for a FID run on one chip
 
 The mesh is ``config.mesh`` or ``--recipe NAME`` (configs/common.py). Frozen loss networks enter
 as abstract arrays of their real shapes: no weight file is read, nothing is allocated. TPU
@@ -27,7 +29,11 @@ from detailflow_jax import cli_errors
 from detailflow_jax.preflight import topology as topo_lib
 from detailflow_jax.train import cli
 
-_PROGRAM = flags.DEFINE_enum("program", "train", ["train"], "which jitted program to compile")
+_PROGRAM = flags.DEFINE_enum(
+    "program", "train", ["train", "sample", "sample_reference", "decode"],
+    "train: the trainer's step; sample: the KV-cache sampler's call (AR config, config.batch_size labels, "
+    "config.sampling); sample_reference: the no-cache reference sampler (its step x the steps); decode: the "
+    "tokenizer's image decoder (tokenizer config)")
 _TOPOLOGY = flags.DEFINE_string("topology", "cpu:8",
                                 "v5e:4x4, v4:2x2x1, v5p:4x4x4, v6e:8x8, cpu:N, ...")
 _RECIPE = flags.DEFINE_string("recipe", None,
@@ -94,7 +100,7 @@ def run(config, topology_name: str, program: str = "train", recipe: str | None =
         report.update(fits=False, error=error)
         return report
     report.update(analysis.memory(compiled))
-    report.update(analysis.cost(compiled))
+    report.update(programs.cost_per_run(prog, compiled), calls_per_run=prog.calls)
     report["fits"] = report["peak_bytes_per_chip"] <= hbm
     # Device peaks shared when a chip is described as several devices (v4 per TensorCore).
     peak, bandwidth = topo.chip.peak_flops / per_chip, topo.chip.hbm_bandwidth / per_chip
@@ -102,6 +108,7 @@ def run(config, topology_name: str, program: str = "train", recipe: str | None =
     report["roofline_step_s"] = step_s
     peak_all = topo.num_chips * topo.chip.peak_flops
     report["roofline_mfu"] = prog.model_flops / (peak_all * step_s) if step_s else 0.0
+    report["roofline_examples_per_s"] = prog.global_batch / step_s if step_s else 0.0
     report["collectives"] = analysis.collectives(compiled.as_text())
     return report
 
@@ -120,7 +127,8 @@ def table(report: dict) -> str:
                  ("bytes accessed / chip", f"{report['bytes_accessed_per_chip']:.3e}"),
                  ("model flops / step", f"{report['model_flops_per_step']:.3e}"),
                  ("roofline step", f"{report['roofline_step_s'] * 1e3:.1f} ms, MFU "
-                                   f"{report['roofline_mfu']:.1%}")]
+                                   f"{report['roofline_mfu']:.1%}, "
+                                   f"{report['roofline_examples_per_s']:.4g} examples/s")]
         rows += [(k, f"{v['count']} ops, {v['bytes'] / 2 ** 20:.1f} MiB")
                  for k, v in report["collectives"].items() if v["count"]]
     rows += [("fits", report["fits"])] + [("warning", w[:100]) for w in report["warnings"]]

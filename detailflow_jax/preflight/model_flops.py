@@ -60,3 +60,18 @@ def tokenizer_step(trainer, canvas: int, batch: int) -> float:
         seq = (m.image_size // s.patch_size) ** 2
         total += batch * vit_forward(s.width, s.depth, s.mlp_dim, seq)
     return float(total)
+
+
+def gpt_sample(model_cfg, params, batch: int, guidance: bool) -> float:
+    """One sampling call: every token (and the class token) through the forward once, with CFG on a doubled
+    batch: 2 · params per token, plus 4 · d per visible key per layer (a triangle of N² / 2 keys)."""
+    rows = batch * (2 if guidance else 1)
+    seq = model_cfg.num_tokens + 1
+    return float(rows * (2 * param_count(params) * seq + 2 * model_cfg.n_layer * seq * seq * model_cfg.dim))
+
+
+def tokenizer_decode(model_cfg, canvas: int, batch: int) -> float:
+    """The decoder forward on ``batch`` code sequences at ``canvas`` (patch embedding and quantizer left out)."""
+    d = model_cfg.decoder
+    seq = (canvas // model_cfg.patch_size) ** 2 + model_cfg.num_latent_tokens
+    return float(batch * vit_forward(d.width, d.depth, d.mlp_dim, seq))

@@ -18,6 +18,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: compile-
 # v4 and v5p chips have 2 TensorCores; "megacore" describes each chip as one device, as jax on a
 # real slice does.
 MEGACORE = ("v4", "v5p")
+HOST_CHIPS = 4  # libtpu's default host of 2x2x1 chips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,5 +100,7 @@ def get(name: str) -> Topology:
                             'pip install -e ".[tpu-aot]"') from e
     from jax.experimental import topologies
     extra = dict(chip_config_name="megacore") if kind in MEGACORE else {}
+    if chips < HOST_CHIPS:  # a slice smaller than a host (v5e:1x1): its own host bounds
+        extra["chips_per_host_bounds"] = (*shape, 1, 1)[:3]
     desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
     return Topology(name, CHIPS[kind], chips, tuple(desc.devices))

@@ -26,7 +26,7 @@ from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.eval.sample import ImageGenerator, default_classes, round_up, sampling_settings
-from detailflow_jax.train import cli, run_config, workdir_lock
+from detailflow_jax.train import cli, optim, run_config, workdir_lock
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
@@ -42,8 +42,7 @@ _MATCH_CODES = {"num_tokens": ("num_tokens", "N"), "group_size": ("group_size", 
 
 
 def validate(config: ml_collections.ConfigDict, meta: CodesMetadata, num_devices: int) -> tuple[int, int, int]:
-    """Checks the config against the devices and the codes; resolves ``total_steps`` from ``epochs`` when 0.
-    Returns the mesh shape."""
+    """Checks the config against the devices and the codes; returns the mesh shape."""
     mesh_shape = sharding.resolve_mesh_shape((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), num_devices)
     require(config.grad_accum >= 1, "grad_accum", config.grad_accum, "must be >= 1")
     parts = mesh_shape[0] * mesh_shape[1] * config.grad_accum
@@ -56,9 +55,6 @@ def validate(config: ml_collections.ConfigDict, meta: CodesMetadata, num_devices
     for field, (meta_field, what) in _MATCH_CODES.items():
         require(config.model[field] == getattr(meta, meta_field), f"model.{field}", config.model[field],
                 f"must equal {what} of the codes in {config.codes_dir} ({getattr(meta, meta_field)})")
-    if not config.total_steps:
-        config.total_steps = config.epochs * (meta.num_images // config.batch_size)
-    require(config.total_steps > 0, "total_steps", config.total_steps, "must be positive (or set epochs)")
     return mesh_shape
 
 
@@ -93,11 +89,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     require(bool(config.codes_dir), "codes_dir", config.codes_dir, "set it to the output of the extraction command")
     meta = read_metadata(config.codes_dir)
     mesh = sharding.make_mesh(validate(config, meta, jax.device_count()))
-    trainer = ARStep(config, mesh)
+    data = make_code_iter(config.codes_dir, config.batch_size, config.seed, num_threads=config.data_threads)
+    schedule = optim.resolve_ar_schedule(config, data.num_examples)
+    log.info("schedule (%s code records, global batch %d): %s", f"{data.num_examples:,}", config.batch_size,
+             schedule.describe())
+    trainer = ARStep(config, mesh, schedule)
     run_config.check_resume(config, workdir)
     storage.prepare_dir(workdir)
 
-    data = make_code_iter(config.codes_dir, config.batch_size, config.seed, num_threads=config.data_threads)
     checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
@@ -114,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     step = trainer.compiled(state_shardings)
     hook = sample_hook(workdir, config, meta, trainer, state_shardings["ema"]) if samples else None
 
-    loop = LoopConfig(total_steps=config.total_steps, log_every=config.log_every,
+    loop = LoopConfig(total_steps=schedule.total_steps, log_every=config.log_every,
                       checkpoint_every=config.checkpoint_every, hook_every=config.sample_every,
                       batch_size=config.batch_size, desc="ar", stop_at=stop_at)
     writer = MetricWriter(workdir)

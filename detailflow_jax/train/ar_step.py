@@ -59,12 +59,17 @@ class ARStep:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
+    # The run's learning rates and step counts (optim.resolve_ar_schedule); None: resolved from the config's
+    # explicit step counts alone (no dataset size).
+    lr_schedule: optim.ResolvedSchedule | None = None
 
     def __post_init__(self):
         cfg = self.config
+        if self.lr_schedule is None:
+            self.lr_schedule = optim.resolve_ar_schedule(cfg, dataset_size=None)
         self.model_cfg = GPTConfig(**cfg.model.to_dict()).validate()
         self.model = GPT(self.model_cfg)
-        self.lr = optim.ar_schedule(cfg.optim.lr, cfg.total_steps, cfg.optim.warmup_fraction)
+        self.lr = optim.ar_schedule(self.lr_schedule)
         self.tx = optim.adamw(self.lr, cfg.optim.weight_decay, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         self._compiled = None
 

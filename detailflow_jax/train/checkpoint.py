@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import signal
 import threading
@@ -58,15 +57,20 @@ def _sha256(path: epath.Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _files_under(folder: epath.Path, prefix: str = ""):
+    """(path relative to ``folder``, path) of every file below it. Built from ``iterdir`` names rather than
+    ``walk``, whose folders come back in another spelling on a bucket (no ``gs://``), so ``relative_to`` fails."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            yield from _files_under(child, f"{prefix}{child.name}/")
+        else:
+            yield prefix + child.name, child
+
+
 def _step_files(step_dir: epath.Path, process: int) -> dict[str, epath.Path]:
     """{path relative to the step folder: path} of the files ``process`` wrote (checksum files excluded)."""
-    files = {}
-    for folder, _, names in step_dir.walk():
-        for name in names:
-            relative = os.fspath((folder / name).relative_to(step_dir))
-            if not relative.startswith("sha256.process_") and _owner(relative) == process:
-                files[relative] = folder / name
-    return files
+    return {relative: path for relative, path in _files_under(step_dir)
+            if not relative.startswith("sha256.process_") and _owner(relative) == process}
 
 
 def write_checksums(step_dir: epath.Path, process: int | None = None) -> None:

@@ -1,36 +1,116 @@
-"""Optimisers and learning-rate schedules of the official recipes (docs/fidelity.md#training)."""
+"""Optimisers and learning-rate schedules of the official recipes (docs/fidelity.md#training).
+
+A config states its schedule as the official trainers do: a base lr for a reference batch (``optim.lr_batch``), a
+run length in epochs and a warm-up in epochs (tokenizer) or as a share of the run (AR), the floor as a ratio of the
+peak; explicit step counts (``total_steps``, ``optim.warmup_steps``) override the epochs. ``resolve_*_schedule``
+turn that into numbers for one run (a dataset size and a global batch) without touching the config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from detailflow_jax.config_lib import ConfigError, require
 
-def tokenizer_schedule(base_lr: float, warmup_steps: int, total_steps: int, warmup_lr: float = 1e-5,
-                       min_lr: float = 1e-5) -> optax.Schedule:
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSchedule:
+    """What a config's schedule comes to for one run: the learning rates and step counts the trainer uses."""
+    lr: float             # peak, after scaling with the global batch
+    min_lr: float         # end of the cosine
+    warmup_lr: float      # start of the linear warm-up
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int  # full global batches per pass over the data; 0 when the data size is not known
+
+    def describe(self) -> str:
+        epochs = f" = {self.total_steps / self.steps_per_epoch:g} epochs of {self.steps_per_epoch:,}" \
+            if self.steps_per_epoch else ""
+        return (f"{self.total_steps:,} steps{epochs}; lr {self.lr:.4g}, warm-up {self.warmup_steps:,} steps from "
+                f"{self.warmup_lr:.4g}, cosine to {self.min_lr:.4g}")
+
+
+def _steps_per_epoch(config: ml_collections.ConfigDict, dataset_size: int | None) -> int:
+    """Full global batches in one pass (the official loaders drop the last partial batch)."""
+    return dataset_size // config.batch_size if dataset_size else 0
+
+
+def _from_epochs(epochs: float, steps_per_epoch: int, field: str, dataset_size: int | None) -> int:
+    if not steps_per_epoch:
+        what = "is not known here" if dataset_size is None else f"({dataset_size}) holds no full batch"
+        raise ConfigError(f"{field} is derived from epochs, but the dataset size {what}: set {field} explicitly "
+                          "or pass the dataset size")
+    return round(epochs * steps_per_epoch)
+
+
+def _total_steps(config, steps_per_epoch: int, dataset_size: int | None) -> int:
+    total = config.total_steps or _from_epochs(config.epochs, steps_per_epoch, "total_steps", dataset_size)
+    require(total > 0, "total_steps", config.total_steps, "must be positive (0: epochs x steps per epoch)")
+    return total
+
+
+def scaled_lr(optim_cfg: ml_collections.ConfigDict, batch_size: int) -> float:
+    """``lr x batch / lr_batch`` (official tokenizer: lr x B / 256); ``lr_batch`` 0 uses ``lr`` at any batch."""
+    require(optim_cfg.lr_batch >= 0, "optim.lr_batch", optim_cfg.lr_batch, "must be >= 0 (0: no scaling)")
+    return optim_cfg.lr * batch_size / optim_cfg.lr_batch if optim_cfg.lr_batch else optim_cfg.lr
+
+
+def resolve_tokenizer_schedule(config: ml_collections.ConfigDict, dataset_size: int | None) -> ResolvedSchedule:
+    """Official ``train_tokenizer.py``: lr scaled with the batch, floor ``min_lr_ratio`` x that, warm-up of
+    ``warmup_epochs`` epochs from the absolute ``warmup_lr``, ``epochs`` x steps per epoch in all.
+    ``dataset_size`` None: only the explicit step counts can be used."""
+    o = config.optim
+    per_epoch = _steps_per_epoch(config, dataset_size)
+    total = _total_steps(config, per_epoch, dataset_size)
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else _from_epochs(
+        o.warmup_epochs, per_epoch, "optim.warmup_steps", dataset_size)
+    lr = scaled_lr(o, config.batch_size)
+    return ResolvedSchedule(lr=lr, min_lr=o.min_lr_ratio * lr, warmup_lr=o.warmup_lr, warmup_steps=warmup,
+                            total_steps=total, steps_per_epoch=per_epoch)
+
+
+def resolve_ar_schedule(config: ml_collections.ConfigDict, dataset_size: int | None) -> ResolvedSchedule:
+    """Official ``train_c2i.py``: ``epochs`` x steps per epoch, warm-up ``int(warmup_fraction x total)`` steps
+    from ``warmup_lr_ratio`` x lr, cosine to ``min_lr_ratio`` x lr (the lr is not scaled there: ``lr_batch`` 0)."""
+    o = config.optim
+    per_epoch = _steps_per_epoch(config, dataset_size)
+    total = _total_steps(config, per_epoch, dataset_size)
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_fraction * total)
+    lr = scaled_lr(o, config.batch_size)
+    return ResolvedSchedule(lr=lr, min_lr=o.min_lr_ratio * lr, warmup_lr=o.warmup_lr_ratio * lr,
+                            warmup_steps=warmup, total_steps=total, steps_per_epoch=per_epoch)
+
+
+def _warmup(s: ResolvedSchedule, step):
+    return s.warmup_lr + step * (s.lr - s.warmup_lr) / max(s.warmup_steps, 1)
+
+
+def tokenizer_schedule(s: ResolvedSchedule) -> optax.Schedule:
     """timm ``CosineLRScheduler`` as the tokenizer uses it: linear warm-up from ``warmup_lr``, then a cosine over
     the *whole* run (the cosine phase is not offset by the warm-up) down to ``min_lr``."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = warmup_lr + step * (base_lr - warmup_lr) / max(warmup_steps, 1)
-        cos = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * step / max(total_steps, 1)))
-        return jnp.where(step < warmup_steps, warm, cos)
+        cos = s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + jnp.cos(jnp.pi * step / max(s.total_steps, 1)))
+        return jnp.where(step < s.warmup_steps, _warmup(s, step), cos)
 
     return schedule
 
 
-def ar_schedule(base_lr: float, total_steps: int, warmup_fraction: float = 0.05) -> optax.Schedule:
-    """The AR ``LambdaLR``: factor 0.005 -> 1 over the warm-up, then cosine from 1 to 0.01 (1e-4 -> 1e-6)."""
-    warmup = max(int(warmup_fraction * total_steps), 1)
+def ar_schedule(s: ResolvedSchedule) -> optax.Schedule:
+    """The AR ``LambdaLR``: linear warm-up from ``warmup_lr`` (official 0.005 x lr), then a cosine from lr to
+    ``min_lr`` (0.01 x lr) over the steps after the warm-up."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = 0.005 + 0.995 * step / warmup
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        cos = 0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
-        return base_lr * jnp.where(step < warmup, warm, cos)
+        progress = jnp.clip((step - s.warmup_steps) / max(s.total_steps - s.warmup_steps, 1), 0.0, 1.0)
+        cos = s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < s.warmup_steps, _warmup(s, step), cos)
 
     return schedule
 

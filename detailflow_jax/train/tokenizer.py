@@ -29,7 +29,7 @@ from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train import cli, run_config, workdir_lock
+from detailflow_jax.train import cli, optim, run_config, workdir_lock
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
 from detailflow_jax.train.metrics import MetricWriter
@@ -47,7 +47,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     require(config.batch_size % jax.process_count() == 0, "batch_size", config.batch_size,
             f"must be divisible by the number of processes ({jax.process_count()})")
     require(0 <= config.degradation_prob <= 1, "degradation_prob", config.degradation_prob, "must be in [0, 1]")
-    require(config.total_steps > 0, "total_steps", config.total_steps, "must be positive")
     require(config.data.image_size == config.model.image_size, "data.image_size", config.data.image_size,
             f"must equal model.image_size={config.model.image_size}")
     require(config.rounding in ("ceil", "nearest"), "rounding", config.rounding, "must be 'ceil' or 'nearest'")
@@ -131,13 +130,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     ``stop_at`` stops after that step with a checkpoint, exactly as a preemption would."""
     distributed.maybe_initialize()
     mesh = sharding.make_mesh(validate(config, jax.device_count()))
-    trainer = TokenizerStep(config, mesh)
+    data = make_train_iter(config.data, config.batch_size, config.seed)
+    schedule = optim.resolve_tokenizer_schedule(config, data.num_examples)
+    log.info("schedule (%s images, global batch %d): %s", f"{data.num_examples:,}", config.batch_size,
+             schedule.describe())
+    trainer = TokenizerStep(config, mesh, schedule)
     frozen = trainer.load_frozen()  # fails fast when a loss lacks its weights
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
     run_config.check_resume(config, workdir)
     storage.prepare_dir(workdir)
 
-    data = make_train_iter(config.data, config.batch_size, config.seed)
     checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
@@ -155,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     step_fn = make_step_fn(trainer, HostDraws(config, tables), state_shardings, frozen)
     evaluator = ReconstructionEvaluator(trainer.model_cfg, tables)
     held_out = eval_batches(config, mesh)
-    loop = LoopConfig(total_steps=config.total_steps, log_every=config.log_every,
+    loop = LoopConfig(total_steps=schedule.total_steps, log_every=config.log_every,
                       checkpoint_every=config.checkpoint_every, hook_every=config.image_every,
                       batch_size=config.batch_size, desc="tokenizer", stop_at=stop_at)
     writer = MetricWriter(workdir)
@@ -164,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     data.close()
     checkpointer.close()
     writer.close()
-    if step < config.total_steps:
+    if step < schedule.total_steps:
         return state, {}
     curve = evaluator.psnr_curve(state["params"], held_out)
     if distributed.is_main_process():

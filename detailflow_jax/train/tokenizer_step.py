@@ -61,9 +61,14 @@ class TokenizerStep:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
+    # The run's learning rates and step counts (optim.resolve_tokenizer_schedule); None: resolved from the config's
+    # explicit step counts alone (no dataset size).
+    lr_schedule: optim.ResolvedSchedule | None = None
 
     def __post_init__(self):
         cfg = self.config
+        if self.lr_schedule is None:
+            self.lr_schedule = optim.resolve_tokenizer_schedule(cfg, dataset_size=None)
         self.model_cfg = validate(cfg.model)
         self.model = DetailFlowTokenizer(self.model_cfg)
         losses = cfg.losses
@@ -72,8 +77,7 @@ class TokenizerStep:
         self.schedule = gan.GANSchedule(
             disc_start=losses.disc_start, disc_weight=losses.disc_weight, perceptual_weight=losses.lpips_weight,
             perceptual_warmup=losses.lpips_warmup, lecam_weight=losses.lecam_weight, cr_weight=losses.cr_weight)
-        lr = optim.tokenizer_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.total_steps,
-                                      cfg.optim.warmup_lr, cfg.optim.min_lr)
+        lr = optim.tokenizer_schedule(self.lr_schedule)
         self.lr = lr
         self.tx = optim.adam(lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         if cfg.get("finetune_decoder_only", False):

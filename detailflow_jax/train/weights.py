@@ -122,6 +122,16 @@ def _sharded_abstract(boxed: Any, mesh: Mesh) -> tuple[Any, Any]:
     return abstract, shardings
 
 
+def abstract_gpt_params(cfg: GPTConfig, mesh: Mesh) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs of the GPT's parameters placed by their logical axes on ``mesh``, their shardings)."""
+    return _sharded_abstract(jax.eval_shape(lambda k: init_params(GPT(cfg), k), jax.random.key(0)), mesh)
+
+
+def abstract_tokenizer_params(model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+    """ShapeDtypeStructs of the tokenizer's parameters placed by their logical axes on ``mesh``."""
+    return _sharded_abstract(abstract_params(model_cfg, boxed=True), mesh)[0]
+
+
 def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None, model_cfg: Any = None,
                    step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
     """(tokenizer model config, params placed on ``mesh`` by their logical axes). The model config is
@@ -131,8 +141,7 @@ def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None, model_
         model_cfg = model_section(path, config_spec, "tokenizer")
     model_cfg = ml_collections.ConfigDict(dict(model_cfg))
     validate(model_cfg)
-    abstract, _ = _sharded_abstract(abstract_params(model_cfg, boxed=True), mesh)
-    return model_cfg, load_params(path, abstract, step=step)
+    return model_cfg, load_params(path, abstract_tokenizer_params(model_cfg, mesh), step=step)
 
 
 def load_gpt(path: str, mesh: Mesh, config_spec: str | None = None, ema: bool = True,
@@ -140,7 +149,6 @@ def load_gpt(path: str, mesh: Mesh, config_spec: str | None = None, ema: bool = 
     """(GPTConfig, params, their shardings). From a work directory the EMA weights by default (``ema=False``:
     the raw weights); ``model_overrides`` change compute settings such as ``dtype``."""
     cfg = GPTConfig(**{**model_section(path, config_spec, "gpt").to_dict(), **model_overrides}).validate()
-    boxed = jax.eval_shape(lambda k: init_params(GPT(cfg), k), jax.random.key(0))
-    abstract, shardings = _sharded_abstract(boxed, mesh)
+    abstract, shardings = abstract_gpt_params(cfg, mesh)
     entry = "ema" if ema else "params"
     return cfg, load_params(path, abstract, entry), shardings
