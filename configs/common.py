@@ -50,6 +50,11 @@ def mesh_overrides(name: str) -> list[str]:
     return [f"--config.mesh.{axis}={size}" for axis, size in mesh_config(name).items()]
 
 
+def _sharding_rules() -> ml_collections.ConfigDict:
+    from detailflow_jax import sharding  # imported here: `mesh-flags` needs no jax
+    return sharding.rules_config()
+
+
 def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Training fields of the tokenizer recipes; the official ImageNet values (docs/fidelity.md#losses)."""
     c = ml_collections.ConfigDict()
@@ -115,6 +120,7 @@ def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.Con
     c.total_steps = 0                  # 0: epochs x (images // batch_size)
     c.grad_accum = 1                   # micro-batches per step (same result in expectation, less memory)
     c.mesh = mesh_config()
+    c.sharding_rules = _sharding_rules()  # logical axis name -> mesh axes, for parameters and activations
     c.correction_prob = 0.3
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_fraction=0.05, clip_norm=1.0))
