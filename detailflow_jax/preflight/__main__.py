@@ -35,7 +35,8 @@ _RECIPE = flags.DEFINE_string("recipe", None,
 
 _WARNING_LINES = re.compile(r"(Involuntary full rematerialization.*|.*RESOURCE_EXHAUSTED.*)")
 HELP_KNOBS = ("smaller --config.batch_size, more FSDP (--config.mesh.fsdp), rematerialisation "
-              "(--config.model.remat=True), or --config.grad_accum > 1 (AR)")
+              "(--config.model.remat=True; for the GPT --config.model.remat_policy=full saves the "
+              "most, dots_saveable the least), or --config.grad_accum > 1 (AR)")
 
 
 class _CapturedStderr:
