@@ -64,6 +64,7 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.batch_size = 256           # global
     c.total_steps = 1_251_000     # 250 epochs x 5,004 steps
     c.mesh = mesh_config()
+    c.sharding_rules = _sharding_rules()  # logical axis name -> mesh axes
     # Encoder start: random, or the SigLIP2 tower's first encoder.depth layers (official encoder_pretrained; the
     # directory comes from python -m detailflow_jax.convert.siglip2, e.g. the one of losses.siglip_weights).
     c.encoder_pretrained = False

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import ar_fashion_mnist
+from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import sharding
 from detailflow_jax.ar import model as gpt_model
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.preflight import __main__ as preflight
 from detailflow_jax.train.ar_step import ARStep
+from detailflow_jax.train.tokenizer_step import TokenizerStep
 from float_tolerance import reorder_tolerance
 from test_preflight import TINY_AR, _cli, _json_line, needs_libtpu
 
@@ -143,3 +144,16 @@ def test_remat_policy_is_the_configs_and_keeps_the_gradients(policy):
 def test_unknown_remat_policy_names_the_choices():
     with pytest.raises(ConfigError, match="remat_policy.*dots_saveable"):
         gpt_model.GPTConfig(remat_policy="minimal").validate()
+
+
+def test_tokenizer_state_follows_the_config_sharding_rules():
+    mesh = sharding.make_mesh((1, 8, 1))
+
+    def axes(**rules):
+        config = tokenizer_fashion_mnist.get_config("smoke")
+        config.sharding_rules.update(rules)
+        trainer = TokenizerStep(config, mesh)
+        state = trainer.abstract_state(0, trainer.abstract_frozen())
+        return {a for x in jax.tree.leaves(state["params"]) for a in jax.tree.leaves(tuple(x.sharding.spec))}
+
+    assert "fsdp" in axes() and "fsdp" not in axes(embed=())
