@@ -50,6 +50,11 @@ def mesh_overrides(name: str) -> list[str]:
     return [f"--config.mesh.{axis}={size}" for axis, size in mesh_config(name).items()]
 
 
+def _sharding_rules() -> ml_collections.ConfigDict:
+    from detailflow_jax import sharding  # imported here: `mesh-flags` needs no jax
+    return sharding.rules_config()
+
+
 def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Training fields of the tokenizer recipes; the official ImageNet values (docs/fidelity.md#losses)."""
     c = ml_collections.ConfigDict()
@@ -60,6 +65,7 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.epochs = 250               # official README (yaml 50): 1,251,000 steps of 5,004 at batch 256
     c.total_steps = 0            # 0: epochs x steps per epoch (images // batch_size); > 0: that many steps
     c.mesh = mesh_config()
+    c.sharding_rules = _sharding_rules()  # logical axis name -> mesh axes
     # Encoder start: random, or the SigLIP2 tower's first encoder.depth layers (official encoder_pretrained; the
     # directory comes from python -m detailflow_jax.convert.siglip2, e.g. the one of losses.siglip_weights).
     c.encoder_pretrained = False
@@ -119,6 +125,7 @@ def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.Con
     c.total_steps = 0                  # 0: epochs x steps per epoch (code records // batch_size)
     c.grad_accum = 1                   # micro-batches per step (same result in expectation, less memory)
     c.mesh = mesh_config()
+    c.sharding_rules = _sharding_rules()  # logical axis name -> mesh axes, for parameters and activations
     c.correction_prob = 0.3
     # Official train_c2i.py: the lr is not scaled with the batch (lr_batch 0), warm-up int(5% x total steps)
     # (warmup_steps -1; >= 0: that many) from 0.005 x lr, cosine to 0.01 x lr (train/optim.py).

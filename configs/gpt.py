@@ -8,7 +8,8 @@
 
 The variant is NAME[/N] with NAME in B, L, XL, XLPlus, XXL, XXLPlus, XXXL (official LlamaGen sizes) or `tiny`.
 Argument keys (0 = the variant's value): g (group size), C (causal_num), K (vocab = codebook size), classes,
-dim, layers, heads, multiple_of, dtype, scan, remat, cfg (sampling CFG scale; 0 = the README value for N).
+dim, layers, heads, multiple_of, dtype, scan, remat, remat_policy (full, dots_saveable, ...: what a rematerialised
+block keeps), cfg (sampling CFG scale; 0 = the README value for N).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ _README_CFG = {128: 1.45, 256: 1.5, 512: 1.32}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = config_lib.parse_arg(arg, variant="L/128", g=0, C=0, K=0, classes=0, dim=0, layers=0, heads=0,
-                             multiple_of=0, dtype="float32", scan=False, remat=False, cfg=0.0)
+                             multiple_of=0, dtype="float32", scan=False, remat=False, remat_policy="full",
+                             cfg=0.0)
     name, _, n = a.variant.partition("/")
     if name == "tiny":
         base = dict(_TINY)
@@ -45,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      n_layer=a.layers, n_head=a.heads, multiple_of=a.multiple_of)
     base.update({k: v for k, v in overrides.items() if v})
     base.setdefault("causal_num", base.get("group_size", 8))  # C follows g unless given
-    base.update(dtype=a.dtype, scan_layers=a.scan, remat=a.remat)
+    base.update(dtype=a.dtype, scan_layers=a.scan, remat=a.remat, remat_policy=a.remat_policy)
 
     model = GPTConfig(**base).validate()
     config = ml_collections.ConfigDict()

@@ -1,7 +1,9 @@
 """Device mesh, logical-axis rules and born-sharded initialisation.
 
-Every parameter carries logical axis names (``nn.with_logical_partitioning``); ``DEFAULT_RULES`` maps them onto the
-mesh axes ``(data, fsdp, tensor)``. Activations are left to the compiler (Auto axes), as in MaxText.
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) and the models pin their activations at
+block boundaries with ``constrain`` (``activation_*`` names, as in MaxText); ``DEFAULT_RULES`` maps both onto the mesh
+axes ``(data, fsdp, tensor)``. A training config carries its rules as data (``config.sharding_rules``, see
+``rules_config``) and the trainers pass them to every place that shards.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -36,11 +39,51 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("pixels", None),
     ("cache_batch", BATCH_AXES),
     ("cache_heads", "tensor"),
+    # Activations: the batch over every data axis and the embedding dimension whole, so FSDP shards parameters
+    # and optimizer state only (each weight is all-gathered before use and its gradient reduce-scattered). Left to
+    # itself the partitioner may shard activations like the weights next to them (embed over fsdp), which costs
+    # an all-gather of whole (batch, length, vocab) cotangents.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
 class MeshError(ConfigError):
     """A mesh that cannot be built on the devices at hand, or that does not divide a sharded dimension."""
+
+
+def rules_config(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> ml_collections.ConfigDict:
+    """``config.sharding_rules``: logical name -> tuple of mesh axes (``()`` = replicated), one type for every entry
+    so that each can be overridden on the command line (``--config.sharding_rules.embed="()"``)."""
+    as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)  # noqa: E731
+    return ml_collections.ConfigDict({name: as_tuple(axes) for name, axes in rules})
+
+
+def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """The Flax rules of a training config's ``sharding_rules`` (``DEFAULT_RULES`` when it has none); raises
+    MeshError for an axis that is not a mesh axis."""
+    if config.get("sharding_rules") is None:
+        return DEFAULT_RULES
+    rules = []
+    for name, axes in config.sharding_rules.items():
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise MeshError(f"sharding_rules.{name}={axes}: {unknown} are not mesh axes; use a tuple of {MESH_AXES}"
+                            " (() = replicated)")
+        rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(rules)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pins activation ``x`` to the sharding of its logical ``names`` under the rules in context
+    (``nn.logical_axis_rules`` inside ``jax.set_mesh``); a no-op without them (single-device code, the sampler)."""
+    return nn.with_logical_constraint(x, tuple(names))
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detailflow_jax import config_lib
+from detailflow_jax.sharding import constrain
 from detailflow_jax.ar.layers import DEFAULT_INIT, RMSNorm, SwiGLU, swiglu_hidden_dim
 from detailflow_jax.ar.masks import group_causal_mask
 from detailflow_jax.ar.rope import apply_rope, rope_table_2d
@@ -37,8 +38,20 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     "XXXL": (48, 40, 2560),
 }
 
+# What a rematerialised block saves for the backward pass (jax.checkpoint_policies, MaxText's names): "full" keeps
+# only the block's input and recomputes everything; the dots_* policies keep matmul outputs (all of them, or those of
+# the weight matmuls, not attention's batched q k^T and p v), trading memory for less recomputation.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 # Logical axes of one KV-cache chunk (`init_cache`); keys are stored transposed (see `cached_attention`).
 CACHE_AXES = {"k": ("cache_batch", "cache_heads", "kv", "length"), "v": ("cache_batch", "cache_heads", "length", "kv")}
+# Logical axes of the activations pinned at block boundaries (`sharding.constrain`; no-op outside a trainer).
+STREAM = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +79,7 @@ class GPTConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False      # nn.scan over layers (params get a leading "layers" axis)
     remat: bool = False            # rematerialise each block in the backward pass
+    remat_policy: str = "full"     # what a rematerialised block keeps (`REMAT_POLICIES`)
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "GPTConfig":
@@ -90,6 +104,8 @@ class GPTConfig:
             f"must be at most num_tokens={self.num_tokens}")
         for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
             req(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
+        req(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
+            f"choose one of {sorted(REMAT_POLICIES)}")
         for key in ("dtype", "param_dtype", "residual_dtype"):
             req(getattr(self, key) in ("float32", "bfloat16", "float16"), key, getattr(self, key),
                 "must be float32, bfloat16 or float16")
@@ -135,7 +151,10 @@ def _lookup(table: nn.Embed, ids: jax.Array, train: bool) -> jax.Array:
     output sums exactly one row."""
     if not train:
         return table(ids)
+    # Pinned batch-sharded like the ids: unpinned, the partitioner gathered the whole one-hot batch (to shard the
+    # product over embed, like the table) instead of gathering the table.
     one_hot = jax.nn.one_hot(ids, table.num_embeddings, dtype=table.dtype)
+    one_hot = constrain(one_hot, ("activation_batch",) + (None,) * (ids.ndim - 1) + ("activation_vocab",))
     # HIGHEST: a float32 row must come out exact on TPUs too, whose default float32 matmul rounds inputs to bf16.
     return jnp.einsum("...v,vd->...d", one_hot, table.embedding.astype(table.dtype),
                       precision=jax.lax.Precision.HIGHEST)
@@ -156,7 +175,7 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         # Official wqkv rows are [q; k; v], so the fused kernel's output columns split the same way.
         q, k, v = jnp.split(_dense(cfg, 3 * cfg.dim, ("embed", "qkv"), "wqkv")(x), 3, axis=-1)
-        q, k, v = (t.reshape(b, s, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+        q, k, v = (constrain(t.reshape(b, s, cfg.n_head, cfg.head_dim), HEADS) for t in (q, k, v))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             out = dot_product_attention(q, k, v, mask)
@@ -171,7 +190,8 @@ class Attention(nn.Module):
                 vs[chunk], jnp.swapaxes(v, 1, 2).astype(vs[chunk].dtype), (0, 0, index, 0))
             cache = {"k": ks, "v": vs}
             out = cached_attention(q, ks[:chunk + 1], vs[:chunk + 1], mask)
-        out = _dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out.reshape(b, s, cfg.dim))
+        out = constrain(out, HEADS).reshape(b, s, cfg.dim)
+        out = constrain(_dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out), STREAM)
         return nn.Dropout(cfg.resid_dropout)(out, deterministic=not train), cache
 
 
@@ -186,12 +206,13 @@ class Block(nn.Module):
     def __call__(self, h, cache, rope, mask, write_at, train: bool):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name=name)  # noqa: E731
+        h = constrain(h, STREAM)
         attn, cache = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, cache, write_at,
                                                        train)
         h = h + attn
         h = h + SwiGLU(cfg.ffn_dim, cfg.ffn_dropout, cfg.compute_dtype, jnp.dtype(cfg.param_dtype),
                        name="feed_forward")(norm("ffn_norm")(h), train)
-        return h, cache
+        return constrain(h, STREAM), cache
 
 
 class GPT(nn.Module):
@@ -210,7 +231,8 @@ class GPT(nn.Module):
             (cfg.group_size - 1, cfg.dim), pdt)
         block = Block
         if cfg.remat:
-            block = nn.remat(block, static_argnums=(6,), prevent_cse=not cfg.scan_layers)
+            block = nn.remat(block, static_argnums=(6,), prevent_cse=not cfg.scan_layers,
+                             policy=REMAT_POLICIES[cfg.remat_policy])
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -265,13 +287,14 @@ class GPT(nn.Module):
                 h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_at, train)
                 new_cache.append(layer_cache)
             cache = None if cache is None else new_cache
-        logits = self.output(self.norm(h)).astype(jnp.float32)
+        logits = constrain(self.output(self.norm(h)), ("activation_batch", "activation_length", "activation_vocab"))
+        logits = logits.astype(jnp.float32)
         return logits, cache
 
     def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
         """Teacher-forced forward over a token prefix (B, T); returns float32 logits (B, L, vocab)."""
         h = self.training_sequence(tokens, labels, train)
-        h = self.token_dropout(h, deterministic=not train)
+        h = constrain(self.token_dropout(h, deterministic=not train), STREAM)
         positions = jnp.arange(h.shape[1])
         logits, _ = self._stack(h, None, positions, positions, None, train)
         return logits

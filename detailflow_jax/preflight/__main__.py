@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from detailflow_jax import cli_errors
 from detailflow_jax.preflight import topology as topo_lib
@@ -41,7 +41,8 @@ _RECIPE = flags.DEFINE_string("recipe", None,
 
 _WARNING_LINES = re.compile(r"(Involuntary full rematerialization.*|.*RESOURCE_EXHAUSTED.*)")
 HELP_KNOBS = ("smaller --config.batch_size, more FSDP (--config.mesh.fsdp), rematerialisation "
-              "(--config.model.remat=True), or --config.grad_accum > 1 (AR)")
+              "(--config.model.remat=True; for the GPT --config.model.remat_policy=full saves the "
+              "most, dots_saveable the least), or --config.grad_accum > 1 (AR)")
 
 
 class _CapturedStderr:
@@ -66,7 +67,6 @@ class _CapturedStderr:
 
 def run(config, topology_name: str, program: str = "train", recipe: str | None = None) -> dict:
     """Compiles and returns the report (the JSON line's fields)."""
-    import jax
     from detailflow_jax import sharding
     from detailflow_jax.preflight import analysis, programs
     if recipe:

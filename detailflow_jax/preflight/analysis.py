@@ -23,14 +23,38 @@ def shape_bytes(text: str) -> int:
     return total
 
 
+# XLA:TPU writes a reduce-scatter as a fusion that calls an "all-reduce-scatter" computation (an
+# all-reduce and the dynamic-slice of this device's shard).
+_RS_FUSION = re.compile(r"=\s*(.*?)\sfusion\(.*calls=(%all-reduce-scatter[\w.]*)")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+_RS_BODY = re.compile(r"^%all-reduce-scatter[\w.]*\s")
+
+
 def collectives(hlo_text: str) -> dict:
     """{kind: {"count", "bytes"}} over the optimised HLO (result sizes; async starts counted
-    once)."""
+    once). An XLA:TPU reduce-scatter fusion counts as one reduce-scatter of its result (the
+    shard), not as the all-reduce inside it; a collective that an async collective fusion
+    repeats in its start, body and done computations (one channel id) counts once."""
     out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    in_rs_body, seen = False, set()
     for line in hlo_text.splitlines():
-        m = _OP.search(line)
+        if not line.startswith(" "):  # a computation's header or closing brace
+            in_rs_body = bool(_RS_BODY.match(line))
+            continue
+        fusion = _RS_FUSION.search(line)
+        if fusion and fusion.group(2) not in seen:
+            seen.add(fusion.group(2))
+            out["reduce-scatter"]["count"] += 1
+            out["reduce-scatter"]["bytes"] += shape_bytes(fusion.group(1))
+            continue
+        m = None if in_rs_body else _OP.search(line)
         if m:
             result, kind, start = m.groups()
+            channel = _CHANNEL.search(line)
+            if channel:
+                if (kind, channel.group(1)) in seen:
+                    continue
+                seen.add((kind, channel.group(1)))
             # async start: a tuple (operands, results, ...); the largest part is the result
             if start and result.startswith("("):
                 nbytes = max(shape_bytes(f"{d}[{dims}]") for d, dims in _SHAPE.findall(result))

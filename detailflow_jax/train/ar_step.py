@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -69,6 +70,7 @@ class ARStep:
             self.lr_schedule = optim.resolve_ar_schedule(cfg, dataset_size=None)
         self.model_cfg = GPTConfig(**cfg.model.to_dict()).validate()
         self.model = GPT(self.model_cfg)
+        self.rules = sharding.rules_from_config(cfg)
         self.lr = optim.ar_schedule(self.lr_schedule)
         self.tx = optim.adamw(self.lr, cfg.optim.weight_decay, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
         self._compiled = None
@@ -83,11 +85,11 @@ class ARStep:
 
     def init(self, seed: int) -> tuple[dict, Any]:
         """The initial state, born sharded on the mesh, and its shardings."""
-        return sharding.init_sharded(self._init_state, self.mesh, jax.random.key(seed))
+        return sharding.init_sharded(self._init_state, self.mesh, jax.random.key(seed), rules=self.rules)
 
     def abstract_state(self, seed: int) -> Any:
         """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
-        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed))
+        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed), rules=self.rules)
 
     # ------------------------------------------------------------------ the step
 
@@ -127,6 +129,11 @@ class ARStep:
         return jax.tree.map(lambda x: x / n, total)
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        # The rules in context while tracing turn the model's activation constraints on (`sharding.constrain`).
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(self.rules):
+            return self._step(state, batch)
+
+    def _step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         loss, aux, grads = self._gradients(state["params"], batch["codes"], batch["label"], key)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])

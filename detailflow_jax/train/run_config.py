@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 FILE = "config.json"
 # Model fields that change how the model computes, not its parameters: a checkpoint restores under
 # either value.
-_COMPUTE_ONLY = ("dtype", "remat")
+_COMPUTE_ONLY = ("dtype", "remat", "remat_policy")
 _UNSET = "(unset)"
 
 

@@ -168,7 +168,7 @@ class TokenizerStep:
         ``encoder_pretrained``; a resumed run restores its checkpoint instead and never calls this)."""
         backbone = frozen.get("dino")
         state, shardings = sharding.init_sharded(lambda r: self._init_state(r, backbone), self.mesh,
-                                                 jax.random.key(seed))
+                                                 jax.random.key(seed), rules=sharding.rules_from_config(self.config))
         if path := encoder_weights(self.config):  # Adam's moments start at zero whatever the values
             state["params"] = with_pretrained_encoder(state["params"], shardings["params"], path, self.model_cfg)
         if frozen.get("dino_heads") is not None:  # official heads given: start from them
@@ -178,7 +178,8 @@ class TokenizerStep:
     def abstract_state(self, seed: int, frozen: dict) -> Any:
         """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
         # The backbone is an argument (not a closure) so abstract frozen weights work too.
-        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed), frozen.get("dino"))
+        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed), frozen.get("dino"),
+                                         rules=sharding.rules_from_config(self.config))
 
     # ------------------------------------------------------------------ the step
 
