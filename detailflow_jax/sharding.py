@@ -53,6 +53,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Logical axes of the activations the models pin (`constrain`): the residual stream (batch, length, embed), the
+# attention heads (batch, length, heads, head_dim) and the MLP's hidden units (batch, length, mlp).
+STREAM = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+
+
 class MeshError(ConfigError):
     """A mesh that cannot be built on the devices at hand, or that does not divide a sharded dimension."""
 

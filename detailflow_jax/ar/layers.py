@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detailflow_jax.sharding import constrain
+from detailflow_jax.sharding import HIDDEN, constrain
 
 # Official `_init_weights`: every Linear and Embedding ~ N(0, 0.02).
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
@@ -48,6 +48,6 @@ class SwiGLU(nn.Module):
                             kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, names), name=name)
 
         h = nn.silu(dense(self.hidden_dim, ("embed", "mlp"), "w1")(x)) * dense(self.hidden_dim, ("embed", "mlp"), "w3")(x)
-        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = constrain(h, HIDDEN)
         out = dense(x.shape[-1], ("mlp", "embed"), "w2")(h)
         return nn.Dropout(self.dropout)(out, deterministic=not train)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detailflow_jax import config_lib
-from detailflow_jax.sharding import constrain
+from detailflow_jax.sharding import HEADS, STREAM, constrain
 from detailflow_jax.ar.layers import DEFAULT_INIT, RMSNorm, SwiGLU, swiglu_hidden_dim
 from detailflow_jax.ar.masks import group_causal_mask
 from detailflow_jax.ar.rope import apply_rope, rope_table_2d
@@ -49,9 +49,6 @@ REMAT_POLICIES = {
 
 # Logical axes of one KV-cache chunk (`init_cache`); keys are stored transposed (see `cached_attention`).
 CACHE_AXES = {"k": ("cache_batch", "cache_heads", "kv", "length"), "v": ("cache_batch", "cache_heads", "length", "kv")}
-# Logical axes of the activations pinned at block boundaries (`sharding.constrain`; no-op outside a trainer).
-STREAM = ("activation_batch", "activation_length", "activation_embed")
-HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ compile time is fine, and per-layer names keep weight import and partial loading
 layers) trivial.
 
 Logical axes: q/k/v kernels ("embed", "qkv"), out_proj ("qkv", "embed"), fc1 ("embed", "mlp"), fc2 ("mlp", "embed");
-biases and LayerNorm parameters carry their dimension's name. Norms and the softmax run in float32; the Dense layers
+biases and LayerNorm parameters carry their dimension's name. Activations are pinned batch-sharded at the block
+boundaries, heads and hidden units over the tensor axis (``sharding.constrain``). Norms and the softmax run in float32; the Dense layers
 compute in ``dtype`` with ``param_dtype`` parameters.
 """
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from detailflow_jax.nn.attention import dot_product_attention
+from detailflow_jax.sharding import HEADS, HIDDEN, STREAM, constrain
 
 # HF SigLIP init (`Siglip2PreTrainedModel._init_weights`): xavier-uniform projections, zero attention biases,
 # N(0, 1e-6) MLP biases.
@@ -75,11 +77,11 @@ class SelfAttention(nn.Module):
 
         def project(name):
             y = dense(self.width, ("embed", "qkv"), name, self.dtype, self.param_dtype)(x)
-            return y.reshape(b, length, self.heads, head_dim)
+            return constrain(y.reshape(b, length, self.heads, head_dim), HEADS)
 
         out = dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), mask)
-        out = out.reshape(b, length, self.width)
-        return dense(self.width, ("qkv", "embed"), "out_proj", self.dtype, self.param_dtype)(out)
+        out = constrain(out, HEADS).reshape(b, length, self.width)
+        return constrain(dense(self.width, ("qkv", "embed"), "out_proj", self.dtype, self.param_dtype)(out), STREAM)
 
 
 class MLP(nn.Module):
@@ -93,8 +95,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = dense(self.mlp_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype, bias_init=_MLP_BIAS)(x)
-        h = jax.nn.gelu(h, approximate=True)
-        return dense(self.width, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype, bias_init=_MLP_BIAS)(h)
+        h = constrain(jax.nn.gelu(h, approximate=True), HIDDEN)
+        out = dense(self.width, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype, bias_init=_MLP_BIAS)(h)
+        return constrain(out, STREAM)
 
 
 class ViTBlock(nn.Module):
@@ -113,12 +116,13 @@ class ViTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = constrain(x, STREAM)
         h = layer_norm("layer_norm1", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
         h = SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, name="self_attn")(h, mask)
         x = x + h.astype(x.dtype)
         h = layer_norm("layer_norm2", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
         h = MLP(self.width, self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
-        return x + h.astype(x.dtype)
+        return constrain(x + h.astype(x.dtype), STREAM)
 
 
 class ViTStack(nn.Module):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from detailflow_jax.nn.vit import ViTStack, dense, layer_norm, torch_default_inits
+from detailflow_jax.sharding import STREAM, constrain
 from detailflow_jax.tokenizer.config import TokenizerConfig, check_canvas
 from detailflow_jax.tokenizer.encoder import token_table
 from detailflow_jax.tokenizer.masks import decoder_key_mask
@@ -41,8 +42,9 @@ class Decoder(nn.Module):
 
         canvas_tokens = mask_token.astype(jnp.float32) + resized_position_table(table, grid)[None].astype(jnp.float32)
         canvas_tokens = jnp.broadcast_to(canvas_tokens, (b, grid * grid, vit.width))
-        latents = tokens.astype(jnp.float32) + latent_pos_embed.astype(jnp.float32)
-        seq = jnp.concatenate([canvas_tokens, latents], axis=1)
+        latents = constrain(tokens.astype(jnp.float32) + latent_pos_embed.astype(jnp.float32), STREAM)
+        # The canvas is a broadcast of parameters: pinned, it is built batch-sharded instead of like the weights.
+        seq = constrain(jnp.concatenate([constrain(canvas_tokens, STREAM), latents], axis=1), STREAM)
 
         seq = ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
                        cfg.params_dtype, cfg.remat, name="layers")(seq, decoder_key_mask(grid * grid, n, num_tokens))
@@ -50,4 +52,5 @@ class Decoder(nn.Module):
         kernel_init, bias_init = torch_default_inits(vit.width)
         pixels = dense(p * p * 3, ("embed", "pixels"), "to_pixel", cfg.compute_dtype, cfg.params_dtype,
                        kernel_init=kernel_init, bias_init=bias_init)(seq)
+        pixels = constrain(pixels, ("activation_batch", "activation_length", None))
         return unpatchify(pixels.astype(jnp.float32), p)

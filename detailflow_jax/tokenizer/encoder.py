@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from detailflow_jax.nn.vit import ViTStack, dense, layer_norm
+from detailflow_jax.sharding import STREAM, constrain
 from detailflow_jax.tokenizer.config import TokenizerConfig
 from detailflow_jax.tokenizer.masks import encoder_mask
 from detailflow_jax.tokenizer.patches import patchify, resized_position_table
@@ -38,13 +39,14 @@ class Encoder(nn.Module):
             raise ValueError(f"images must be square (B, R, R, 3), got {images.shape}")
         grid = images.shape[1] // p
 
-        patches = patchify(images.astype(cfg.compute_dtype), p)
+        # Pinned batch-sharded: left free, the partitioner may shard them over embed like the weights beside them.
+        patches = constrain(patchify(images.astype(cfg.compute_dtype), p), STREAM)
         x = dense(vit.width, ("patch", "embed"), "patch_embedding", cfg.compute_dtype, cfg.params_dtype,
                   kernel_init=nn.initializers.lecun_normal())(patches)
         table = self.param("position_embedding", nn.with_logical_partitioning(
             nn.initializers.normal(vit.width ** -0.5), ("length", "embed")), (cfg.pos_grid ** 2, vit.width),
             cfg.params_dtype)
-        x = x.astype(jnp.float32) + resized_position_table(table, grid).astype(jnp.float32)
+        x = constrain(x.astype(jnp.float32) + resized_position_table(table, grid).astype(jnp.float32), STREAM)
 
         std = nn.initializers.normal(0.02)
         latent_tokens = token_table("latent_tokens", self, n, vit.width, std)
@@ -55,11 +57,11 @@ class Encoder(nn.Module):
         else:
             before = (jnp.arange(n) < noise_end)[None, :, None]
             queries = jnp.where(before, prefix.astype(jnp.float32), refined_tokens.astype(jnp.float32))
-        z = queries + latent_pos_embed.astype(jnp.float32)
+        z = constrain(queries + latent_pos_embed.astype(jnp.float32), STREAM)
 
         seq = jnp.concatenate([x, z], axis=1)
         mask = jnp.asarray(encoder_mask(grid * grid, n, cfg.group_size, cfg.causal_num))
         seq = ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
                        cfg.params_dtype, cfg.remat, name="layers")(seq, mask)
         seq = layer_norm("post_layernorm", cfg.ln_eps, cfg.params_dtype)(seq)
-        return seq[:, grid * grid:]
+        return constrain(seq[:, grid * grid:], STREAM)

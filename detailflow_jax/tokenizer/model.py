@@ -27,12 +27,16 @@ import jax
 import jax.numpy as jnp
 
 from detailflow_jax.nn.vit import dense, torch_default_inits
+from detailflow_jax.sharding import constrain
 from detailflow_jax.tokenizer.config import TokenizerConfig, validate
 from detailflow_jax.tokenizer.decoder import Decoder
 from detailflow_jax.tokenizer.encoder import Encoder
 from detailflow_jax.tokenizer.quantizer import (Quantized, VectorQuantizer, batch_usage, code_histogram,
                                                 codebook_losses, entropy_loss, group_cosine_similarity,
                                                 sample_near_codes)
+
+# Logical axes of the (B, N, codebook_dim) vectors around the quantizer, pinned batch-sharded (`sharding.constrain`).
+CODES = ("activation_batch", "activation_length", None)
 
 
 def _torch_linear(features: int, fan_in: int, names, name: str, dtype, param_dtype) -> nn.Dense:
@@ -72,7 +76,7 @@ class DetailFlowTokenizer(nn.Module):
 
     def decode(self, quant: jax.Array, t: jax.Array | int, canvas: int) -> jax.Array:
         """quant (B, N, 8) -> pixels (B, canvas, canvas, 3) from the first ``t`` tokens (t may be traced)."""
-        return self.decoder(self.post_quant_conv(quant), t, canvas)
+        return self.decoder(self.post_quant_conv(constrain(quant, CODES)), t, canvas)
 
     def decode_code(self, codes: jax.Array, t: jax.Array | int | None = None, canvas: int | None = None) -> jax.Array:
         """codes (B, N) int -> pixels; defaults: all N tokens at image_size."""
@@ -110,7 +114,7 @@ class DetailFlowTokenizer(nn.Module):
             jnp.where(before[None, :, None], qc.hard, self.quantizer.lookup(noisy_codes)))
         prefix = self.refine_conv(quant_noise)
         h2 = self.encoder(images, prefix=prefix, noise_end=noise_end)
-        pre_quant_sc = self.quant_conv(h2.astype(jnp.float32))
+        pre_quant_sc = constrain(self.quant_conv(h2.astype(jnp.float32)), CODES)
         q2 = self.quantizer(pre_quant_sc)
         quant_sc = jnp.where(prefix_end[None, :, None], quant_noise, q2.quant)
 
@@ -168,7 +172,7 @@ class DetailFlowTokenizer(nn.Module):
     # ---------------------------------------------------------------- helpers
 
     def _quantized(self, images: jax.Array) -> tuple[jax.Array, Quantized]:
-        pre_quant = self.quant_conv(self.encoder(images).astype(jnp.float32))
+        pre_quant = constrain(self.quant_conv(self.encoder(images).astype(jnp.float32)), CODES)
         return pre_quant, self.quantizer(pre_quant)
 
     def _full_length_codes(self, codes: jax.Array, noise_idx, noise_end) -> jax.Array:

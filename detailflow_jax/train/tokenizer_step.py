@@ -71,6 +71,7 @@ class TokenizerStep:
             self.lr_schedule = optim.resolve_tokenizer_schedule(cfg, dataset_size=None)
         self.model_cfg = validate(cfg.model)
         self.model = DetailFlowTokenizer(self.model_cfg)
+        self.rules = sharding.rules_from_config(cfg)
         losses = cfg.losses
         if losses.disc_type not in DISC_TYPES:
             raise ValueError(f"losses.disc_type={losses.disc_type!r}: must be one of {DISC_TYPES}")
@@ -168,7 +169,7 @@ class TokenizerStep:
         ``encoder_pretrained``; a resumed run restores its checkpoint instead and never calls this)."""
         backbone = frozen.get("dino")
         state, shardings = sharding.init_sharded(lambda r: self._init_state(r, backbone), self.mesh,
-                                                 jax.random.key(seed), rules=sharding.rules_from_config(self.config))
+                                                 jax.random.key(seed), rules=self.rules)
         if path := encoder_weights(self.config):  # Adam's moments start at zero whatever the values
             state["params"] = with_pretrained_encoder(state["params"], shardings["params"], path, self.model_cfg)
         if frozen.get("dino_heads") is not None:  # official heads given: start from them
@@ -179,7 +180,7 @@ class TokenizerStep:
         """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
         # The backbone is an argument (not a closure) so abstract frozen weights work too.
         return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed), frozen.get("dino"),
-                                         rules=sharding.rules_from_config(self.config))
+                                         rules=self.rules)
 
     # ------------------------------------------------------------------ the step
 
@@ -256,6 +257,12 @@ class TokenizerStep:
 
     def step(self, state: dict, frozen: dict, images: jax.Array, t: jax.Array, matrix: jax.Array,
              noise_idx: jax.Array, noise_end: jax.Array, *, canvas: int) -> tuple[dict, dict]:
+        # The rules in context while tracing turn the models' activation constraints on (`sharding.constrain`).
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(self.rules):
+            return self._step(state, frozen, images, t, matrix, noise_idx, noise_end, canvas=canvas)
+
+    def _step(self, state: dict, frozen: dict, images: jax.Array, t: jax.Array, matrix: jax.Array,
+              noise_idx: jax.Array, noise_end: jax.Array, *, canvas: int) -> tuple[dict, dict]:
         losses = self.config.losses
         step1 = state["step"] + 1  # the official code counts from 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
