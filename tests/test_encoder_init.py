@@ -16,6 +16,7 @@ from detailflow_jax.convert.params_io import restore_params
 from detailflow_jax.losses.alignment import tower_for
 from detailflow_jax.losses.weights import MissingWeightsError
 from detailflow_jax.tokenizer import encoder_init
+from detailflow_jax.nn.vit import ViTStack, layer_norm
 from detailflow_jax.tokenizer.encoder import Encoder
 from detailflow_jax.train import tokenizer as tokenizer_train
 from detailflow_jax.train.tokenizer_step import TokenizerStep
@@ -75,20 +76,27 @@ def test_encoder_holds_and_computes_the_towers_first_layers(tower_dir):
     rest = lambda p: {k: v for k, v in p.items() if k != "encoder"}
     jax.tree.map(np.testing.assert_array_equal, rest(params), rest(random))
 
-    # The patch tokens see only patches, so the encoder's patch stream is the tower run to layer 1.
+    # The patch tokens see only patches, so the encoder's patch stream is the tower run to layer 1. The encoder
+    # skips the patch rows of its last block (only the latents are used): run its blocks on its patch embeddings.
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
-    encoder = Encoder(trainer.model_cfg)
+    cfg = trainer.model_cfg
+    stack = ViTStack(cfg.encoder.depth, cfg.encoder.width, cfg.encoder.heads, cfg.encoder.mlp_dim, cfg.ln_eps)
+    post = layer_norm("post_layernorm", cfg.ln_eps, jnp.float32)
     one_layer = dict(tower, layers={"layers_0": tower["layers"]["layers_0"]})
-    patches = 16
+
+    def patch_stream(params):
+        _, states = Encoder(cfg).apply({"params": params}, images, return_patch_states=True)
+        layers = stack.apply({"params": params["layers"]}, states[0])
+        return {"layers": layers, "post_layernorm": post.apply({"params": params["post_layernorm"]}, layers)}
+
+    got = patch_stream(enc)
     for name in ("layers", "post_layernorm"):  # the tower applies post_layernorm twice: the first
-        got = _first_call(encoder, enc, images, name)[:, :patches]
         want = _first_call(tower_for(one_layer, HEADS), one_layer, images, name)
-        # The same float32 arithmetic but for summation order (the encoder's softmax also sums 32
-        # masked, zero, latent keys): sums of at most 64 terms, about 64 * 2**-24 = 4e-6 of the
-        # largest value.
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    from_random = _first_call(encoder, random["encoder"], images, "post_layernorm")[:, :patches]
-    assert np.abs(got - from_random).max() > 0.1
+        # The same float32 arithmetic but for summation order: sums of at most 64 terms, about
+        # 64 * 2**-24 = 4e-6 of the largest value.
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    from_random = patch_stream(random["encoder"])["post_layernorm"]
+    assert np.abs(got["post_layernorm"] - from_random).max() > 0.1
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -19,7 +19,7 @@ compute in ``dtype`` with ``param_dtype`` parameters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -69,18 +69,19 @@ class SelfAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None) -> jax.Array:
+        """Queries from x (B, Lq, width), keys and values from ``kv`` (B, Lk, width; default x)."""
         if self.width % self.heads:
             raise ValueError(f"attention width {self.width} is not divisible by heads {self.heads}")
-        b, length, _ = x.shape
+        kv = x if kv is None else kv
         head_dim = self.width // self.heads
 
-        def project(name):
-            y = dense(self.width, ("embed", "qkv"), name, self.dtype, self.param_dtype)(x)
-            return constrain(y.reshape(b, length, self.heads, head_dim), HEADS)
+        def project(name, source):
+            y = dense(self.width, ("embed", "qkv"), name, self.dtype, self.param_dtype)(source)
+            return constrain(y.reshape(*source.shape[:2], self.heads, head_dim), HEADS)
 
-        out = dot_product_attention(project("q_proj"), project("k_proj"), project("v_proj"), mask)
-        out = constrain(out, HEADS).reshape(b, length, self.width)
+        out = dot_product_attention(project("q_proj", x), project("k_proj", kv), project("v_proj", kv), mask)
+        out = constrain(out, HEADS).reshape(*x.shape[:2], self.width)
         return constrain(dense(self.width, ("qkv", "embed"), "out_proj", self.dtype, self.param_dtype)(out), STREAM)
 
 
@@ -105,6 +106,12 @@ class ViTBlock(nn.Module):
 
     Call with ``(x, mask)``: x (B, L, width); mask boolean (True = may attend) broadcastable to (B, heads, L, L), or
     None for full attention. The residual stream keeps x's dtype (float32 in practice).
+
+    Two ways to compute only the rows that are needed, with the same result for those rows:
+    ``context`` (B, Lc, width): rows placed before x that are attended to but not updated (their states at this
+    block's input, e.g. from another pass whose rows never attend to x); the mask then covers [context | x].
+    ``rows`` = (start, stop): only those rows of x are updated and returned; the others are keys and values only
+    (the last block of a stack whose output keeps some rows). The mask keeps its full row count.
     """
 
     width: int
@@ -113,13 +120,23 @@ class ViTBlock(nn.Module):
     ln_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    rows: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, context: jax.Array | None = None) -> jax.Array:
         x = constrain(x, STREAM)
+        offset = 0
+        if context is not None:
+            offset = context.shape[1]
+            x = jnp.concatenate([constrain(context, STREAM).astype(x.dtype), x], axis=1)
+        start, stop = (0, x.shape[1] - offset) if self.rows is None else self.rows
+        start, stop = start + offset, stop + offset
+        if mask is not None and mask.shape[-2] != 1:
+            mask = mask[..., start:stop, :]
         h = layer_norm("layer_norm1", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
-        h = SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, name="self_attn")(h, mask)
-        x = x + h.astype(x.dtype)
+        attn = SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, name="self_attn")
+        x = x[:, start:stop]
+        x = x + attn(h[:, start:stop], mask, kv=h).astype(x.dtype)
         h = layer_norm("layer_norm2", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
         h = MLP(self.width, self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
         return constrain(x + h.astype(x.dtype), STREAM)
@@ -129,6 +146,9 @@ class ViTStack(nn.Module):
     """``depth`` ViTBlocks named ``layers_0 … layers_{depth-1}``, all with the same mask.
 
     ``remat=True`` recomputes each block's activations in the backward pass (saves memory for training at 256²).
+    ``keep_rows`` = (start, stop): the rows of the output that are used; the last block computes only those.
+    ``contexts``: one (B, Lc, width) array per block, the states of rows placed before x that every block attends
+    to without updating (``ViTBlock``'s ``context``). ``return_inputs``: also return each block's input.
     """
 
     depth: int
@@ -139,11 +159,16 @@ class ViTStack(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    keep_rows: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, contexts: Sequence[jax.Array] | None = None,
+                 return_inputs: bool = False):
         block_cls = nn.remat(ViTBlock) if self.remat else ViTBlock
+        inputs = []
         for i in range(self.depth):
-            x = block_cls(self.width, self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.param_dtype,
-                          name=f"layers_{i}")(x, mask)
-        return x
+            inputs.append(x)
+            rows = self.keep_rows if i == self.depth - 1 else None
+            x = block_cls(self.width, self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.param_dtype, rows,
+                          name=f"layers_{i}")(x, mask, None if contexts is None else contexts[i])
+        return (x, inputs) if return_inputs else x

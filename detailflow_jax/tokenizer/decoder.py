@@ -46,9 +46,11 @@ class Decoder(nn.Module):
         # The canvas is a broadcast of parameters: pinned, it is built batch-sharded instead of like the weights.
         seq = constrain(jnp.concatenate([constrain(canvas_tokens, STREAM), latents], axis=1), STREAM)
 
+        # Only the canvas rows of the last block are used.
         seq = ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
-                       cfg.params_dtype, cfg.remat, name="layers")(seq, decoder_key_mask(grid * grid, n, num_tokens))
-        seq = layer_norm("post_layernorm", cfg.ln_eps, cfg.params_dtype)(seq[:, :grid * grid])
+                       cfg.params_dtype, cfg.remat, (0, grid * grid), name="layers")(
+            seq, decoder_key_mask(grid * grid, n, num_tokens))
+        seq = layer_norm("post_layernorm", cfg.ln_eps, cfg.params_dtype)(seq)
         kernel_init, bias_init = torch_default_inits(vit.width)
         pixels = dense(p * p * 3, ("embed", "pixels"), "to_pixel", cfg.compute_dtype, cfg.params_dtype,
                        kernel_init=kernel_init, bias_init=bias_init)(seq)

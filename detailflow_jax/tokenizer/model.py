@@ -71,7 +71,7 @@ class DetailFlowTokenizer(nn.Module):
 
     def encode(self, images: jax.Array) -> dict[str, jax.Array]:
         """images (B, R, R, 3) -> pre_quant (B, N, 8), quant (B, N, 8) straight-through, indices (B, N) int32."""
-        pre_quant, q = self._quantized(images)
+        pre_quant, q = self._quantize(self.encoder(images))
         return dict(pre_quant=pre_quant, quant=q.quant, indices=q.codes, z=q.z)
 
     def decode(self, quant: jax.Array, t: jax.Array | int, canvas: int) -> jax.Array:
@@ -99,7 +99,8 @@ class DetailFlowTokenizer(nn.Module):
         cfg = self.cfg
         n = cfg.num_latent_tokens
         pos = jnp.arange(n)
-        pre_quant, qc = self._quantized(images)
+        features, patch_states = self.encoder(images, return_patch_states=True)
+        pre_quant, qc = self._quantize(features)
 
         if noisy_codes is None:
             if rng is None:
@@ -113,7 +114,7 @@ class DetailFlowTokenizer(nn.Module):
         quant_noise = jax.lax.stop_gradient(
             jnp.where(before[None, :, None], qc.hard, self.quantizer.lookup(noisy_codes)))
         prefix = self.refine_conv(quant_noise)
-        h2 = self.encoder(images, prefix=prefix, noise_end=noise_end)
+        h2 = self.encoder(images, prefix=prefix, noise_end=noise_end, patch_states=patch_states)
         pre_quant_sc = constrain(self.quant_conv(h2.astype(jnp.float32)), CODES)
         q2 = self.quantizer(pre_quant_sc)
         quant_sc = jnp.where(prefix_end[None, :, None], quant_noise, q2.quant)
@@ -171,8 +172,8 @@ class DetailFlowTokenizer(nn.Module):
 
     # ---------------------------------------------------------------- helpers
 
-    def _quantized(self, images: jax.Array) -> tuple[jax.Array, Quantized]:
-        pre_quant = constrain(self.quant_conv(self.encoder(images).astype(jnp.float32)), CODES)
+    def _quantize(self, features: jax.Array) -> tuple[jax.Array, Quantized]:
+        pre_quant = constrain(self.quant_conv(features.astype(jnp.float32)), CODES)
         return pre_quant, self.quantizer(pre_quant)
 
     def _full_length_codes(self, codes: jax.Array, noise_idx, noise_end) -> jax.Array:
