@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -57,27 +56,48 @@ class HostDraws:
     """The per-step random choices made on the host: t (the canvas), the noise span. Seeded by (seed, step), so a
     resumed run draws exactly what an uninterrupted one would."""
 
-    def __init__(self, config, tables: ResolutionTables):
-        self.config, self.tables = config, tables
+    def __init__(self, config, tables: ResolutionTables, placement: jax.sharding.Sharding | None = None):
+        self.config, self.tables, self.placement = config, tables, placement
         self._matrices: dict[int, jax.Array] = {}
+
+    def _token_count(self, rng: np.random.Generator) -> int:
+        m = self.config.model
+        return sample_token_count(rng, m.num_latent_tokens, m.group_size, m.causal_num, self.config.degradation_prob)
+
+    def token_count(self, step: int) -> int:
+        """The t that step ``step`` draws."""
+        return self._token_count(np.random.default_rng([self.config.seed, step]))
 
     def __call__(self, step: int):
         cfg, m = self.config, self.config.model
         rng = np.random.default_rng([cfg.seed, step])
-        t = sample_token_count(rng, m.num_latent_tokens, m.group_size, m.causal_num, cfg.degradation_prob)
+        t = self._token_count(rng)
         span = sample_noise_span(rng, t, m.group_size, m.causal_num) if cfg.self_correction else None
         noise_idx, noise_end = span if span is not None else (-1, 0)
         if t not in self._matrices:
-            self._matrices[t] = jnp.asarray(degradation_matrix(t, self.tables))
+            self._matrices[t] = jax.device_put(degradation_matrix(t, self.tables), self.placement)
         return t, self.tables.canvas[t], self._matrices[t], np.int32(noise_idx), np.int32(noise_end)
 
 
-def make_step_fn(trainer: TokenizerStep, draws: HostDraws, state_shardings, frozen: dict):
+def canvases_drawn(draws: HostDraws, steps: range) -> list[int]:
+    """The canvases that ``steps`` draw, largest (the most frequent) first; stops looking once all are found."""
+    found, every = set(), set(draws.tables.canvas_sizes)
+    for step in steps:
+        found.add(draws.tables.canvas[draws.token_count(step)])
+        if found == every:
+            break
+    return sorted(found, reverse=True)
+
+
+def make_step_fn(trainer: TokenizerStep, draws: HostDraws, state_shardings, frozen: dict,
+                 executables: dict | None = None):
     """(state, host batch, step) -> (state, device metrics): the step's host draws, then the compiled step of its
-    canvas on the batch placed over the mesh."""
+    canvas (from ``executables`` when compiled ahead) on the batch placed over the mesh."""
+    executables = executables or {}
+
     def step_fn(state, batch, step):
         t, canvas, matrix, noise_idx, noise_end = draws(step)
-        fn = trainer.compiled(canvas, state_shardings, frozen)
+        fn = executables.get(canvas) or trainer.compiled(canvas, state_shardings, frozen)
         return fn(state, frozen, to_global(batch["image"], trainer.mesh), np.int32(t), matrix, noise_idx, noise_end)
 
     return step_fn
@@ -154,7 +174,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     if distributed.is_main_process():
         run_config.save(config, workdir)
 
-    step_fn = make_step_fn(trainer, HostDraws(config, tables), state_shardings, frozen)
+    draws = HostDraws(config, tables, sharding.replicated(mesh))
+    executables = trainer.compile_canvases(canvases_drawn(draws, range(start, schedule.total_steps)), state, frozen,
+                                           workers=config.compile_workers)
+    step_fn = make_step_fn(trainer, draws, state_shardings, frozen, executables)
     evaluator = ReconstructionEvaluator(trainer.model_cfg, tables)
     held_out = eval_batches(config, mesh)
     loop = LoopConfig(total_steps=schedule.total_steps, log_every=config.log_every,

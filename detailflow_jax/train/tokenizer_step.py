@@ -21,6 +21,7 @@ noise span are traced inputs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any
 
@@ -310,6 +311,31 @@ class TokenizerStep:
             new.update(disc=variables, disc_opt=disc_opt, lecam=lecam)
             metrics.update(d_loss=d_loss, **d_metrics)
         return new, metrics
+
+    def compile_canvases(self, canvases: list[int], state: Any, frozen: dict, workers: int = 2) -> dict[int, Any]:
+        """{canvas: compiled step} for every canvas, ``workers`` compiled at a time.
+
+        XLA compiles without holding the GIL and a CPU compile uses one core, so on a machine that would otherwise
+        compile the canvases one by one as the steps first need them, the compiles overlap (the main job's 8
+        canvases on 2 cores: about half the wall time). ``state``: the state or its ShapeDtypeStructs (shardings
+        included); nothing is run.
+        """
+        size = self.model_cfg.image_size
+        repl = sharding.replicated(self.mesh)
+        spec = lambda shape, dtype, sh=repl: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+        abstract_state = jax.tree.map(lambda x: spec(x.shape, x.dtype, x.sharding), state)
+        abstract_frozen = jax.tree.map(lambda x: spec(x.shape, x.dtype), frozen)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        images = spec((self.config.batch_size, size, size, 3), jnp.float32, sharding.batch_sharding(self.mesh, 4))
+        scalar = spec((), jnp.int32)
+
+        def compile_one(canvas):
+            return self.compiled(canvas, shardings, frozen).lower(
+                abstract_state, abstract_frozen, images, scalar, spec((canvas, size), jnp.float32), scalar,
+                scalar).compile()
+
+        with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
+            return dict(zip(canvases, pool.map(compile_one, canvases)))
 
     def compiled(self, canvas: int, state_shardings: Any, frozen: dict):
         """The jitted step for one decoder canvas (compiled on first use, then reused)."""
