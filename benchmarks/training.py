@@ -9,6 +9,7 @@ main job runs them); the tokenizer reads the recipe's real data pipeline (Fashio
 when ``--codes_dir`` is given, else random codes of the right shape. Measured, per recipe:
 
 * compile: the first call of every compiled program (one per decoder canvas for the tokenizer), minus a steady call;
+  and, as the tokenizer trainer does before its loop, every canvas compiled ahead one and two at a time;
 * device: the jitted step alone, repeated on one batch already on the device (``block_until_ready`` each call); the
   tokenizer's is averaged over the canvases in the proportions the recipe's own host draws pick them (steps 0 ..
   total_steps - 1, as a real run does);
@@ -175,6 +176,15 @@ def bench_tokenizer(config, steps: int, repeats: int) -> dict:
                             model_flops=model_flops.tokenizer_step(trainer, canvas, config.batch_size),
                             xla_flops=flops_xla)
         print(f"  tokenizer canvas {canvas}: first call {first:.1f} s", flush=True)
+    # What the trainer does before its loop: every canvas compiled ahead, one at a time vs two at a time (a fresh
+    # trainer, so nothing is cached).
+    ahead_compile_s = {}
+    for workers in (1, 2):
+        start = time.perf_counter()
+        TokenizerStep(config, mesh).compile_canvases(sorted(share, reverse=True), live.state, frozen, workers)
+        ahead_compile_s[workers] = time.perf_counter() - start
+        print(f"  tokenizer: all {len(share)} canvases compiled ahead, {workers} at a time: "
+              f"{ahead_compile_s[workers]:.1f} s", flush=True)
     steady = interleaved(calls, repeats)
     for canvas, r in rows.items():
         r.update(step_s=steady[canvas], compile_s=max(r.pop("first_s") - steady[canvas], 0.0),
@@ -203,6 +213,7 @@ def bench_tokenizer(config, steps: int, repeats: int) -> dict:
     batch = config.batch_size
     return dict(
         batch=batch, canvases=rows, num_programs=len(rows), compile_s=sum(r["compile_s"] for r in rows),
+        ahead_compile_s=ahead_compile_s,
         device_step_s=device_s, loop_step_s=loop_s, loop_device_s=loop_device_s, loop_host_s=loop_host_s,
         steps_per_s=1 / loop_s, images_per_s=batch / loop_s, host=host, full_canvas_passes_s=passes_s,
         correction_cost=passes_s["with_correction"] / passes_s["clean_only"], model_flops=model_flops_mean,
@@ -283,6 +294,9 @@ def print_report(result: dict) -> None:
         print("full canvas, forward + backward: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in passes.items()))
         print(f"self-correction (a second encode, 2B decoded) makes the generator pass {tok['correction_cost']:.2f}x "
               "the clean-only one")
+        ahead = tok["ahead_compile_s"]
+        print(f"all canvases compiled before the loop: {ahead[1]:.1f} s one at a time, {ahead[2]:.1f} s two at a "
+              f"time ({ahead[1] / ahead[2]:.2f}x)")
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from detailflow_jax import cli_errors, sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
-from detailflow_jax.eval.sample import load_generator, round_up, sample
+from detailflow_jax.eval.sample import load_generator, sample
 from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.train import ar as ar_train
 from detailflow_jax.train import tokenizer as tokenizer_train
@@ -139,7 +139,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
     num_classes = generator.gpt_cfg.num_classes
     k = max(num_samples // num_classes, 1) * num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), k // num_classes)
-    batch = round_up(min(k, 100), generator.data_parallelism)  # the last batch is padded
+    batch = sharding.round_up(min(k, 100), generator.data_parallelism)  # the last batch is padded
     key = jax.random.key(1234)
     trained = generator.many(labels, key, batch)
     untrained_params, _ = ARStep(ar_cfg, mesh).init(seed=ar_cfg.seed + 1)

@@ -18,7 +18,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from detailflow_jax import config_lib
 from detailflow_jax.sharding import HEADS, STREAM, constrain
@@ -380,6 +379,3 @@ def init_params(model: GPT, key: jax.Array, batch: int = 1) -> Any:
     tokens = jnp.zeros((batch, max(cfg.num_tokens - cfg.group_size, 0)), jnp.int32)
     return model.init({"params": key}, tokens, jnp.zeros((batch,), jnp.int32))["params"]
 
-
-def param_count(params: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))

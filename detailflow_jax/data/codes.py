@@ -67,10 +67,6 @@ class CodesMetadata:
     def from_json(cls, text: str) -> "CodesMetadata":
         return cls(**json.loads(text))
 
-    @property
-    def record_bytes(self) -> int:
-        return 2 * _HEADER.itemsize + self.views * self.num_tokens * 3 * _CODE.itemsize
-
 
 def chunk_path(directory: str, chunk: int, num_chunks: int) -> epath.Path:
     return storage.path(directory) / f"codes-{chunk:05d}-of-{num_chunks:05d}.array_record"

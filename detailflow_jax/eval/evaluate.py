@@ -335,7 +335,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    from detailflow_jax.eval.sample import load_generator, round_up
+    from detailflow_jax import sharding
+    from detailflow_jax.eval.sample import load_generator
 
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                                   not args.no_ema, args.dtype, cfg_scale=args.cfg_scale,
                                   cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
                                   temperature=args.temperature)
-    batch_size = round_up(args.batch_size, generator.data_parallelism)
-    chunk_size = round_up(args.chunk_size or 1000, batch_size)
+    batch_size = sharding.round_up(args.batch_size, generator.data_parallelism)
+    chunk_size = sharding.round_up(args.chunk_size or 1000, batch_size)
     sampling = {k: getattr(generator.settings, k) for k in ("cfg_scale", "cfg_schedule", "cfg_interval", "top_k",
                                                            "top_p", "temperature")}
     settings = dict(

@@ -164,10 +164,6 @@ def class_names(config: Any, names_file: str | None = None) -> list[str] | None:
     return None
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | None = None,
            tokenizer_config: str | None = None, classes: Sequence[int] | None = None, num_per_class: int = 8,
            num_samples: int = 0, npz: bool = False, batch_size: int = 64, seed: int = 0, ema: bool = True,
@@ -178,13 +174,13 @@ def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | N
     generator, config = load_generator(gpt, mesh, tokenizer, gpt_config, tokenizer_config, ema, dtype,
                                        **setting_overrides)
     data = generator.data_parallelism
-    batch_size = round_up(batch_size, data)
+    batch_size = sharding.round_up(batch_size, data)
     classes = list(classes) if classes else default_classes(generator.gpt_cfg.num_classes, config)
     bad = [c for c in classes if not 0 <= c < generator.gpt_cfg.num_classes]
     if bad:
         raise ConfigError(f"classes {bad} are out of range: the GPT has {generator.gpt_cfg.num_classes} classes")
     key = jax.random.key(seed)
-    grid_batch = min(round_up(len(classes) * num_per_class, data), batch_size)
+    grid_batch = min(sharding.round_up(len(classes) * num_per_class, data), batch_size)
     names = class_names(config, class_names_file)
     grids = generator.class_grid(classes, num_per_class, jax.random.fold_in(key, 0), grid_batch, class_names=names)
     paths = {}

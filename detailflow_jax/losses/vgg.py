@@ -17,10 +17,6 @@ VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 
 
-def conv_names() -> list[str]:
-    return [f"conv{b}_{i + 1}" for b, n, _ in VGG16_BLOCKS for i in range(n)]
-
-
 def _torchvision_indices() -> dict[str, int]:
     """conv name -> index in ``vgg16().features`` (conv, relu pairs, plus one max-pool between blocks)."""
     out, idx = {}, 0

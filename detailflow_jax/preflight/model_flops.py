@@ -7,13 +7,7 @@ per token for attention (QK^T and AV); backward costs twice the forward, so a tr
 
 from __future__ import annotations
 
-import math
-
-import jax
-
-
-def param_count(tree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+from detailflow_jax.tokenizer.model import count_params
 
 
 def vit_forward(width: int, depth: int, mlp: int, seq: int) -> float:
@@ -26,7 +20,7 @@ def gpt_step(model_cfg, params, batch: int) -> float:
     """6 · params · tokens + 12 · layers · S² · d per sample (causal masking not discounted)."""
     seq = model_cfg.num_tokens
     attention = 12 * model_cfg.n_layer * seq * seq * model_cfg.dim
-    return batch * (6 * param_count(params) * seq + attention)
+    return batch * (6 * count_params(params) * seq + attention)
 
 
 # LPIPS runs VGG16 on both images: ~15.5 GMAC (31 GFLOPs) per 224² image, scaled by area.
@@ -67,7 +61,7 @@ def gpt_sample(model_cfg, params, batch: int, guidance: bool) -> float:
     batch: 2 · params per token, plus 4 · d per visible key per layer (a triangle of N² / 2 keys)."""
     rows = batch * (2 if guidance else 1)
     seq = model_cfg.num_tokens + 1
-    return float(rows * (2 * param_count(params) * seq + 2 * model_cfg.n_layer * seq * seq * model_cfg.dim))
+    return float(rows * (2 * count_params(params) * seq + 2 * model_cfg.n_layer * seq * seq * model_cfg.dim))
 
 
 def tokenizer_decode(model_cfg, canvas: int, batch: int) -> float:

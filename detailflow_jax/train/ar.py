@@ -25,7 +25,7 @@ from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
-from detailflow_jax.eval.sample import ImageGenerator, default_classes, round_up, sampling_settings
+from detailflow_jax.eval.sample import ImageGenerator, default_classes, sampling_settings
 from detailflow_jax.train import cli, optim, run_config, workdir_lock
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.checkpoint import Checkpointer
@@ -69,7 +69,7 @@ def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_
     generator = ImageGenerator(trainer.model_cfg, None, ema_shardings, tok_cfg, tok_params, trainer.mesh,
                                sampling_settings(config.sampling))
     classes = default_classes(meta.num_classes, config)
-    batch = round_up(len(classes) * config.samples_per_class, generator.data_parallelism)
+    batch = sharding.round_up(len(classes) * config.samples_per_class, generator.data_parallelism)
 
     def hook(step: int, state) -> None:
         grids = generator.class_grid(classes, config.samples_per_class, jax.random.key(config.sample_seed), batch,
