@@ -10,10 +10,18 @@ from __future__ import annotations
 from detailflow_jax.tokenizer.model import count_params
 
 
-def vit_forward(width: int, depth: int, mlp: int, seq: int) -> float:
-    """Forward FLOPs per sequence of a ViT stack (qkv + out projections, MLP, attention)."""
-    per_token = 2 * (4 * width * width + 2 * width * mlp) + 4 * seq * width
-    return depth * seq * per_token
+def block_forward(width: int, mlp: int, queries: int, keys: int) -> float:
+    """Forward FLOPs per sequence of one ViT block whose ``queries`` rows are updated and whose ``keys`` rows give
+    keys and values: q, out and MLP per query row, k and v per key row, then attention."""
+    return (2 * (2 * width * width + 2 * width * mlp) * queries + 2 * 2 * width * width * keys
+            + 4 * queries * keys * width)
+
+
+def vit_forward(width: int, depth: int, mlp: int, seq: int, last_queries: int | None = None) -> float:
+    """Forward FLOPs per sequence of a ViT stack over ``seq`` rows; the last block updates ``last_queries`` rows
+    (default all: the rows the output keeps)."""
+    last = seq if last_queries is None else last_queries
+    return (depth - 1) * block_forward(width, mlp, seq, seq) + block_forward(width, mlp, last, seq)
 
 
 def gpt_step(model_cfg, params, batch: int) -> float:
@@ -32,17 +40,20 @@ DINO_VIT = dict(width=384, depth=12, mlp=1536, seq=197)
 def tokenizer_step(trainer, canvas: int, batch: int) -> float:
     """Approximate FLOPs of one tokenizer step.
 
-    Generator fwd+bwd (encoder twice on the B images: the clean pass and the self-correction re-encode, both
-    trained; decoder on the clean + self-corrected 2B); the frozen
+    Generator fwd+bwd (encoder twice on the B images: the clean pass, whose last block updates only the
+    latents, and the self-correction re-encode, which updates only the latents over the clean pass's patch
+    states, both trained; decoder on the clean + self-corrected 2B, its last block updating only the canvas); the
+    frozen
     nets the generator loss differentiates through (LPIPS, DINO: 3x forward on 2B); the
     discriminator's real/fake (+ consistency) forwards; SigLIP2 forward once on B. Left out: patch
     embedding, VQ, discriminator heads."""
     m, losses = trainer.model_cfg, trainer.config.losses
-    enc_seq = (m.image_size // m.patch_size) ** 2 + m.num_latent_tokens
-    dec_seq = (canvas // m.patch_size) ** 2 + m.num_latent_tokens
+    n, patches, positions = m.num_latent_tokens, (m.image_size // m.patch_size) ** 2, (canvas // m.patch_size) ** 2
     e, d = m.encoder, m.decoder
-    total = 3 * (2 * batch * vit_forward(e.width, e.depth, e.mlp_dim, enc_seq)
-                 + 2 * batch * vit_forward(d.width, d.depth, d.mlp_dim, dec_seq))
+    clean = vit_forward(e.width, e.depth, e.mlp_dim, patches + n, last_queries=n)
+    re_encode = e.depth * block_forward(e.width, e.mlp_dim, n, patches + n)
+    decode = vit_forward(d.width, d.depth, d.mlp_dim, positions + n, last_queries=positions)
+    total = 3 * batch * (clean + re_encode + 2 * decode)
     if trainer.lpips is not None:
         total += 3 * 2 * batch * 2 * VGG16_FLOPS_224 * (canvas / 224) ** 2  # x and y through VGG
     if losses.disc_type == "dino":
@@ -65,7 +76,9 @@ def gpt_sample(model_cfg, params, batch: int, guidance: bool) -> float:
 
 
 def tokenizer_decode(model_cfg, canvas: int, batch: int) -> float:
-    """The decoder forward on ``batch`` code sequences at ``canvas`` (patch embedding and quantizer left out)."""
+    """The decoder forward on ``batch`` code sequences at ``canvas``, its last block updating only the canvas
+    (patch embedding and quantizer left out)."""
     d = model_cfg.decoder
-    seq = (canvas // model_cfg.patch_size) ** 2 + model_cfg.num_latent_tokens
-    return float(batch * vit_forward(d.width, d.depth, d.mlp_dim, seq))
+    positions = (canvas // model_cfg.patch_size) ** 2
+    return float(batch * vit_forward(d.width, d.depth, d.mlp_dim, positions + model_cfg.num_latent_tokens,
+                                     last_queries=positions))
