@@ -73,7 +73,7 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     c.degradation_prob = 0.2
     c.self_correction = True
     c.rounding = "ceil"          # decoder canvas rounding: "ceil" (official code) or "nearest" (paper)
-    c.compile_workers = 2        # canvases' train steps compiled at a time before the loop (XLA compiles w/o the GIL)
+    c.compile_workers = 2        # canvases' train steps compiled at a time before the loop (tracing holds the GIL)
     # Official --finetune-decoder: only the decoder and post_quant_conv train; the encoder, quant_conv, codebook,
     # refine_conv and the alignment projection keep their values and get no optimiser state.
     c.finetune_decoder_only = False

@@ -315,9 +315,9 @@ class TokenizerStep:
     def compile_canvases(self, canvases: list[int], state: Any, frozen: dict, workers: int = 2) -> dict[int, Any]:
         """{canvas: compiled step} for every canvas, ``workers`` compiled at a time.
 
-        XLA compiles without holding the GIL and a CPU compile uses one core, so on a machine that would otherwise
-        compile the canvases one by one as the steps first need them, the compiles overlap (the main job's 8
-        canvases on 2 cores: about half the wall time). ``state``: the state or its ShapeDtypeStructs (shardings
+        All before the first step, so no step waits for a compile. The XLA compile itself runs without the GIL,
+        but tracing and lowering hold it: on 2 CPU cores the main job's 4 canvases take 42.6 s one at a time and
+        40.1 s two at a time (benchmarks/training.py). ``state``: the state or its ShapeDtypeStructs (shardings
         included); nothing is run.
         """
         size = self.model_cfg.image_size
