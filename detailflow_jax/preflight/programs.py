@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from detailflow_jax import sharding
 from detailflow_jax.config_lib import ConfigError
@@ -54,7 +53,6 @@ def ar_train(config, mesh) -> Program:
 
 
 def tokenizer_train(config, mesh) -> Program:
-    from detailflow_jax.tokenizer.degradation import degradation_matrix
     from detailflow_jax.tokenizer.resolution import ResolutionTables
     from detailflow_jax.train import optim
     from detailflow_jax.train.tokenizer_step import TokenizerStep
@@ -62,16 +60,9 @@ def tokenizer_train(config, mesh) -> Program:
     frozen = trainer.abstract_frozen()
     state = trainer.abstract_state(config.seed, frozen)
     tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
-    t = tables.num_tokens  # all tokens: the largest canvas, the most memory
-    canvas = tables.canvas[t]
+    canvas = tables.canvas[tables.num_tokens]  # all tokens: the largest canvas, the most memory
     jitted = trainer.compiled(canvas, jax.tree.map(lambda x: x.sharding, state), frozen)
-    repl = sharding.replicated(mesh)
-    size = trainer.model_cfg.image_size
-    matrix = np.asarray(degradation_matrix(t, tables))
-    args = (state, jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), frozen),
-            _sds((config.batch_size, size, size, 3), jnp.float32, sharding.batch_sharding(mesh, 4)),
-            _sds((), jnp.int32, repl), _sds(matrix.shape, matrix.dtype, repl),
-            _sds((), jnp.int32, repl), _sds((), jnp.int32, repl))
+    args = trainer.abstract_step_args(canvas, state, frozen)
     flops = model_flops.tokenizer_step(trainer, canvas, config.batch_size)
     return Program(jitted, args, config.batch_size, flops)
 

@@ -312,6 +312,18 @@ class TokenizerStep:
             metrics.update(d_loss=d_loss, **d_metrics)
         return new, metrics
 
+    def abstract_step_args(self, canvas: int, state: Any, frozen: dict) -> tuple:
+        """ShapeDtypeStructs, shardings included, of the arguments of ``compiled(canvas)``: what it lowers on.
+        ``state`` and ``frozen``: arrays or ShapeDtypeStructs (the state's carry their shardings)."""
+        size = self.model_cfg.image_size
+        repl = sharding.replicated(self.mesh)
+        spec = lambda shape, dtype, sh=repl: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+        scalar = spec((), jnp.int32)
+        return (jax.tree.map(lambda x: spec(x.shape, x.dtype, x.sharding), state),
+                jax.tree.map(lambda x: spec(x.shape, x.dtype), frozen),
+                spec((self.config.batch_size, size, size, 3), jnp.float32, sharding.batch_sharding(self.mesh, 4)),
+                scalar, spec((canvas, size), jnp.float32), scalar, scalar)
+
     def compile_canvases(self, canvases: list[int], state: Any, frozen: dict, workers: int = 2) -> dict[int, Any]:
         """{canvas: compiled step} for every canvas, ``workers`` compiled at a time.
 
@@ -320,19 +332,11 @@ class TokenizerStep:
         40.1 s two at a time (benchmarks/training.py). ``state``: the state or its ShapeDtypeStructs (shardings
         included); nothing is run.
         """
-        size = self.model_cfg.image_size
-        repl = sharding.replicated(self.mesh)
-        spec = lambda shape, dtype, sh=repl: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-        abstract_state = jax.tree.map(lambda x: spec(x.shape, x.dtype, x.sharding), state)
-        abstract_frozen = jax.tree.map(lambda x: spec(x.shape, x.dtype), frozen)
         shardings = jax.tree.map(lambda x: x.sharding, state)
-        images = spec((self.config.batch_size, size, size, 3), jnp.float32, sharding.batch_sharding(self.mesh, 4))
-        scalar = spec((), jnp.int32)
 
         def compile_one(canvas):
-            return self.compiled(canvas, shardings, frozen).lower(
-                abstract_state, abstract_frozen, images, scalar, spec((canvas, size), jnp.float32), scalar,
-                scalar).compile()
+            jitted = self.compiled(canvas, shardings, frozen)
+            return jitted.lower(*self.abstract_step_args(canvas, state, frozen)).compile()
 
         with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
             return dict(zip(canvases, pool.map(compile_one, canvases)))
