@@ -118,7 +118,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
     data_cfg = classifier.fashion_mnist_config()
     if smoke:  # plumbing only: a short classifier on the synthetic images the smoke models were trained on
         data_cfg = tok_cfg.data
-    params, info = classifier.load_or_train_classifier(workdir, data_cfg, steps=50 if smoke else 2000)
+    params, info = classifier.load_or_train_classifier(workdir, data_cfg, steps=50 if smoke else 1000)
     test_images, test_labels = classifier.load_split(data_cfg, data_cfg.eval_split or "test")
     (_, _), (held_images, held_labels) = quality.split_real(test_images, test_labels)
 

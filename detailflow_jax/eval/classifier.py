@@ -7,7 +7,7 @@ Fréchet distance between its ``FEATURE_DIM``-d penultimate features of generate
 Images are what ``data.pipeline`` yields for ``name="fashion_mnist", pad_to=32, image_size=32``: (B, 32, 32, 3) NHWC,
 the gray channel repeated, either uint8 or float in [-1, 1].
 
-    params, info = load_or_train_classifier(workdir, data_cfg)   # trains once (about 91% test accuracy)
+    params, info = load_or_train_classifier(workdir, data_cfg)   # trains once (about 90% test accuracy)
     out = classify(params, images)                               # {"logits": (B, 10), "features": (B, 128)}
 """
 
@@ -158,12 +158,13 @@ def _as_uint8(images) -> np.ndarray:
     return np.rint((x + 1.0) * 127.5).astype(np.uint8)
 
 
-def train_classifier(images, labels, *, steps: int = 2000, batch_size: int = 128, seed: int = 0,
-                     learning_rate: float = 2e-3, model: FashionClassifier | None = None,
+def train_classifier(images, labels, *, steps: int = 1000, batch_size: int = 128, seed: int = 0,
+                     learning_rate: float = 3e-3, model: FashionClassifier | None = None,
                      log_every: int = 250) -> Any:
     """Adam with a cosine decay on shuffled epochs of (images, labels); returns the parameters (plain pytree).
 
-    The defaults (2000 steps of 128 = 4.3 epochs of the 60k training images) reach ~91% on the test split.
+    The defaults (1000 steps of 128 = 2.1 epochs of the 60k training images) reach ~90% on the test split in
+    about 70 s on 2 cores; 2000 steps at lr 2e-3 reach ~91% in twice the time.
     """
     model = model or FashionClassifier()
     images, labels = _as_uint8(images), np.asarray(labels, np.int32)
@@ -211,7 +212,7 @@ def fashion_mnist_config(data_dir: str | None = None) -> ml_collections.ConfigDi
     return default_data_config(name="fashion_mnist", data_dir=data_dir, image_size=IMAGE_SIZE, pad_to=IMAGE_SIZE)
 
 
-def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps: int = 2000,
+def load_or_train_classifier(workdir: str | os.PathLike, data_cfg=None, *, steps: int = 1000,
                              batch_size: int = 128, seed: int = 0) -> tuple[Any, dict]:
     """Restores ``<workdir>/quality_classifier`` if it exists, else trains on the train split, measures the
     accuracy on the held-out split and saves both. Returns (params, info) with info = {"test_accuracy",
