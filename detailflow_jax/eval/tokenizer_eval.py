@@ -39,7 +39,6 @@ pass ``--token_counts`` to evaluate fewer.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -50,14 +49,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from detailflow_jax import cli_errors, distributed, sharding, storage
+from detailflow_jax import cli, cli_errors, distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.eval import cli_flags
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval.fid import fid_between
-from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES
+from detailflow_jax.eval.inception import POOL_DIM
 from detailflow_jax.eval.metrics import RunningStats
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
@@ -344,35 +345,47 @@ def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str,
 
 # ---- command -----------------------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="tokenizer training work directory or converted directory")
-    p.add_argument("--tokenizer_config", help="tokenizer config FILE.py:ARG (needed for a converted directory)")
-    p.add_argument("--rounding", choices=("ceil", "nearest"),
-                   help="decoder canvas rounding (default: the work directory's, else ceil as the official code)")
-    p.add_argument("--data_config", help="config FILE.py:ARG whose data section describes the evaluation images")
-    p.add_argument("--data", help="override data.name (synthetic, fashion_mnist, imagefolder)")
-    p.add_argument("--data_dir", help="override data.data_dir")
-    p.add_argument("--eval_split", help="override data.eval_split (default: val / test)")
-    p.add_argument("--image_size", type=int, help="override data.image_size (must equal the tokenizer's)")
-    p.add_argument("--inception", help="FID Inception: orbax dir or pytorch-fid .pth/.npz (omit: no rFID)")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="adm")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num_images", type=int, help="evaluate the first N images (default: the whole split)")
-    p.add_argument("--batch_size", type=int, default=64, help="global batch (a multiple of the devices)")
-    p.add_argument("--token_counts", help="comma-separated token counts (default: every admissible count)")
-    p.add_argument("--official_ssim", action="store_true",
-                   help="SSIM as the official script computes it (skimage defaults, data_range=2.0)")
-    p.add_argument("--noisy_eval", action=argparse.BooleanOptionalAction, default=False,
-                   help="also the official robustness sweep: all N tokens after noise at token "
-                        "index -1 (clean), 0, g*M/4, g*M/2, g*3M/4, g*(M-1) (M = N/g groups); "
-                        "about 2 encoder passes and a full decode per index and image (skipped "
-                        "for a tokenizer trained without self-correction)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noisy codes of --noisy_eval")
-    args = p.parse_args(argv)
-    if args.num_images is not None and args.num_images < 1:
-        p.error(f"--num_images {args.num_images}: must be at least 1")
-    return args
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("tokenizer", None, "tokenizer training work directory or converted "
+                        "directory", flag_values=fv, required=True)
+    cli.define_tokenizer_config(fv)
+    flags.DEFINE_enum("rounding", None, ["ceil", "nearest"], "decoder canvas rounding (default: "
+                      "the work directory's, else ceil as the official code)", flag_values=fv)
+    _define_data_flags(fv)
+    cli_flags.define_inception(fv, "omit: no rFID")
+    cli_flags.define_preprocess(fv, "adm")
+    cli.define_out(fv, "output directory")
+    flags.DEFINE_integer("num_images", None, "evaluate the first N images (default: the whole "
+                         "split)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "global batch (a multiple of the devices)",
+                         flag_values=fv)
+    flags.DEFINE_string("token_counts", None, "comma-separated token counts (default: every "
+                        "admissible count)", flag_values=fv)
+    flags.DEFINE_bool("official_ssim", False, "SSIM as the official script computes it (skimage "
+                      "defaults, data_range=2.0)", flag_values=fv)
+    flags.DEFINE_bool("noisy_eval", False, "also the official robustness sweep: all N tokens after "
+                      "noise at token index -1 (clean), 0, g*M/4, g*M/2, g*3M/4, g*(M-1) (M = N/g "
+                      "groups); about 2 encoder passes and a full decode per index and image "
+                      "(skipped for a tokenizer trained without self-correction)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the noisy codes of --noisy_eval", flag_values=fv)
+
+
+def _define_data_flags(fv: flags.FlagValues) -> None:
+    """Where the evaluation images come from: a config's data section and single overrides."""
+    flags.DEFINE_string("data_config", None, "config FILE.py:ARG whose data section describes the "
+                        "evaluation images", flag_values=fv)
+    flags.DEFINE_string("data", None, "override data.name (synthetic, fashion_mnist, imagefolder)",
+                        flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "override data.data_dir", flag_values=fv)
+    flags.DEFINE_string("eval_split", None, "override data.eval_split (default: val / test)",
+                        flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "override data.image_size (must equal the "
+                         "tokenizer's)", flag_values=fv)
+
+
+def parse_args(argv: list[str] | None) -> flags.FlagValues:
+    """The flags; ``--no-noisy_eval`` (argparse's spelling) still works."""
+    return cli.parse(argv, __doc__, _define_flags, {"no-noisy_eval": "nonoisy_eval"})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
