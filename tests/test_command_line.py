@@ -123,12 +123,18 @@ def test_old_spellings_and_fresh_values_per_call():
                      {"image-size": "image_size"}).image_size == 64
 
 
-def test_a_config_flag_takes_overrides_as_the_trainers_do():
+def test_config_flags_take_overrides_as_the_trainers_do():
     from detailflow_jax.convert import gpt
     fv = cli.parse(["--checkpoint=x", "--out=o", "--config",
                     os.path.join(ROOT, "configs", "ar_fashion_mnist.py:smoke"),
                     "--config.model.n_layer=3"], "", gpt._define_flags)
     assert cli.loaded_config(fv).model.n_layer == 3
+    from detailflow_jax.eval import tokenizer_eval
+    fv = tokenizer_eval.parse_args(["--tokenizer=t", "--out=o", "--data_config",
+                                    os.path.join(ROOT, "configs", "tokenizer_fashion_mnist.py"),
+                                    "--data_config.data.image_size=48"])
+    data = tokenizer_eval.resolve_data_config("t", cli.loaded_config(fv, "data_config"), {})
+    assert data.image_size == 48
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:

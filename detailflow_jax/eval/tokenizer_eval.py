@@ -7,7 +7,8 @@ admissible t, on the validation split.
         [--num_images 50000] [--batch_size 64] [--token_counts 8,64,128] [--official_ssim] \
         [--noisy_eval]
 
-Data: ``--data_config FILE.py:ARG`` (its ``data`` section), else the tokenizer work directory's own config; the
+Data: ``--data_config FILE.py:ARG`` (its ``data`` section; ``--data_config.data.key=value``
+overrides a field as in the trainers), else the tokenizer work directory's own config; the
 ``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are ADM
 centre-cropped (docs/fidelity.md#evaluation).
 
@@ -219,14 +220,16 @@ def padded_global_batches(stream: Iterable[dict], batch_size: int, mesh, num_ima
             return
 
 
-def resolve_data_config(tokenizer: str, data_config: str | None, overrides: dict) -> ml_collections.ConfigDict:
-    """The data section from ``--data_config``, else from the tokenizer work directory, with ``overrides``."""
+def resolve_data_config(tokenizer: str, data_config: str | ml_collections.ConfigDict | None,
+                        overrides: dict) -> ml_collections.ConfigDict:
+    """The data section from ``--data_config`` (FILE.py:ARG or the loaded config), else from the
+    tokenizer work directory, with ``overrides``."""
     from detailflow_jax.convert.gpt import load_config_file
     from detailflow_jax.data.pipeline import default_data_config
     from detailflow_jax.train.weights import is_training_workdir, workdir_config
 
     if data_config:
-        loaded = load_config_file(data_config)
+        loaded = load_config_file(data_config) if isinstance(data_config, str) else data_config
         data = loaded.data if "data" in loaded else loaded
     elif is_training_workdir(tokenizer):
         data = workdir_config(tokenizer).data
@@ -372,8 +375,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 def _define_data_flags(fv: flags.FlagValues) -> None:
     """Where the evaluation images come from: a config's data section and single overrides."""
-    flags.DEFINE_string("data_config", None, "config FILE.py:ARG whose data section describes the "
-                        "evaluation images", flag_values=fv)
+    cli.define_config(fv, "data_config", help=cli.CONFIG_HELP + " whose data section describes "
+                      "the evaluation images; override fields with --data_config.data.key=value")
     flags.DEFINE_string("data", None, "override data.name (synthetic, fashion_mnist, imagefolder)",
                         flag_values=fv)
     flags.DEFINE_string("data_dir", None, "override data.data_dir", flag_values=fv)
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
     model_cfg, params = load_tokenizer(args.tokenizer, mesh, args.tokenizer_config)
-    data_cfg = resolve_data_config(args.tokenizer, args.data_config, dict(
+    data_cfg = resolve_data_config(args.tokenizer, cli.loaded_config(args, "data_config"), dict(
         name=args.data, data_dir=args.data_dir, eval_split=args.eval_split, image_size=args.image_size))
     if data_cfg.image_size != model_cfg.image_size:
         raise ConfigError(f"data.image_size={data_cfg.image_size} differs from the tokenizer's image_size="
