@@ -1,20 +1,25 @@
 """Throughput of the FID Inception feature extractor (uint8 images -> pool/spatial/logits), on the default backend.
 
-    python benchmarks/inception.py --batch 16 --image-size 256 --dtype float32,bfloat16
+    python benchmarks/inception.py --batch 16 --image_size 256 --dtype float32,bfloat16
 
 Weights are random (speed does not depend on them). Prints a table and one JSON line. Compile time is reported
 separately from the steady-state images/s.
 """
 
-import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from detailflow_jax.eval.inception import INPUT_SIZE, InceptionFeatures, InceptionV3
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detailflow_jax import cli, cli_errors  # noqa: E402
+from detailflow_jax.eval.inception import INPUT_SIZE, InceptionFeatures, InceptionV3  # noqa: E402
 
 
 def measure(params, batch: int, image_size: int, dtype: str, iters: int) -> dict:
@@ -31,23 +36,27 @@ def measure(params, batch: int, image_size: int, dtype: str, iters: int) -> dict
                 step_ms=round(step_s * 1e3, 1), images_per_s=round(batch / step_s, 1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--dtype", default="float32", help="comma-separated conv compute dtypes")
-    parser.add_argument("--iters", type=int, default=3)
-    args = parser.parse_args()
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("batch", 16, "images per call", flag_values=fv)
+    flags.DEFINE_integer("image_size", 256, "input side in pixels (resized to 299 inside; "
+                         "--image-size also works)", flag_values=fv)
+    flags.DEFINE_list("dtype", ["float32"], "comma-separated conv compute dtypes", flag_values=fv)
+    flags.DEFINE_integer("iters", 3, "timed steady calls per dtype", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = cli.parse(argv, __doc__, _define_flags, {"image-size": "image_size"})
 
     params = jax.jit(InceptionV3().init)(jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)))["params"]
-    rows = [measure(params, args.batch, args.image_size, d, args.iters) for d in args.dtype.split(",")]
+    rows = [measure(params, args.batch, args.image_size, d, args.iters) for d in args.dtype]
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind}")
     print(f"{'dtype':>9} {'batch':>5} {'size':>5} {'compile s':>9} {'step ms':>8} {'img/s':>7}")
     for r in rows:
         print(f"{r['dtype']:>9} {r['batch']:>5} {r['image_size']:>5} {r['compile_s']:>9} {r['step_ms']:>8} "
               f"{r['images_per_s']:>7}")
     print(json.dumps({"benchmark": "inception_features", "backend": jax.default_backend(), "results": rows}))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

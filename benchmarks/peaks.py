@@ -7,11 +7,17 @@ every step).
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detailflow_jax import cli, cli_errors  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -61,11 +67,14 @@ def measure_peak_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> fl
     return x.size * 4 / best
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--size", type=int, default=None)
-    args = parser.parse_args()
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("dtype", "fp32", sorted(DTYPES), "matmul dtype", flag_values=fv)
+    flags.DEFINE_integer("size", None, "side of the square matmul (default: by the device)",
+                         flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(argv, __doc__, _define_flags)
     flops = measure_peak_flops(DTYPES[args.dtype], args.size)
     bandwidth = measure_peak_bandwidth()
     print(f"{jax.devices()[0].device_kind}: {flops / 1e12:.3f} TFLOP/s ({args.dtype} matmul), "
@@ -73,4 +82,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

@@ -19,7 +19,6 @@ the measured reference that it would give.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.peaks import measure_peak_bandwidth, measure_peak_flops  # noqa: E402
+from detailflow_jax import cli, cli_errors  # noqa: E402
 from detailflow_jax.ar.masks import group_causal_mask  # noqa: E402
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params  # noqa: E402
 from detailflow_jax.ar.reference import ReferenceSampler  # noqa: E402
@@ -100,23 +101,28 @@ def make_decoder(cfg: GPTConfig, key):
     return jax.jit(lambda codes: model.apply({"params": tok_params}, codes, method="decode_code"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", default="GPT-B", help="GPT-B, GPT-L, GPT-XL, ... (official LlamaGen sizes)")
-    p.add_argument("--num_tokens", type=int, default=128)
-    p.add_argument("--group_size", type=int, default=8)
-    p.add_argument("--causal_num", type=int, default=8)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--cfg_scale", type=float, default=1.5, help="1 disables CFG (no doubled batch)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls of the cached sampler")
-    p.add_argument("--reference_repeats", type=int, default=1, help="timed calls of the reference sampler")
-    p.add_argument("--decode", action="store_true", help="include decoding with a small random tokenizer")
-    p.add_argument("--no_reference", action="store_true", help="skip the slow no-cache baseline")
-    p.add_argument("--scan", action="store_true",
-                   help="weights stacked for nn.scan (the cached sampler then splits them at every call)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("variant", "GPT-B", "GPT-B, GPT-L, GPT-XL, ... (official LlamaGen sizes)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_tokens", 128, "tokens per image", flag_values=fv)
+    flags.DEFINE_integer("group_size", 8, "tokens sampled per step", flag_values=fv)
+    flags.DEFINE_integer("causal_num", 8, "causal groups of the mask", flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "images per sampling call", flag_values=fv)
+    flags.DEFINE_float("cfg_scale", 1.5, "1 disables CFG (no doubled batch)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "fp32", sorted(DTYPES), "GPT compute dtype", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed calls of the cached sampler", flag_values=fv)
+    flags.DEFINE_integer("reference_repeats", 1, "timed calls of the reference sampler",
+                         flag_values=fv)
+    flags.DEFINE_bool("decode", False, "include decoding with a small random tokenizer",
+                      flag_values=fv)
+    flags.DEFINE_bool("no_reference", False, "skip the slow no-cache baseline", flag_values=fv)
+    flags.DEFINE_bool("scan", False, "weights stacked for nn.scan (the cached sampler then splits "
+                      "them at every call)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the random weights and labels", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = cli.parse(argv, __doc__, _define_flags)
 
     name = args.variant.removeprefix("GPT-")
     cfg = GPTConfig.from_variant(name, num_tokens=args.num_tokens, group_size=args.group_size,
@@ -188,4 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

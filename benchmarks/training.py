@@ -27,7 +27,6 @@ Prints a table and, last, one JSON object. On a shared machine compare ratios wi
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import json
@@ -38,12 +37,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.peaks import measure_peak_flops  # noqa: E402
-from detailflow_jax import sharding  # noqa: E402
-from detailflow_jax.convert.gpt import load_config_file  # noqa: E402
+from detailflow_jax import cli, cli_errors, config_lib, sharding  # noqa: E402
 from detailflow_jax.data.global_batch import to_global  # noqa: E402
 from detailflow_jax.preflight import model_flops  # noqa: E402
 from detailflow_jax.tokenizer.degradation import degrade  # noqa: E402
@@ -299,27 +298,35 @@ def print_report(result: dict) -> None:
               f"time ({ahead[1] / ahead[2]:.2f}x)")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("tokenizer", "gpt", "both"), default="both")
-    p.add_argument("--tokenizer_config", default="configs/tokenizer_fashion_mnist.py")
-    p.add_argument("--gpt_config", default="configs/ar_fashion_mnist.py")
-    p.add_argument("--codes_dir", default=None, help="extracted codes for the GPT's pipeline (default: random codes)")
-    p.add_argument("--steps", type=int, default=20, help="loop iterations timed (and host calls averaged)")
-    p.add_argument("--repeats", type=int, default=3, help="steady calls timed per compiled program (median)")
-    p.add_argument("--tokenizer_batch", type=int, default=0, help="override the tokenizer recipe's batch size")
-    p.add_argument("--gpt_batch", type=int, default=0, help="override the GPT recipe's batch size")
-    args = p.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("part", "both", ["tokenizer", "gpt", "both"], "which recipe to time",
+                      flag_values=fv)
+    for name, default in (("tokenizer_config", "configs/tokenizer_fashion_mnist.py"),
+                          ("gpt_config", "configs/ar_fashion_mnist.py")):
+        cli.define_config(fv, name, config_lib.config_path(default), cli.CONFIG_HELP + "; override "
+                          f"fields with --{name}.key=value")
+    flags.DEFINE_string("codes_dir", None, "extracted codes for the GPT's pipeline (default: "
+                        "random codes)", flag_values=fv)
+    flags.DEFINE_integer("steps", 20, "loop iterations timed (and host calls averaged)",
+                         flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "steady calls timed per compiled program (median)",
+                         flag_values=fv)
+    flags.DEFINE_integer("tokenizer_batch", 0, "override the tokenizer recipe's batch size",
+                         flag_values=fv)
+    flags.DEFINE_integer("gpt_batch", 0, "override the GPT recipe's batch size", flag_values=fv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = cli.parse(argv, __doc__, _define_flags)
     result = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-              "tokenizer_config": args.tokenizer_config, "gpt_config": args.gpt_config}
+              **{name: args[name].config_filename for name in ("tokenizer_config", "gpt_config")}}
     peaks = [measure_peak_flops(jnp.float32)]
     if args.part in ("tokenizer", "both"):
-        config = load_config_file(args.tokenizer_config)
+        config = cli.loaded_config(args, "tokenizer_config")
         config.batch_size = args.tokenizer_batch or config.batch_size
         result["tokenizer"] = bench_tokenizer(config, args.steps, args.repeats)
     if args.part in ("gpt", "both"):
-        config = load_config_file(args.gpt_config)
+        config = cli.loaded_config(args, "gpt_config")
         config.batch_size = args.gpt_batch or config.batch_size
         result["gpt"] = bench_gpt(config, args.steps, args.repeats, args.codes_dir)
     # Measured before and after the recipes, the best kept: other work on a shared machine only lowers it.
@@ -334,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_errors.run(main)

@@ -6,7 +6,8 @@ The project's own errors (a config value, a missing file or weights, a diverged 
 its traceback.
 
     if __name__ == "__main__":
-        cli_errors.run(main)     # argparse commands; absl commands go through train/cli.py run()
+        cli_errors.run(main)     # main(argv=None) parses its flags with detailflow_jax.cli.parse;
+                                 # the trainers (global absl FLAGS) go through train/cli.py run()
 """
 
 from __future__ import annotations
@@ -80,6 +81,6 @@ def guard(main: Callable) -> Callable:
 
 
 def run(main: Callable[[], object]) -> None:
-    """Entry point of a command whose ``main()`` parses sys.argv itself (argparse)."""
+    """Entry point of a command whose ``main()`` parses sys.argv itself (``cli.parse``)."""
     take_verbose_flag()
     guard(main)()

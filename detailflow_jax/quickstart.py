@@ -22,17 +22,18 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
-from detailflow_jax import cli_errors, sharding, storage
+from detailflow_jax import sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import classifier, quality
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.eval.sample import load_generator, sample
 from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.train import ar as ar_train
+from detailflow_jax.train import cli as train_cli
 from detailflow_jax.train import tokenizer as tokenizer_train
 from detailflow_jax.train.ar_step import ARStep
 from detailflow_jax.train.weights import load_tokenizer
@@ -212,5 +213,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    cli_errors.take_verbose_flag()
-    app.run(cli_errors.guard(main))
+    train_cli.run(main, ("workdir",))

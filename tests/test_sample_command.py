@@ -86,7 +86,7 @@ def test_generator_from_the_ar_workdir_finds_its_tokenizer_and_settings(trained)
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "--gpt and --out are required"),
+    ([], "Flag --gpt must have a value"),
     (["--gpt", "/nonexistent", "--out", "/tmp/x", "--tokenizer", "/nonexistent"], "does not exist"),
 ])
 def test_command_line_errors_are_one_line(args, message):

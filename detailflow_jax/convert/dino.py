@@ -15,14 +15,15 @@ The directory holds ``{"backbone": params, "heads": {"params", "batch_stats"}}``
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax import cli_errors
+from absl import flags
+
+from detailflow_jax import cli, cli_errors
 from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.losses.dino import DinoViT
@@ -140,13 +141,16 @@ def convert_dino(backbone_state: dict[str, np.ndarray], heads_state: dict[str, n
     return tree
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("backbone", None, "dino_deitsmall16_pretrain.pth (or .npz/.safetensors)",
+                        flag_values=fv, required=True)
+    flags.DEFINE_string("heads", None, "optional trained DinoDisc heads state dict", flag_values=fv)
+    cli.define_out(fv, "output orbax directory (pass it as --config.losses.dino_weights)")
+    cli.define_force(fv)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True, help="dino_deitsmall16_pretrain.pth (or .npz/.safetensors)")
-    p.add_argument("--heads", help="optional trained DinoDisc heads state dict")
-    p.add_argument("--out", required=True, help="output orbax directory (pass it as --config.losses.dino_weights)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    args = p.parse_args(argv)
+    args = cli.parse(argv, __doc__, _define_flags)
     tree = convert_dino(load_state_dict(args.backbone), load_state_dict(args.heads) if args.heads else None)
     print(f"wrote DINO discriminator weights to {save_params(args.out, tree, force=args.force)}")
 

@@ -19,7 +19,6 @@ With `scan_layers` the per-layer arrays are stacked on a leading axis under `lay
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from typing import Any, Mapping
@@ -28,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax import cli_errors, config_lib
+from absl import flags
+
+from detailflow_jax import cli, cli_errors, config_lib
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
 from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree, leaf_shapes,
                                               load_state_dict)
@@ -109,21 +110,22 @@ def load_config_file(spec: str):
     return module.get_config(arg or None)
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="official GPT checkpoint (.pt, .npz or .safetensors)")
-    parser.add_argument("--entry", default=None, help="top-level entry to read, e.g. 'ema' (default: 'model')")
-    parser.add_argument("--config", default="configs/gpt.py:L/128", help="config file and argument, FILE:ARG")
-    parser.add_argument("--out", required=True, help="output orbax parameter directory")
-    parser.add_argument("--force", action="store_true", help="overwrite --out")
-    parser.add_argument("--print_config", action="store_true", help="print the config and exit")
-    args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "official GPT checkpoint (.pt, .npz or .safetensors)",
+                        flag_values=fv, required=True)
+    flags.DEFINE_string("entry", None, "top-level entry to read, e.g. 'ema' (default: 'model')",
+                        flag_values=fv)
+    cli.define_config(fv, default=config_lib.config_path("configs/gpt.py") + ":L/128")
+    cli.define_print_config(fv)
+    cli.define_out(fv, "output orbax parameter directory")
+    cli.define_force(fv)
 
+
+def main(argv=None) -> str:
+    args = cli.parse(argv, __doc__, _define_flags)
     from detailflow_jax.convert.params_io import save_params
-    config = load_config_file(args.config)
-    if args.print_config:
-        print(config.to_json(indent=2))
-        return ""
+    config = cli.loaded_config(args)
+    cli.maybe_print_config(config, args)
     cfg = GPTConfig(**config.model).validate()
     params = jax.tree.map(jnp.asarray, load_gpt_checkpoint(args.checkpoint, cfg, args.entry))
     out = save_params(args.out, params, force=args.force)

@@ -8,7 +8,6 @@ without torch). A ``.npz``/``.safetensors`` with the same keys works too.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
@@ -16,7 +15,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from detailflow_jax import cli_errors, storage
+from absl import flags
+
+from detailflow_jax import cli, cli_errors, storage
 from detailflow_jax.convert.params_io import restore_params, save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.eval.inception import abstract_params
@@ -65,13 +66,15 @@ def load_inception_params(path: str | os.PathLike) -> Any:
     return convert_state_dict(load_state_dict(path), name=os.path.basename(path))
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "pt_inception-2015-12-05-6726825d.pth, or a "
+                        ".npz/.safetensors state dict", flag_values=fv, required=True)
+    cli.define_out(fv, "output orbax directory")
+    cli.define_force(fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="pt_inception-2015-12-05-6726825d.pth, or a .npz/.safetensors state dict")
-    parser.add_argument("--out", required=True, help="output orbax directory")
-    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    args = parser.parse_args(argv)
+    args = cli.parse(argv, __doc__, _define_flags)
     params = convert_state_dict(load_state_dict(args.checkpoint), name=os.path.basename(args.checkpoint))
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"converted {n:,} parameters -> {save_params(args.out, params, force=args.force)}")

@@ -11,13 +11,13 @@ Accepted namings (the same file may be given to both flags when it holds everyth
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax import cli_errors
+from absl import flags
+
+from detailflow_jax import cli, cli_errors
 from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.losses.lpips import LPIPS
@@ -58,13 +58,17 @@ def convert_lpips(vgg_state: dict[str, np.ndarray], lpips_state: dict[str, np.nd
     return assign_to_tree(flat, abstract, name="LPIPS weights")
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("vgg", None, "torchvision VGG16 state dict (.pth/.npz/.safetensors)",
+                        flag_values=fv, required=True)
+    flags.DEFINE_string("lpips", None, "LPIPS linear heads, e.g. taming-transformers vgg.pth",
+                        flag_values=fv, required=True)
+    cli.define_out(fv, "output orbax directory (pass it as --config.losses.lpips_weights)")
+    cli.define_force(fv)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vgg", required=True, help="torchvision VGG16 state dict (.pth/.npz/.safetensors)")
-    p.add_argument("--lpips", required=True, help="LPIPS linear heads, e.g. taming-transformers vgg.pth")
-    p.add_argument("--out", required=True, help="output orbax directory (pass it as --config.losses.lpips_weights)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    args = p.parse_args(argv)
+    args = cli.parse(argv, __doc__, _define_flags)
     params = convert_lpips(load_state_dict(args.vgg), load_state_dict(args.lpips))
     print(f"wrote LPIPS-VGG16 parameters to {save_params(args.out, params, force=args.force)}")
 

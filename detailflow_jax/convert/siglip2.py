@@ -18,7 +18,6 @@ first ``encoder.depth`` layers, ``tokenizer/encoder_init.py``).
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Mapping
 
@@ -27,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax import cli_errors
+from absl import flags
+
+from detailflow_jax import cli, cli_errors
 from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.convert.tokenizer import KeySource, read_mapped, state_dict_key_map
@@ -129,23 +130,24 @@ def summarize_skipped(skipped: list[str]) -> str:
     return ", ".join(f"{g}* ({n})" for g, n in sorted(groups.items())) or "none"
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "HF siglip2-so400m-patch16-naflex model.safetensors, "
+                        "or a DetailFlow tokenizer checkpoint", flag_values=fv, required=True)
+    cli.define_out(fv, "output orbax directory (pass it as --config.losses.siglip_weights and "
+                   "--config.encoder_weights)")
+    flags.DEFINE_integer("layers", None, "convert the first L layers (default: all; so400m: 27)",
+                         flag_values=fv)
+    flags.DEFINE_integer("heads", SO400M_HEADS, "attention heads (so400m: 16)", flag_values=fv)
+    flags.DEFINE_string("prefix", None, "key prefix of the tower: vision_model. (HF) or "
+                        "repa_model. (tokenizer checkpoint); detected when omitted", flag_values=fv)
+    cli.define_force(fv)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="HF siglip2-so400m-patch16-naflex model.safetensors, or a DetailFlow tokenizer checkpoint")
-    p.add_argument("--out", required=True, help="output orbax directory (pass it as --config.losses.siglip_weights "
-                                                  "and --config.encoder_weights)")
-    p.add_argument("--layers", type=int, default=None, help="convert the first L layers (default: all; so400m: 27)")
-    p.add_argument("--heads", type=int, default=SO400M_HEADS, help="attention heads (so400m: 16)")
-    p.add_argument("--prefix", default=None,
-                   help="key prefix of the tower: vision_model. (HF) or repa_model. (tokenizer checkpoint); "
-                        "detected when omitted")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    args = p.parse_args(argv)
-    try:
-        tree, skipped = convert_siglip2(load_state_dict(args.checkpoint), args.layers, args.heads, args.prefix)
-    except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+    args = cli.parse(argv, __doc__, _define_flags)
+    # a ConversionError (not the tower's keys, a bad shape) is one line through cli_errors.run
+    tree, skipped = convert_siglip2(load_state_dict(args.checkpoint), args.layers, args.heads,
+                                    args.prefix)
     count = sum(int(x.size) for x in jax.tree.leaves(tree["tower"]))
     print(f"converted {args.checkpoint}: {len(tree['tower']['layers'])} layers, {count:,} parameters "
           f"-> {save_params(args.out, tree, force=args.force)}")

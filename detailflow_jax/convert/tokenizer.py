@@ -11,12 +11,12 @@ Accepts .pt (flat or wrapped in {"model": …}; read without torch), .npz and .s
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Mapping
 
 import numpy as np
+from absl import flags
 
-from detailflow_jax import cli_errors
+from detailflow_jax import cli, cli_errors
 from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree,
                                                load_state_dict)
 from detailflow_jax.tokenizer.config import TokenizerConfig, validate
@@ -135,35 +135,32 @@ def _summarize_skipped(skipped: list[str]) -> str:
     return ", ".join(f"{p}* ({n} tensors)" for p, n in sorted(groups.items())) or "none"
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "official tokenizer state dict (.pt / .npz / "
+                        ".safetensors)", flag_values=fv, required=True)
+    flags.DEFINE_string("entry", None, "top-level entry of a wrapped checkpoint (default: 'model' "
+                        "if present)", flag_values=fv)
+    cli.define_config(fv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    cli.define_print_config(fv)
+    cli.define_out(fv, "output orbax directory for the parameter tree")
+    cli.define_force(fv)
+
+
 def main(argv=None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from detailflow_jax.convert.params_io import save_params
+    from detailflow_jax.tokenizer.model import count_params
 
-    flags.DEFINE_string("checkpoint", None, "official tokenizer state dict (.pt / .npz / .safetensors)")
-    flags.DEFINE_string("out", None, "output orbax directory for the parameter tree")
-    flags.DEFINE_bool("force", False, "overwrite --out if it exists")
-    flags.DEFINE_string("entry", None, "top-level entry of a wrapped checkpoint (default: 'model' if present)")
-    config_flags.DEFINE_config_file("config", None, "tokenizer config, e.g. configs/tokenizer.py:DF-16")
-    flags.DEFINE_bool("print_config", False,
-                      "print the config (after --config.key=value overrides) and exit")
-    flags.mark_flags_as_required(["checkpoint", "out", "config"])
-
-    def run(_):
-        from detailflow_jax.convert.params_io import save_params
-        from detailflow_jax.tokenizer.model import count_params
-
-        f = flags.FLAGS
-        if f.print_config:
-            print(f.config.to_json(indent=2))
-            return
-        state = load_state_dict(f.checkpoint, entry=f.entry)
-        result = convert_tokenizer_state_dict(state, f.config.model)
-        path = save_params(f.out, result.params, force=f.force)
-        print(f"converted {f.checkpoint}: {len(state)} tensors, {count_params(result.params):,} parameters "
-              f"-> {path}")
-        print(f"skipped train-only tensors ({len(result.skipped)}): {_summarize_skipped(result.skipped)}")
-
-    app.run(run, argv=argv or sys.argv)
+    f = cli.parse(argv, __doc__, _define_flags)
+    config = cli.loaded_config(f)
+    cli.maybe_print_config(config, f)
+    state = load_state_dict(f.checkpoint, entry=f.entry)
+    result = convert_tokenizer_state_dict(state, config.model)
+    path = save_params(f.out, result.params, force=f.force)
+    print(f"converted {f.checkpoint}: {len(state)} tensors, {count_params(result.params):,} "
+          f"parameters -> {path}")
+    print(f"skipped train-only tensors ({len(result.skipped)}): "
+          f"{_summarize_skipped(result.skipped)}")
 
 
 if __name__ == "__main__":

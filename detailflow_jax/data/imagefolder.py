@@ -18,7 +18,6 @@ CLI: ``python -m detailflow_jax.data.imagefolder --root DIR --data_dir OUT`` (TF
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -31,9 +30,10 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from absl import flags
 from PIL import Image
 
-from detailflow_jax import cli_errors, storage
+from detailflow_jax import cli, cli_errors, storage
 from detailflow_jax.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -234,13 +234,17 @@ def open_imagefolder(data_dir: str | os.PathLike, split: str):
     return builder.as_data_source(split), list(builder.info.features["label"].names)
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("root", None, "folder holding train/<class>/* and optionally "
+                        "val/<class>/*", flag_values=fv, required=True)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir to write the ArrayRecord dataset into",
+                        flag_values=fv, required=True)
+    flags.DEFINE_bool("rebuild", False, "build again when --data_dir holds a dataset built from "
+                      "another tree (refused otherwise)", flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="folder holding train/<class>/* and optionally val/<class>/*")
-    parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write the ArrayRecord dataset into")
-    parser.add_argument("--rebuild", action="store_true", help="build again when --data_dir holds a dataset "
-                        "built from another tree (refused otherwise)")
-    args = parser.parse_args(argv)
+    args = cli.parse(argv, __doc__, _define_flags)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         builder = build_imagefolder(args.root, args.data_dir, args.rebuild)

@@ -33,7 +33,6 @@ evaluator run on ``samples_<K>.npz`` (docs/recipes.md#reproducing-the-tables).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -44,11 +43,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from absl import flags
 from etils import epath
 
-from detailflow_jax import cli_errors, distributed, sharding, storage
+from detailflow_jax import cli, cli_errors, distributed, sharding, storage
+from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.eval import cli_flags
 from detailflow_jax.eval.fid import evaluate_samples
-from detailflow_jax.eval.inception import PREPROCESS_MODES, InceptionFeatures
+from detailflow_jax.eval.inception import InceptionFeatures
 from detailflow_jax.eval.reference_stats import iter_images
 
 LABEL_MODES = ("random", "per_class")
@@ -117,12 +119,12 @@ def _chunk_is_done(path: str, labels: np.ndarray) -> bool:
         return False
 
 
-def _same_on_all_processes(flags: np.ndarray) -> np.ndarray:
+def _same_on_all_processes(marks: np.ndarray) -> np.ndarray:
     """Process 0's view (it owns DIR) for everybody, so all processes run the same collective batches."""
     if jax.process_count() == 1:
-        return flags
+        return marks
     from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.broadcast_one_to_all(flags))
+    return np.asarray(multihost_utils.broadcast_one_to_all(marks))
 
 
 def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, out_dir: str,
@@ -294,42 +296,34 @@ def inception_extractor(path: str, preprocess: str = "adm") -> InceptionFeatures
     return InceptionFeatures(load_inception_params(path), mesh=mesh, preprocess=preprocess)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpt", required=True, help="AR training work directory or converted GPT parameter directory")
-    p.add_argument("--gpt_config", help="GPT config FILE.py:ARG (needed for a converted directory)")
-    p.add_argument("--tokenizer", help="tokenizer work directory or converted directory (default: the AR run's)")
-    p.add_argument("--tokenizer_config", help="tokenizer config FILE.py:ARG (needed for a converted directory)")
-    p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights of an AR workdir")
-    p.add_argument("--dtype", help="GPT compute dtype override (float32, bfloat16)")
-    p.add_argument("--inception",
-                   help="FID Inception: orbax dir from detailflow_jax.convert.inception, or the pytorch-fid .pth/.npz")
-    p.add_argument("--reference", help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
-    p.add_argument("--no_metrics", action="store_true",
-                   help="only write the samples npz (e.g. for the TF ADM evaluator); --inception/--reference unused")
-    p.add_argument("--out", required=True, help="output directory (reused to resume)")
-    p.add_argument("--num_samples", type=int, default=50_000)
-    p.add_argument("--labels", choices=LABEL_MODES, default="random",
-                   help="random: uniform labels (official DetailFlow protocol); per_class: K / num_classes each")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=256,
-                   help="global sampling batch (rounded up to a multiple of the data-parallel devices)")
-    p.add_argument("--chunk_size", type=int, default=0,
-                   help="images per resumable chunk (default: about 1000, a multiple of the batch size)")
-    p.add_argument("--inception_batch_size", type=int, default=200)
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="adm",
-                   help="Inception input resize: adm (the TF graph of the ADM evaluator, as the reference stats)")
-    p.add_argument("--cfg_scale", type=float, help="CFG scale (1 = none; default: the GPT config's)")
-    p.add_argument("--cfg_schedule", choices=("constant", "gradual"), help="default: the GPT config's")
-    p.add_argument("--top_k", type=int, help="0 = off; default: the GPT config's")
-    p.add_argument("--top_p", type=float, help="1 = off; default: the GPT config's")
-    p.add_argument("--temperature", type=float, help="default: the GPT config's")
-    p.add_argument("--stop_after_chunks", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
-    args = p.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+    cli_flags.define_generator(fv)
+    cli_flags.define_inception(fv)
+    flags.DEFINE_string("reference", None, "ADM reference batch, e.g. "
+                        "VIRTUAL_imagenet256_labeled.npz", flag_values=fv)
+    flags.DEFINE_bool("no_metrics", False, "only write the samples npz (e.g. for the TF ADM "
+                      "evaluator); --inception/--reference unused", flag_values=fv)
+    cli.define_out(fv, "output directory (reused to resume)")
+    flags.DEFINE_integer("num_samples", 50_000, "images to generate and score", flag_values=fv)
+    flags.DEFINE_enum("labels", "random", list(LABEL_MODES), "random: uniform labels (official "
+                      "DetailFlow protocol); per_class: K / num_classes each", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "global sampling batch (rounded up to a multiple of "
+                         "the data-parallel devices)", flag_values=fv)
+    flags.DEFINE_integer("chunk_size", 0, "images per resumable chunk (default: about 1000, a "
+                         "multiple of the batch size)", flag_values=fv)
+    flags.DEFINE_integer("inception_batch_size", 200, "Inception batch", flag_values=fv)
+    cli_flags.define_preprocess(fv, "adm")
+    cli.define_hidden_integer(fv, "stop_after_chunks")  # tests: simulate an interruption
+
+
+def parse_args(argv: list[str] | None) -> flags.FlagValues:
+    args = cli.parse(argv, __doc__, _define_flags)
     if not args.no_metrics and not (args.inception and args.reference):
-        p.error("--inception and --reference are required (or pass --no_metrics to only write the samples)")
+        raise ConfigError("--inception and --reference are required (or pass --no_metrics to only "
+                          "write the samples)")
     if args.reference and not storage.path(args.reference).is_file():
-        p.error(f"--reference {args.reference} does not exist")
+        raise ConfigError(f"--reference {args.reference} does not exist")
     return args
 
 
@@ -341,9 +335,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
     generator, _ = load_generator(args.gpt, mesh, args.tokenizer, args.gpt_config, args.tokenizer_config,
-                                  not args.no_ema, args.dtype, cfg_scale=args.cfg_scale,
-                                  cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
-                                  temperature=args.temperature)
+                                  not args.no_ema, args.dtype, **cli_flags.sampling_overrides(args))
     batch_size = sharding.round_up(args.batch_size, generator.data_parallelism)
     chunk_size = sharding.round_up(args.chunk_size or 1000, batch_size)
     sampling = {k: getattr(generator.settings, k) for k in ("cfg_scale", "cfg_schedule", "cfg_interval", "top_k",

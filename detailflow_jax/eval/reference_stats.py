@@ -13,7 +13,6 @@ pytorch-fid ``.pth`` itself.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -21,9 +20,11 @@ import zipfile
 from typing import Callable, Iterator
 
 import numpy as np
+from absl import flags
 
-from detailflow_jax import cli_errors, storage
-from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES, SPATIAL_DIM
+from detailflow_jax import cli, cli_errors, storage
+from detailflow_jax.eval import cli_flags
+from detailflow_jax.eval.inception import POOL_DIM, SPATIAL_DIM
 from detailflow_jax.eval.metrics import InceptionScoreAccumulator, RunningStats
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -177,17 +178,25 @@ def compute_reference_batch(source: str, extractor: Callable, batch_size: int = 
                           FeatureStats(summary.spatial.mean(), summary.spatial.cov()), stored)
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("images", None, "image folder, or .npz whose arr_0 is uint8 (N, H, W, 3)",
+                        flag_values=fv, required=True)
+    cli_flags.define_inception(fv, required=True)
+    cli.define_out(fv, "output ADM-format .npz")
+    flags.DEFINE_integer("batch_size", 64, "Inception batch (--batch-size also works)",
+                         flag_values=fv)
+    flags.DEFINE_integer("store_images", 10_000, "how many images to store as arr_0 for "
+                         "precision/recall (ADM: 10000; 0 = none; --store-images also works)",
+                         flag_values=fv)
+    cli_flags.define_preprocess(fv, "pytorch_fid")
+
+
+# the argparse spellings of launch scripts written before the flags were absl's
+OLD_SPELLINGS = {"batch-size": "batch_size", "store-images": "store_images"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True, help="image folder, or .npz whose arr_0 is uint8 (N, H, W, 3)")
-    parser.add_argument("--inception", required=True,
-                        help="orbax dir from detailflow_jax.convert.inception, or the pytorch-fid .pth / an .npz")
-    parser.add_argument("--out", required=True, help="output ADM-format .npz")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--store-images", type=int, default=10_000,
-                        help="how many images to store as arr_0 for precision/recall (ADM: 10000; 0 = none)")
-    parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="pytorch_fid")
-    args = parser.parse_args(argv)
+    args = cli.parse(argv, __doc__, _define_flags, OLD_SPELLINGS)
 
     import jax
 

@@ -24,16 +24,16 @@ config's ``sampling`` section. Writes to ``--out``:
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from etils import epath
 from tqdm import tqdm
 
-from detailflow_jax import distributed, sharding, storage
+from detailflow_jax import cli, cli_errors, distributed, sharding, storage
 from detailflow_jax.ar.images import TokenDecoder
 from detailflow_jax.ar.logits import SamplingSettings
 from detailflow_jax.ar.model import GPT, GPTConfig
@@ -42,8 +42,7 @@ from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert.gpt import load_config_file
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.data import codes as codes_lib
-from detailflow_jax.eval import pictures
-from detailflow_jax.train import cli
+from detailflow_jax.eval import cli_flags, pictures
 from detailflow_jax.train.weights import is_training_workdir, load_gpt, load_tokenizer, workdir_config
 
 SETTING_KEYS = ("cfg_scale", "cfg_schedule", "cfg_interval", "temperature", "top_k", "top_p")
@@ -197,52 +196,40 @@ def sample(gpt: str, out: str, tokenizer: str | None = None, gpt_config: str | N
     return paths
 
 
-def _define_flags():
-    from absl import flags
-    flags.DEFINE_string("gpt", None, "AR training work directory or converted GPT parameter directory")
-    flags.DEFINE_string("gpt_config", None, "GPT config FILE.py:ARG (needed for a converted directory)")
-    flags.DEFINE_string("tokenizer", None, "tokenizer work directory or converted directory (default: the AR run's)")
-    flags.DEFINE_string("tokenizer_config", None, "tokenizer config FILE.py:ARG (needed for a converted directory)")
-    flags.DEFINE_string("out", None, "output directory")
-    flags.DEFINE_list("classes", None, "class ids, one grid row each (default: the config's or the first 16)")
-    flags.DEFINE_integer("num_per_class", 8, "samples per class in samples.png")
-    flags.DEFINE_string("class_names", None, "text file, line k = the name of class k, for the row labels "
-                        "(default: the names recorded with the AR run's codes, else 'class k')")
-    flags.DEFINE_integer("num_samples", 0, "with --npz: this many samples with uniformly drawn labels")
-    flags.DEFINE_bool("npz", False, "write samples_<K>.npz (ADM evaluator format)")
-    flags.DEFINE_integer("batch_size", 64, "global sampling batch (rounded up to a multiple of the devices)")
-    flags.DEFINE_integer("seed", 0, "sampling seed")
-    flags.DEFINE_bool("no_ema", False, "use the raw instead of the EMA weights of an AR work directory")
-    flags.DEFINE_string("dtype", None, "GPT compute dtype override (float32, bfloat16)")
-    flags.DEFINE_float("cfg_scale", None, "classifier-free guidance scale (1 = none; default: the config's)")
-    flags.DEFINE_enum("cfg_schedule", None, ["constant", "gradual"], "CFG schedule (default: the config's)")
-    flags.DEFINE_integer("top_k", None, "top-k filter (0 = off; default: the config's)")
-    flags.DEFINE_float("top_p", None, "top-p filter (1 = off; default: the config's)")
-    flags.DEFINE_float("temperature", None, "softmax temperature (default: the config's)")
+def _define_flags(fv: flags.FlagValues) -> None:
+    cli_flags.define_generator(fv)
+    cli.define_out(fv, "output directory")
+    flags.DEFINE_list("classes", None, "class ids, one grid row each (default: the config's or the "
+                      "first 16)", flag_values=fv)
+    flags.DEFINE_integer("num_per_class", 8, "samples per class in samples.png", flag_values=fv)
+    flags.DEFINE_string("class_names", None, "text file, line k = the name of class k, for the row "
+                        "labels (default: the names recorded with the AR run's codes, else 'class "
+                        "k')", flag_values=fv)
+    flags.DEFINE_integer("num_samples", 0, "with --npz: this many samples with uniformly drawn "
+                         "labels", flag_values=fv)
+    flags.DEFINE_bool("npz", False, "write samples_<K>.npz (ADM evaluator format)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "global sampling batch (rounded up to a multiple of the "
+                         "devices)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
 
 
-def main(argv) -> None:
-    from absl import flags
+def main(argv: list[str] | None = None) -> dict:
     from absl import logging as absl_logging
-    del argv
+    f = cli.parse(argv, __doc__, _define_flags)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore through absl at INFO
-    f = flags.FLAGS
-    if not f.gpt or not f.out:
-        print(__doc__.strip() + "\n", file=sys.stderr)
-        raise ConfigError("--gpt and --out are required")
     if f.npz and not f.num_samples:
         raise ConfigError("--npz needs --num_samples K")
     if f.num_per_class < 1:
         raise ConfigError(f"--num_per_class={f.num_per_class}: must be >= 1 (samples per class "
                           "in samples.png)")
     paths = sample(f.gpt, f.out, f.tokenizer, f.gpt_config, f.tokenizer_config,
-                   [int(c) for c in f.classes] if f.classes else None, f.num_per_class, f.num_samples, f.npz,
-                   f.batch_size, f.seed, not f.no_ema, f.dtype, f.class_names, cfg_scale=f.cfg_scale,
-                   cfg_schedule=f.cfg_schedule, top_k=f.top_k, top_p=f.top_p, temperature=f.temperature)
+                   [int(c) for c in f.classes] if f.classes else None, f.num_per_class,
+                   f.num_samples, f.npz, f.batch_size, f.seed, not f.no_ema, f.dtype, f.class_names,
+                   **cli_flags.sampling_overrides(f))
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return paths
 
 
 if __name__ == "__main__":
-    _define_flags()
-    cli.run(main)
+    cli_errors.run(main)

@@ -7,7 +7,8 @@ admissible t, on the validation split.
         [--num_images 50000] [--batch_size 64] [--token_counts 8,64,128] [--official_ssim] \
         [--noisy_eval]
 
-Data: ``--data_config FILE.py:ARG`` (its ``data`` section), else the tokenizer work directory's own config; the
+Data: ``--data_config FILE.py:ARG`` (its ``data`` section; ``--data_config.data.key=value``
+overrides a field as in the trainers), else the tokenizer work directory's own config; the
 ``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are ADM
 centre-cropped (docs/fidelity.md#evaluation).
 
@@ -39,7 +40,6 @@ pass ``--token_counts`` to evaluate fewer.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -50,14 +50,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from detailflow_jax import cli_errors, distributed, sharding, storage
+from detailflow_jax import cli, cli_errors, distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError
+from detailflow_jax.eval import cli_flags
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval.fid import fid_between
-from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES
+from detailflow_jax.eval.inception import POOL_DIM
 from detailflow_jax.eval.metrics import RunningStats
 from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
@@ -218,14 +220,16 @@ def padded_global_batches(stream: Iterable[dict], batch_size: int, mesh, num_ima
             return
 
 
-def resolve_data_config(tokenizer: str, data_config: str | None, overrides: dict) -> ml_collections.ConfigDict:
-    """The data section from ``--data_config``, else from the tokenizer work directory, with ``overrides``."""
+def resolve_data_config(tokenizer: str, data_config: str | ml_collections.ConfigDict | None,
+                        overrides: dict) -> ml_collections.ConfigDict:
+    """The data section from ``--data_config`` (FILE.py:ARG or the loaded config), else from the
+    tokenizer work directory, with ``overrides``."""
     from detailflow_jax.convert.gpt import load_config_file
     from detailflow_jax.data.pipeline import default_data_config
     from detailflow_jax.train.weights import is_training_workdir, workdir_config
 
     if data_config:
-        loaded = load_config_file(data_config)
+        loaded = load_config_file(data_config) if isinstance(data_config, str) else data_config
         data = loaded.data if "data" in loaded else loaded
     elif is_training_workdir(tokenizer):
         data = workdir_config(tokenizer).data
@@ -344,35 +348,47 @@ def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str,
 
 # ---- command -----------------------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="tokenizer training work directory or converted directory")
-    p.add_argument("--tokenizer_config", help="tokenizer config FILE.py:ARG (needed for a converted directory)")
-    p.add_argument("--rounding", choices=("ceil", "nearest"),
-                   help="decoder canvas rounding (default: the work directory's, else ceil as the official code)")
-    p.add_argument("--data_config", help="config FILE.py:ARG whose data section describes the evaluation images")
-    p.add_argument("--data", help="override data.name (synthetic, fashion_mnist, imagefolder)")
-    p.add_argument("--data_dir", help="override data.data_dir")
-    p.add_argument("--eval_split", help="override data.eval_split (default: val / test)")
-    p.add_argument("--image_size", type=int, help="override data.image_size (must equal the tokenizer's)")
-    p.add_argument("--inception", help="FID Inception: orbax dir or pytorch-fid .pth/.npz (omit: no rFID)")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="adm")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num_images", type=int, help="evaluate the first N images (default: the whole split)")
-    p.add_argument("--batch_size", type=int, default=64, help="global batch (a multiple of the devices)")
-    p.add_argument("--token_counts", help="comma-separated token counts (default: every admissible count)")
-    p.add_argument("--official_ssim", action="store_true",
-                   help="SSIM as the official script computes it (skimage defaults, data_range=2.0)")
-    p.add_argument("--noisy_eval", action=argparse.BooleanOptionalAction, default=False,
-                   help="also the official robustness sweep: all N tokens after noise at token "
-                        "index -1 (clean), 0, g*M/4, g*M/2, g*3M/4, g*(M-1) (M = N/g groups); "
-                        "about 2 encoder passes and a full decode per index and image (skipped "
-                        "for a tokenizer trained without self-correction)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noisy codes of --noisy_eval")
-    args = p.parse_args(argv)
-    if args.num_images is not None and args.num_images < 1:
-        p.error(f"--num_images {args.num_images}: must be at least 1")
-    return args
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("tokenizer", None, "tokenizer training work directory or converted "
+                        "directory", flag_values=fv, required=True)
+    cli.define_tokenizer_config(fv)
+    flags.DEFINE_enum("rounding", None, ["ceil", "nearest"], "decoder canvas rounding (default: "
+                      "the work directory's, else ceil as the official code)", flag_values=fv)
+    _define_data_flags(fv)
+    cli_flags.define_inception(fv, "omit: no rFID")
+    cli_flags.define_preprocess(fv, "adm")
+    cli.define_out(fv, "output directory")
+    flags.DEFINE_integer("num_images", None, "evaluate the first N images (default: the whole "
+                         "split)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "global batch (a multiple of the devices)",
+                         flag_values=fv)
+    flags.DEFINE_string("token_counts", None, "comma-separated token counts (default: every "
+                        "admissible count)", flag_values=fv)
+    flags.DEFINE_bool("official_ssim", False, "SSIM as the official script computes it (skimage "
+                      "defaults, data_range=2.0)", flag_values=fv)
+    flags.DEFINE_bool("noisy_eval", False, "also the official robustness sweep: all N tokens after "
+                      "noise at token index -1 (clean), 0, g*M/4, g*M/2, g*3M/4, g*(M-1) (M = N/g "
+                      "groups); about 2 encoder passes and a full decode per index and image "
+                      "(skipped for a tokenizer trained without self-correction)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the noisy codes of --noisy_eval", flag_values=fv)
+
+
+def _define_data_flags(fv: flags.FlagValues) -> None:
+    """Where the evaluation images come from: a config's data section and single overrides."""
+    cli.define_config(fv, "data_config", help=cli.CONFIG_HELP + " whose data section describes "
+                      "the evaluation images; override fields with --data_config.data.key=value")
+    flags.DEFINE_string("data", None, "override data.name (synthetic, fashion_mnist, imagefolder)",
+                        flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "override data.data_dir", flag_values=fv)
+    flags.DEFINE_string("eval_split", None, "override data.eval_split (default: val / test)",
+                        flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "override data.image_size (must equal the "
+                         "tokenizer's)", flag_values=fv)
+
+
+def parse_args(argv: list[str] | None) -> flags.FlagValues:
+    """The flags; ``--no-noisy_eval`` (argparse's spelling) still works."""
+    return cli.parse(argv, __doc__, _define_flags, {"no-noisy_eval": "nonoisy_eval"})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -386,7 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
     model_cfg, params = load_tokenizer(args.tokenizer, mesh, args.tokenizer_config)
-    data_cfg = resolve_data_config(args.tokenizer, args.data_config, dict(
+    data_cfg = resolve_data_config(args.tokenizer, cli.loaded_config(args, "data_config"), dict(
         name=args.data, data_dir=args.data_dir, eval_split=args.eval_split, image_size=args.image_size))
     if data_cfg.image_size != model_cfg.image_size:
         raise ConfigError(f"data.image_size={data_cfg.image_size} differs from the tokenizer's image_size="

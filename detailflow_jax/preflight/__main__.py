@@ -175,4 +175,4 @@ def _request_devices_early(argv) -> None:
 if __name__ == "__main__":
     cli_errors.take_verbose_flag()
     cli_errors.guard(_request_devices_early)(sys.argv)  # a bad --topology is one line here too
-    cli.run(main)
+    cli.run(main, ("config", "print_config"))

@@ -33,6 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from detailflow_jax import cli as shared_cli
 from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import codes as codes_lib
@@ -242,7 +243,7 @@ def _define_flags():
     from absl import flags
     flags.DEFINE_string("tokenizer", None, "tokenizer training work directory or converted orbax params directory "
                         "(default: the config's `tokenizer`)")
-    flags.DEFINE_string("tokenizer_config", None, "tokenizer config FILE.py:ARG; needed for a converted directory")
+    shared_cli.define_tokenizer_config(flags.FLAGS)
     flags.DEFINE_string("out", None, "output codes directory (default: the config's `codes_dir`)")
     flags.DEFINE_bool("overwrite", False, "re-extract when --out holds codes made with other settings or another "
                       "tokenizer checkpoint (refused otherwise)")
@@ -273,4 +274,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main)
+    cli.run(main, ("config", "print_config"))
