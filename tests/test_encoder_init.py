@@ -80,7 +80,8 @@ def test_encoder_holds_and_computes_the_towers_first_layers(tower_dir):
     # skips the patch rows of its last block (only the latents are used): run its blocks on its patch embeddings.
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
     cfg = trainer.model_cfg
-    stack = ViTStack(cfg.encoder.depth, cfg.encoder.width, cfg.encoder.heads, cfg.encoder.mlp_dim, cfg.ln_eps)
+    stack = ViTStack(depth=cfg.encoder.depth, width=cfg.encoder.width, heads=cfg.encoder.heads,
+                     mlp_dim=cfg.encoder.mlp_dim, ln_eps=cfg.ln_eps)
     post = layer_norm("post_layernorm", cfg.ln_eps, jnp.float32)
     one_layer = dict(tower, layers={"layers_0": tower["layers"]["layers_0"]})
 

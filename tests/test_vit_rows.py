@@ -16,7 +16,7 @@ LATENT_ROWS = (PATCHES, PATCHES + LATENTS)
 
 
 def _stack(**kw):
-    return ViTStack(DEPTH, WIDTH, HEADS, MLP, **kw)
+    return ViTStack(depth=DEPTH, width=WIDTH, heads=HEADS, mlp_dim=MLP, **kw)
 
 
 def _setup():

@@ -20,7 +20,7 @@ def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:
     return hidden if hidden % multiple_of == 0 else hidden + multiple_of - hidden % multiple_of
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.Module, kw_only=True):
     """x / rms(x) * scale, normalised in float32 (eps 1e-5), result in the input dtype."""
     eps: float = 1e-5
     param_dtype: Any = jnp.float32
@@ -34,20 +34,24 @@ class RMSNorm(nn.Module):
         return normed * scale.astype(x.dtype)
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x) followed by dropout (official `FeedForward`)."""
+class SwiGLU(nn.Module, kw_only=True):
+    """w2(silu(w1 x) * w3 x) followed by dropout (official `FeedForward`).
+
+    ``train`` turns the dropout on: a field, not a call argument, so that a rematerialised block
+    needs no static arguments."""
     hidden_dim: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    train: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         def dense(features, names, name):
             return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                             kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, names), name=name)
 
-        h = nn.silu(dense(self.hidden_dim, ("embed", "mlp"), "w1")(x)) * dense(self.hidden_dim, ("embed", "mlp"), "w3")(x)
-        h = constrain(h, HIDDEN)
-        out = dense(x.shape[-1], ("mlp", "embed"), "w2")(h)
-        return nn.Dropout(self.dropout)(out, deterministic=not train)
+        gate = dense(self.hidden_dim, ("embed", "mlp"), "w1")(x)  # (B, L, D) -> (B, L, F)
+        h = constrain(nn.silu(gate) * dense(self.hidden_dim, ("embed", "mlp"), "w3")(x), HIDDEN)
+        out = dense(x.shape[-1], ("mlp", "embed"), "w2")(h)  # (B, L, F) -> (B, L, D)
+        return nn.Dropout(rate=self.dropout, deterministic=not self.train)(out)

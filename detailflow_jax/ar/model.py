@@ -161,53 +161,79 @@ def _dense(cfg: GPTConfig, features: int, names: tuple, name: str, init=DEFAULT_
                     kernel_init=nn.with_logical_partitioning(init, names), name=name)
 
 
-class Attention(nn.Module):
-    """Fused-qkv self-attention with 2D RoPE; optionally against one layer's KV cache (see `GPT.decode`)."""
+# One layer's KV cache ({"k": chunks, "v": chunks}, `init_cache`) and where a decode step writes
+# into it: (chunk index (static), slot within the chunk).
+LayerCache = dict[str, list[jax.Array]]
+WriteAt = tuple[int, jax.Array]
+
+
+class Attention(nn.Module, kw_only=True):
+    """Fused-qkv self-attention with 2D RoPE; optionally against one layer's KV cache.
+
+    ``train`` (residual dropout on) is a field: a rematerialised block needs no static arguments."""
     cfg: GPTConfig
+    train: bool = False
 
     @nn.compact
-    def __call__(self, x, rope, mask, cache, write_at, train: bool):
+    def __call__(self, x: jax.Array, *, rope: jax.Array, mask: jax.Array,
+                 cache: LayerCache | None = None,
+                 write_at: WriteAt | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """x (B, S, D), rope (S, Dh / 2, 2), mask to (B, H, S, T) -> (B, S, D) and the cache."""
         cfg = self.cfg
         b, s, _ = x.shape
         # Official wqkv rows are [q; k; v], so the fused kernel's output columns split the same way.
+        # (B, S, D) -> 3 x (B, S, H * Dh)
         q, k, v = jnp.split(_dense(cfg, 3 * cfg.dim, ("embed", "qkv"), "wqkv")(x), 3, axis=-1)
+        # (B, S, H * Dh) -> (B, S, H, Dh)
         q, k, v = (constrain(t.reshape(b, s, cfg.n_head, cfg.head_dim), HEADS) for t in (q, k, v))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
+            # (B, S, H, Dh) x (B, S, H, Dh) -> (B, S, H, Dh)
             out = dot_product_attention(q, k, v, mask)
         else:
             # Written in place (the cache is a loop carry) into chunk `chunk` (static) at slot `index`, then the
             # chunks up to it are attended as they lie; unwritten slots are in every query's future (masked).
             chunk, index = write_at
             ks, vs = list(cache["k"]), list(cache["v"])
+            # k (B, S, H, Dh) -> (B, H, Dh, S), written into (B, H, Dh, n)
             ks[chunk] = jax.lax.dynamic_update_slice(
                 ks[chunk], jnp.transpose(k, (0, 2, 3, 1)).astype(ks[chunk].dtype), (0, 0, 0, index))
+            # v (B, S, H, Dh) -> (B, H, S, Dh), written into (B, H, n, Dh)
             vs[chunk] = jax.lax.dynamic_update_slice(
                 vs[chunk], jnp.swapaxes(v, 1, 2).astype(vs[chunk].dtype), (0, 0, index, 0))
             cache = {"k": ks, "v": vs}
+            # (B, S, H, Dh) x chunks (B, H, Dh, n), (B, H, n, Dh) -> (B, S, H, Dh)
             out = cached_attention(q, ks[:chunk + 1], vs[:chunk + 1], mask)
-        out = constrain(out, HEADS).reshape(b, s, cfg.dim)
+        out = constrain(out, HEADS).reshape(b, s, cfg.dim)  # (B, S, H, Dh) -> (B, S, D)
+        # (B, S, D) -> (B, S, D)
         out = constrain(_dense(cfg, cfg.dim, ("heads", "embed"), "wo")(out), STREAM)
-        return nn.Dropout(cfg.resid_dropout)(out, deterministic=not train), cache
+        return nn.Dropout(rate=cfg.resid_dropout, deterministic=not self.train)(out), cache
 
 
-class Block(nn.Module):
+class Block(nn.Module, kw_only=True):
     """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Also returns the layer's updated cache.
 
     The stream h keeps its dtype (``residual_dtype``): the norms return it and each sum promotes the layers'
-    compute-dtype outputs to it, as torch's autocast does."""
+    compute-dtype outputs to it, as torch's autocast does. ``train`` (dropout on) is a field, so
+    `nn.remat` needs no static arguments; the call arguments stay positional because `nn.scan` maps
+    them by position."""
     cfg: GPTConfig
+    train: bool = False
 
     @nn.compact
-    def __call__(self, h, cache, rope, mask, write_at, train: bool):
-        cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name=name)  # noqa: E731
+    def __call__(self, h: jax.Array, cache: LayerCache | None, rope: jax.Array, mask: jax.Array,
+                 write_at: WriteAt | None) -> tuple[jax.Array, LayerCache | None]:
+        """h (B, S, D) -> ((B, S, D), cache); rope, mask and write_at as `Attention`'s."""
+        cfg, pdt = self.cfg, jnp.dtype(self.cfg.param_dtype)
         h = constrain(h, STREAM)
-        attn, cache = Attention(cfg, name="attention")(norm("attention_norm")(h), rope, mask, cache, write_at,
-                                                       train)
-        h = h + attn
-        h = h + SwiGLU(cfg.ffn_dim, cfg.ffn_dropout, cfg.compute_dtype, jnp.dtype(cfg.param_dtype),
-                       name="feed_forward")(norm("ffn_norm")(h), train)
+        x = RMSNorm(eps=cfg.norm_eps, param_dtype=pdt, name="attention_norm")(h)
+        attn, cache = Attention(cfg=cfg, train=self.train, name="attention")(
+            x, rope=rope, mask=mask, cache=cache, write_at=write_at)
+        h = h + attn  # (B, S, D)
+        x = RMSNorm(eps=cfg.norm_eps, param_dtype=pdt, name="ffn_norm")(h)
+        ffn = SwiGLU(hidden_dim=cfg.ffn_dim, dropout=cfg.ffn_dropout, dtype=cfg.compute_dtype,
+                     param_dtype=pdt, train=self.train, name="feed_forward")
+        h = h + ffn(x)  # (B, S, D) -> (B, S, F) -> (B, S, D)
         return constrain(h, STREAM), cache
 
 
@@ -225,19 +251,9 @@ class GPT(nn.Module):
         self.spe_tok_embeddings = self.param(
             "spe_tok_embeddings", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
             (cfg.group_size - 1, cfg.dim), pdt)
-        block = Block
-        if cfg.remat:
-            block = nn.remat(block, static_argnums=(6,), prevent_cse=not cfg.scan_layers,
-                             policy=REMAT_POLICIES[cfg.remat_policy])
-        if cfg.scan_layers:
-            self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
-                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-        else:
-            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layer)]
-        self.token_dropout = nn.Dropout(cfg.token_dropout)
-        self.norm = RMSNorm(cfg.norm_eps, pdt)
+        # The layers are built by `_stack` (the one compact method), where `train` is known.
+        self.token_dropout = nn.Dropout(rate=cfg.token_dropout)
+        self.norm = RMSNorm(eps=cfg.norm_eps, param_dtype=pdt)
         self.output = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "output", init=nn.initializers.zeros)
         self.rope_table = jnp.asarray(rope_table_2d(cfg.num_groups, cfg.group_size, cfg.head_dim, cfg.rope_base))
         self.mask_table = jnp.asarray(group_causal_mask(cfg.num_tokens, cfg.group_size, cfg.causal_num))
@@ -272,15 +288,32 @@ class GPT(nn.Module):
 
     # ---- transformer ------------------------------------------------------------------------------------------
 
-    def _stack(self, h, cache, positions, key_positions, write_at, train):
-        rope = self.rope_table[positions]
-        mask = self.mask_table[positions][:, key_positions][None, None]
-        if self.cfg.scan_layers:
-            h, _ = self.layers(h, None, rope, mask, write_at, train)
+    @nn.compact
+    def _stack(self, h: jax.Array, cache: list[LayerCache] | None, positions: jax.Array,
+               key_positions: jax.Array, write_at: WriteAt | None,
+               train: bool) -> tuple[jax.Array, list[LayerCache] | None]:
+        """h (B, S, D) at `positions` (S,), keys at `key_positions` (T,) -> logits (B, S, V), cache.
+
+        Compact, so that the layers are built with this call's ``train`` (a field of `Block`); their
+        names (``layers_i``, or ``layers`` when scanned) are what `setup` would give them."""
+        cfg = self.cfg
+        rope = self.rope_table[positions]  # (S, Dh / 2, 2)
+        mask = self.mask_table[positions][:, key_positions][None, None]  # (1, 1, S, T)
+        block = Block
+        if cfg.remat:
+            block = nn.remat(block, prevent_cse=not cfg.scan_layers,
+                             policy=REMAT_POLICIES[cfg.remat_policy])
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg=cfg, train=train, name="layers")
+            h, _ = layers(h, None, rope, mask, write_at)
         else:
             new_cache = []
-            for i, layer in enumerate(self.layers):
-                h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_at, train)
+            for i in range(cfg.n_layer):
+                layer = block(cfg=cfg, train=train, name=f"layers_{i}")
+                h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_at)
                 new_cache.append(layer_cache)
             cache = None if cache is None else new_cache
         logits = constrain(self.output(self.norm(h)), ("activation_batch", "activation_length", "activation_vocab"))

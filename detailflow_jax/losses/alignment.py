@@ -68,7 +68,8 @@ class SiglipVisionTower(nn.Module):
             nn.initializers.normal(self.width ** -0.5), ("length", "embed")), (self.pos_grid ** 2, self.width),
             self.param_dtype)
         x = x.astype(jnp.float32) + resized_position_table(table, grid).astype(jnp.float32)
-        x = ViTStack(self.depth, self.width, self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.param_dtype,
+        x = ViTStack(depth=self.depth, width=self.width, heads=self.heads, mlp_dim=self.mlp_dim,
+                     ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="layers")(x)
         post_layernorm = layer_norm("post_layernorm", self.ln_eps, self.param_dtype)
         # Official quirk (docs/fidelity.md#losses): HF's vision transformer ends with post_layernorm and the official

@@ -99,8 +99,9 @@ class DinoViT(nn.Module):
         h = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), h], axis=1) + pos
         acts = [readout(h)]
         for i in range(max(self.key_depths) + 1):
-            h = ViTBlock(self.width, self.heads, self.mlp_ratio * self.width, self.ln_eps, self.dtype,
-                         self.param_dtype, name=f"layers_{i}")(h)
+            h = ViTBlock(width=self.width, heads=self.heads, mlp_dim=self.mlp_ratio * self.width,
+                         ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name=f"layers_{i}")(h)
             if i in self.key_depths:
                 acts.append(readout(h))
         return acts

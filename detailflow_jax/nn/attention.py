@@ -19,7 +19,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
       (B, Lq, H, D) in q's dtype.
     """
     scale = q.shape[-1] ** -0.5
+    # (B, Lq, H, D) x (B, Lk, H, D) -> (B, H, Lq, Lk)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    # (B, H, Lq, Lk) x (B, Lk, H, D) -> (B, Lq, H, D)
     return jnp.einsum("bhqk,bkhd->bqhd", masked_softmax(logits, mask, v.dtype), v)
 
 
@@ -40,14 +42,16 @@ def cached_attention(q: jax.Array, k_chunks: Sequence[jax.Array], v_chunks: Sequ
     runs the matmuls on the cache as it lies in memory (a mixed-layout einsum made XLA:CPU transpose the whole
     cache at every step).
     """
-    q = jnp.swapaxes(q, 1, 2)
+    q = jnp.swapaxes(q, 1, 2)  # (B, S, H, D) -> (B, H, S, D)
     scale = q.shape[-1] ** -0.5
+    # (B, H, S, D) x (B, H, D, n_i) -> (B, H, S, n_i), concatenated to (B, H, S, sum n_i)
     logits = jnp.concatenate(
         [jnp.einsum("bhqd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32) for k in k_chunks], axis=-1)
     weights = masked_softmax(logits * scale, mask, v_chunks[0].dtype)
     bounds = np.cumsum([v.shape[2] for v in v_chunks])[:-1]
+    # (B, H, S, n_i) x (B, H, n_i, D) -> (B, H, S, D), summed over the chunks
     out = sum(jnp.einsum("bhqk,bhkd->bhqd", w, v) for w, v in zip(jnp.split(weights, bounds, axis=-1), v_chunks))
-    return jnp.swapaxes(out, 1, 2)
+    return jnp.swapaxes(out, 1, 2)  # (B, H, S, D) -> (B, S, H, D)
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:

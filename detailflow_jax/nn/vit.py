@@ -60,7 +60,7 @@ def layer_norm(name: str, eps: float, param_dtype: Any) -> nn.LayerNorm:
                         bias_init=nn.with_logical_partitioning(_ZEROS, ("embed",)))
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(nn.Module, kw_only=True):
     """Multi-head self-attention with separate biased q/k/v/out projections (scale head_dim^-0.5)."""
 
     width: int
@@ -69,7 +69,8 @@ class SelfAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+                 kv: jax.Array | None = None) -> jax.Array:
         """Queries from x (B, Lq, width), keys and values from ``kv`` (B, Lk, width; default x)."""
         if self.width % self.heads:
             raise ValueError(f"attention width {self.width} is not divisible by heads {self.heads}")
@@ -78,14 +79,16 @@ class SelfAttention(nn.Module):
 
         def project(name, source):
             y = dense(self.width, ("embed", "qkv"), name, self.dtype, self.param_dtype)(source)
+            # (B, L, width) -> (B, L, heads, head_dim)
             return constrain(y.reshape(*source.shape[:2], self.heads, head_dim), HEADS)
 
+        # (B, Lq, heads, head_dim) x (B, Lk, heads, head_dim) -> (B, Lq, heads, head_dim)
         out = dot_product_attention(project("q_proj", x), project("k_proj", kv), project("v_proj", kv), mask)
-        out = constrain(out, HEADS).reshape(*x.shape[:2], self.width)
+        out = constrain(out, HEADS).reshape(*x.shape[:2], self.width)  # -> (B, Lq, width)
         return constrain(dense(self.width, ("qkv", "embed"), "out_proj", self.dtype, self.param_dtype)(out), STREAM)
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, kw_only=True):
     """fc1 -> tanh-approximate GELU (``gelu_pytorch_tanh``) -> fc2."""
 
     width: int
@@ -101,7 +104,7 @@ class MLP(nn.Module):
         return constrain(out, STREAM)
 
 
-class ViTBlock(nn.Module):
+class ViTBlock(nn.Module, kw_only=True):
     """One pre-LN transformer block: x += Attn(LN1(x)); x += MLP(LN2(x)).
 
     Call with ``(x, mask)``: x (B, L, width); mask boolean (True = may attend) broadcastable to (B, heads, L, L), or
@@ -123,7 +126,8 @@ class ViTBlock(nn.Module):
     rows: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+                 context: jax.Array | None = None) -> jax.Array:
         x = constrain(x, STREAM)
         offset = 0
         if context is not None:
@@ -134,15 +138,18 @@ class ViTBlock(nn.Module):
         if mask is not None and mask.shape[-2] != 1:
             mask = mask[..., start:stop, :]
         h = layer_norm("layer_norm1", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
-        attn = SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, name="self_attn")
+        attn = SelfAttention(width=self.width, heads=self.heads, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="self_attn")
         x = x[:, start:stop]
         x = x + attn(h[:, start:stop], mask, kv=h).astype(x.dtype)
         h = layer_norm("layer_norm2", self.ln_eps, self.param_dtype)(x).astype(self.dtype)
-        h = MLP(self.width, self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
+        mlp = MLP(width=self.width, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="mlp")
+        h = mlp(h)
         return constrain(x + h.astype(x.dtype), STREAM)
 
 
-class ViTStack(nn.Module):
+class ViTStack(nn.Module, kw_only=True):
     """``depth`` ViTBlocks named ``layers_0 … layers_{depth-1}``, all with the same mask.
 
     ``remat=True`` recomputes each block's activations in the backward pass (saves memory for training at 256²).
@@ -162,13 +169,16 @@ class ViTStack(nn.Module):
     keep_rows: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, contexts: Sequence[jax.Array] | None = None,
-                 return_inputs: bool = False):
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+                 contexts: Sequence[jax.Array] | None = None,
+                 return_inputs: bool = False) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         block_cls = nn.remat(ViTBlock) if self.remat else ViTBlock
         inputs = []
         for i in range(self.depth):
             inputs.append(x)
             rows = self.keep_rows if i == self.depth - 1 else None
-            x = block_cls(self.width, self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.param_dtype, rows,
-                          name=f"layers_{i}")(x, mask, None if contexts is None else contexts[i])
+            block = block_cls(width=self.width, heads=self.heads, mlp_dim=self.mlp_dim,
+                              ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                              rows=rows, name=f"layers_{i}")
+            x = block(x, mask, context=None if contexts is None else contexts[i])
         return (x, inputs) if return_inputs else x

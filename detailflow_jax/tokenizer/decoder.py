@@ -47,9 +47,10 @@ class Decoder(nn.Module):
         seq = constrain(jnp.concatenate([constrain(canvas_tokens, STREAM), latents], axis=1), STREAM)
 
         # Only the canvas rows of the last block are used.
-        seq = ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
-                       cfg.params_dtype, cfg.remat, (0, grid * grid), name="layers")(
-            seq, decoder_key_mask(grid * grid, n, num_tokens))
+        stack = ViTStack(depth=vit.depth, width=vit.width, heads=vit.heads, mlp_dim=vit.mlp_dim,
+                         ln_eps=cfg.ln_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                         remat=cfg.remat, keep_rows=(0, grid * grid), name="layers")
+        seq = stack(seq, decoder_key_mask(grid * grid, n, num_tokens))
         seq = layer_norm("post_layernorm", cfg.ln_eps, cfg.params_dtype)(seq)
         kernel_init, bias_init = torch_default_inits(vit.width)
         pixels = dense(p * p * 3, ("embed", "pixels"), "to_pixel", cfg.compute_dtype, cfg.params_dtype,

@@ -37,7 +37,8 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, prefix: jax.Array | None = None,
                  noise_end: jax.Array | int | None = None, patch_states: list[jax.Array] | None = None,
-                 return_patch_states: bool = False):
+                 return_patch_states: bool = False
+                 ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         cfg, vit = self.cfg, self.cfg.encoder
         n, p = cfg.num_latent_tokens, cfg.patch_size
         if images.shape[1] != images.shape[2]:
@@ -57,8 +58,10 @@ class Encoder(nn.Module):
         z = constrain(queries + latent_pos_embed.astype(jnp.float32), STREAM)
 
         mask = jnp.asarray(encoder_mask(num_patches, n, cfg.group_size, cfg.causal_num))
-        stack = lambda keep: ViTStack(vit.depth, vit.width, vit.heads, vit.mlp_dim, cfg.ln_eps, cfg.compute_dtype,
-                                      cfg.params_dtype, cfg.remat, keep, name="layers")
+        stack = lambda keep: ViTStack(  # noqa: E731
+            depth=vit.depth, width=vit.width, heads=vit.heads, mlp_dim=vit.mlp_dim,
+            ln_eps=cfg.ln_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            remat=cfg.remat, keep_rows=keep, name="layers")
         if patch_states is not None:
             z = stack(None)(z, mask, contexts=patch_states)
         else:
