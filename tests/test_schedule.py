@@ -79,13 +79,13 @@ def test_imagenet_ar_keeps_the_lr_and_counts_epochs_with_the_batch():
 
 def test_fashion_mnist_recipes_resolve_to_their_stated_numbers():
     tok = optim.resolve_tokenizer_schedule(tokenizer_fashion_mnist.get_config(), 60_000)
-    assert (tok.total_steps, tok.warmup_steps, tok.steps_per_epoch) == (1800, 200, 1875)
-    assert np.isclose(tok.lr, 1e-3) and np.isclose(tok.min_lr, 1e-4) and tok.warmup_lr == 1e-5
+    assert (tok.total_steps, tok.warmup_steps, tok.steps_per_epoch) == (4000, 200, 3750)
+    assert np.isclose(tok.lr, 2e-3) and np.isclose(tok.min_lr, 2e-4) and tok.warmup_lr == 1e-5
     ar = optim.resolve_ar_schedule(ar_fashion_mnist.get_config(), 20_000)  # one record per extracted image
     assert (ar.total_steps, ar.warmup_steps) == (2_000, 100)
     assert np.isclose(ar.lr, 1e-3) and np.isclose(ar.min_lr, 1e-5) and np.isclose(ar.warmup_lr, 5e-6)
     # The explicit counts need no dataset size (tests and tools build the steps without data).
-    assert optim.resolve_tokenizer_schedule(tokenizer_fashion_mnist.get_config(), None).total_steps == 1800
+    assert optim.resolve_tokenizer_schedule(tokenizer_fashion_mnist.get_config(), None).total_steps == 4000
 
 
 def test_the_preflight_stand_in_resolves_every_recipe_without_data():
