@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax.eval.inception import INPUT_SIZE, InceptionFeatures, InceptionV3
+from detailflow_jax.nn.inception import INPUT_SIZE, InceptionFeatures, InceptionV3
 
 
 def measure(params, batch: int, image_size: int, dtype: str, iters: int) -> dict:

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.peaks import measure_peak_flops  # noqa: E402
 from detailflow_jax import sharding  # noqa: E402
-from detailflow_jax.convert.gpt import load_config_file  # noqa: E402
+from detailflow_jax.config_lib import load_config_file  # noqa: E402
 from detailflow_jax.data.global_batch import to_global  # noqa: E402
 from detailflow_jax.preflight import model_flops  # noqa: E402
 from detailflow_jax.tokenizer.degradation import degrade  # noqa: E402

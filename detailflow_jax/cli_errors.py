@@ -6,7 +6,7 @@ The project's own errors (a config value, a missing file or weights, a diverged 
 its traceback.
 
     if __name__ == "__main__":
-        cli_errors.run(main)     # argparse commands; absl commands go through train/cli.py run()
+        cli_errors.run(main)     # argparse commands; absl commands go through cli.py run()
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _PROJECT_ERRORS = {
     "detailflow_jax.config_lib": ("ConfigError",),  # sharding.MeshError is one
     "detailflow_jax.losses.weights": ("MissingWeightsError",),
     "detailflow_jax.train.metrics": ("NonFiniteLossError",),
-    "detailflow_jax.train.checkpoint": ("CheckpointError",),
+    "detailflow_jax.checkpoint": ("CheckpointError",),
     "detailflow_jax.train.workdir_lock": ("WorkdirBusyError",),
     "detailflow_jax.data.fashion_mnist": ("FashionMnistError",),
     "detailflow_jax.data.imagefolder": ("ImageFolderError",),

@@ -20,7 +20,6 @@ With `scan_layers` the per-layer arrays are stacked on a leading axis under `lay
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from typing import Any, Mapping
 
@@ -28,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax import cli_errors, config_lib
+from detailflow_jax import cli_errors
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+from detailflow_jax.config_lib import load_config_file
 from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree, leaf_shapes,
                                               load_state_dict)
 
@@ -97,18 +97,6 @@ def load_gpt_checkpoint(path: str, cfg: GPTConfig, entry: str | None = None) -> 
     return convert_gpt_state_dict(load_state_dict(path, entry), cfg, name=os.path.basename(path))
 
 
-def load_config_file(spec: str):
-    """'path/to/config.py:ARG' -> get_config(ARG) of that file."""
-    path, _, arg = spec.partition(":")
-    path = config_lib.config_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} (from --config {spec!r}) does not exist")
-    module_spec = importlib.util.spec_from_file_location("_gpt_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="official GPT checkpoint (.pt, .npz or .safetensors)")
@@ -119,7 +107,7 @@ def main(argv=None) -> str:
     parser.add_argument("--print_config", action="store_true", help="print the config and exit")
     args = parser.parse_args(argv)
 
-    from detailflow_jax.convert.params_io import save_params
+    from detailflow_jax.params_io import save_params
     config = load_config_file(args.config)
     if args.print_config:
         print(config.to_json(indent=2))

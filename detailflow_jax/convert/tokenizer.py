@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     flags.mark_flags_as_required(["checkpoint", "out", "config"])
 
     def run(_):
-        from detailflow_jax.convert.params_io import save_params
+        from detailflow_jax.params_io import save_params
         from detailflow_jax.tokenizer.model import count_params
 
         f = flags.FLAGS

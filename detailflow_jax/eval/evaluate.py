@@ -48,7 +48,7 @@ from etils import epath
 
 from detailflow_jax import cli_errors, distributed, sharding, storage
 from detailflow_jax.eval.fid import evaluate_samples
-from detailflow_jax.eval.inception import PREPROCESS_MODES, InceptionFeatures
+from detailflow_jax.nn.inception import PREPROCESS_MODES, InceptionFeatures
 from detailflow_jax.eval.reference_stats import iter_images
 
 LABEL_MODES = ("random", "per_class")

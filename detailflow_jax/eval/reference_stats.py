@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from detailflow_jax import cli_errors, storage
-from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES, SPATIAL_DIM
+from detailflow_jax.nn.inception import POOL_DIM, PREPROCESS_MODES, SPATIAL_DIM
 from detailflow_jax.eval.metrics import InceptionScoreAccumulator, RunningStats
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from detailflow_jax.convert.inception import load_inception_params
-    from detailflow_jax.eval.inception import InceptionFeatures
+    from detailflow_jax.nn.inception import InceptionFeatures
     from detailflow_jax.sharding import make_mesh
 
     mesh = make_mesh((-1, 1, 1)) if jax.device_count() > 1 else None

@@ -13,7 +13,7 @@ centre-cropped (docs/fidelity.md#evaluation).
 
 Per t, every image is encoded once, decoded from its first t tokens at the canvas of t, bicubic-upsampled to the
 full size R (``ReconstructionEvaluator``) and scored:
-  * PSNR (dB): ``eval/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
+  * PSNR (dB): ``inference/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
     quantises it to uint8 first, a difference of about 1e-3 dB);
   * SSIM: the standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1 on [0, 1]) of the
     uint8 reconstruction against the original. The official script uses skimage with ``data_range=2.0``
@@ -57,9 +57,9 @@ from detailflow_jax import cli_errors, distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval.fid import fid_between
-from detailflow_jax.eval.inception import POOL_DIM, PREPROCESS_MODES
+from detailflow_jax.nn.inception import POOL_DIM, PREPROCESS_MODES
 from detailflow_jax.eval.metrics import RunningStats
-from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.inference.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import noise_span_at
 
@@ -220,9 +220,9 @@ def padded_global_batches(stream: Iterable[dict], batch_size: int, mesh, num_ima
 
 def resolve_data_config(tokenizer: str, data_config: str | None, overrides: dict) -> ml_collections.ConfigDict:
     """The data section from ``--data_config``, else from the tokenizer work directory, with ``overrides``."""
-    from detailflow_jax.convert.gpt import load_config_file
+    from detailflow_jax.config_lib import load_config_file
     from detailflow_jax.data.pipeline import default_data_config
-    from detailflow_jax.train.weights import is_training_workdir, workdir_config
+    from detailflow_jax.inference.weights import is_training_workdir, workdir_config
 
     if data_config:
         loaded = load_config_file(data_config)
@@ -379,9 +379,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     from detailflow_jax.convert.inception import load_inception_params
     from detailflow_jax.data.pipeline import make_eval_iter
-    from detailflow_jax.eval.inception import InceptionFeatures
+    from detailflow_jax.nn.inception import InceptionFeatures
     from detailflow_jax.tokenizer.resolution import ResolutionTables
-    from detailflow_jax.train.weights import is_training_workdir, load_tokenizer, workdir_config
+    from detailflow_jax.inference.weights import is_training_workdir, load_tokenizer, workdir_config
 
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
