@@ -6,7 +6,7 @@ The project's own errors (a config value, a missing file or weights, a diverged 
 its traceback.
 
     if __name__ == "__main__":
-        cli_errors.run(main)     # argparse commands; absl commands go through cli.py run()
+        cli_errors.run(main)     # argparse commands; absl commands go through train/cli.py run()
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ ALLOWED = {
                    "eval"},
 }
 STAGE_MODULES = {"detailflow_jax.tokenizer.extract": "tokenizer.extract"}
+# Known breaks, each to be removed with its fix (the test fails once one is gone): two commands
+# still take the trainers' absl plumbing, until they move to detailflow_jax/cli.py.
+PENDING = {
+    ("detailflow_jax/eval/sample.py", "detailflow_jax.train.cli"),
+    ("detailflow_jax/tokenizer/extract.py", "detailflow_jax.train.cli"),
+}
 
 
 def unit(module: str) -> str:
@@ -89,15 +95,20 @@ def test_every_unit_is_in_the_table():
 
 
 def test_imports_stay_inside_the_layering():
-    bad = []
+    bad, pending = [], set()
     for path in modules():
         source = unit(module_name(path))
         for line, name in sorted(set(project_imports(path))):
             target = unit(name)
-            if target != source and target not in ALLOWED.get(source, ()):
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name} "
-                           f"({source} may not import {target})")
+            if target == source or target in ALLOWED.get(source, ()):
+                continue
+            relative = str(path.relative_to(ROOT))
+            if (relative, name) in PENDING:
+                pending.add((relative, name))
+            else:
+                bad.append(f"{relative}:{line} imports {name} ({source} may not import {target})")
     assert not bad, "layering broken:\n" + "\n".join(bad)
+    assert pending == PENDING, f"fixed, take them out of PENDING: {sorted(PENDING - pending)}"
 
 
 def test_the_table_has_no_cycle():

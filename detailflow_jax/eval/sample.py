@@ -32,12 +32,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from detailflow_jax import cli, distributed, sharding, storage
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError, load_config_file
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.inference.generator import ImageGenerator, default_classes, sampling_settings
 from detailflow_jax.inference.weights import (is_training_workdir, load_gpt, load_tokenizer,
                                               workdir_config)
+from detailflow_jax.train import cli
 
 
 def ar_workdir_tokenizer(config: ml_collections.ConfigDict) -> tuple[str, Any, str | None]:

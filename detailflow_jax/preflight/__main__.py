@@ -25,8 +25,9 @@ import time
 
 from absl import flags
 
-from detailflow_jax import cli, cli_errors
+from detailflow_jax import cli_errors
 from detailflow_jax.preflight import topology as topo_lib
+from detailflow_jax.train import cli
 
 _PROGRAM = flags.DEFINE_enum(
     "program", "train", ["train", "sample", "sample_reference", "decode"],

@@ -33,15 +33,16 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from detailflow_jax import cli, distributed, sharding, storage
+from detailflow_jax import distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, complete_config, finish_dataset
 from detailflow_jax.data.sources import open_source
-from detailflow_jax.inference.weights import checkpoint_step, load_tokenizer
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import sample_noise_span
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
+from detailflow_jax.train import cli
+from detailflow_jax.inference.weights import checkpoint_step, load_tokenizer
 
 log = logging.getLogger(__name__)
 
