@@ -19,7 +19,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detailflow_jax import cli, cli_errors  # noqa: E402
-from detailflow_jax.eval.inception import INPUT_SIZE, InceptionFeatures, InceptionV3  # noqa: E402
+from detailflow_jax.nn.inception import INPUT_SIZE, InceptionFeatures, InceptionV3  # noqa: E402
 
 
 def measure(params, batch: int, image_size: int, dtype: str, iters: int) -> dict:

@@ -78,7 +78,7 @@ def tokenizer_training(model: ml_collections.ConfigDict, data: ml_collections.Co
     # refine_conv and the alignment projection keep their values and get no optimiser state.
     c.finetune_decoder_only = False
     # Official: lr x batch / 256 (lr_batch; 0 = no scaling), 1 warm-up epoch from 1e-5 (warmup_steps -1: from
-    # warmup_epochs; >= 0: that many steps), cosine to min_lr_ratio x the scaled lr (train/optim.py).
+    # warmup_epochs; >= 0: that many steps), cosine to min_lr_ratio x the scaled lr (optim.py).
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, lr_batch=256, b1=0.9, b2=0.95, warmup_epochs=1.0, warmup_steps=-1, warmup_lr=1e-5,
         min_lr_ratio=0.1, clip_norm=1.0))
@@ -129,7 +129,7 @@ def ar_training(gpt: ml_collections.ConfigDict, extract_data: ml_collections.Con
     c.sharding_rules = _sharding_rules()  # logical axis name -> mesh axes, for parameters and activations
     c.correction_prob = 0.3
     # Official train_c2i.py: the lr is not scaled with the batch (lr_batch 0), warm-up int(5% x total steps)
-    # (warmup_steps -1; >= 0: that many) from 0.005 x lr, cosine to 0.01 x lr (train/optim.py).
+    # (warmup_steps -1; >= 0: that many) from 0.005 x lr, cosine to 0.01 x lr (optim.py).
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, lr_batch=0, b1=0.9, b2=0.95, weight_decay=0.05, warmup_fraction=0.05, warmup_steps=-1,
         warmup_lr_ratio=0.005, min_lr_ratio=0.01, clip_norm=1.0))

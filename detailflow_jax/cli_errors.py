@@ -27,7 +27,7 @@ _PROJECT_ERRORS = {
     "detailflow_jax.config_lib": ("ConfigError",),  # sharding.MeshError is one
     "detailflow_jax.losses.weights": ("MissingWeightsError",),
     "detailflow_jax.train.metrics": ("NonFiniteLossError",),
-    "detailflow_jax.train.checkpoint": ("CheckpointError",),
+    "detailflow_jax.checkpoint": ("CheckpointError",),
     "detailflow_jax.train.workdir_lock": ("WorkdirBusyError",),
     "detailflow_jax.data.fashion_mnist": ("FashionMnistError",),
     "detailflow_jax.data.imagefolder": ("ImageFolderError",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -76,3 +77,15 @@ def require(condition: bool, key: str, value, rule: str) -> None:
     """Raises ConfigError("<key>=<value>: <rule>") when ``condition`` is false."""
     if not condition:
         raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def load_config_file(spec: str):
+    """'path/to/config.py:ARG' -> get_config(ARG) of that file."""
+    path, _, arg = spec.partition(":")
+    path = config_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} (from --config {spec!r}) does not exist")
+    module_spec = importlib.util.spec_from_file_location("_gpt_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

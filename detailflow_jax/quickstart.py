@@ -29,14 +29,14 @@ from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import classifier, quality
-from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
 from detailflow_jax.eval.sample import load_generator, sample
+from detailflow_jax.inference.reconstruction import ReconstructionEvaluator
+from detailflow_jax.inference.weights import load_tokenizer
 from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.train import ar as ar_train
 from detailflow_jax.train import cli as train_cli
 from detailflow_jax.train import tokenizer as tokenizer_train
 from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.weights import load_tokenizer
 
 DEFAULT_WORKDIR = "workdir/fashion_mnist"  # --smoke: workdir/fashion_mnist_smoke (other models: never mixed)
 _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "tokenizer training steps (0: the recipe's)")

@@ -25,13 +25,12 @@ import jax
 import numpy as np
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, optim, sharding
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_train_iter
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train import optim
 from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.tokenizer_step import TokenizerStep
 from tests.float_tolerance import plain_sgd
 

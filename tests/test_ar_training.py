@@ -14,12 +14,11 @@ import pytest
 from flax.linen import unbox as flax_unbox
 
 from configs import ar_fashion_mnist
-from detailflow_jax import config_lib, sharding
-from detailflow_jax.config_lib import ConfigError
+from detailflow_jax import config_lib, optim, sharding
 from detailflow_jax.ar import model as gpt_model
+from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.train import ar as ar_train
-from detailflow_jax.train import optim
 from detailflow_jax.train.ar_step import ARStep, self_correction_mix, split_micro_batches
 from float_tolerance import assert_same_updates, plain_sgd, reorder_tolerance
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detailflow_jax.train.checkpoint import CHECKSUM_FILE, CheckpointError, Checkpointer
-from detailflow_jax.train.weights import checkpoint_step, restore_entry
+from detailflow_jax.checkpoint import CHECKSUM_FILE, CheckpointError, Checkpointer
+from detailflow_jax.inference.weights import checkpoint_step, restore_entry
 
 
 def _weights(value: float) -> np.ndarray:

@@ -12,12 +12,12 @@ from configs import tokenizer_fashion_mnist, tokenizer_imagenet
 from detailflow_jax import config_lib, sharding
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.convert import siglip2
-from detailflow_jax.convert.params_io import restore_params
 from detailflow_jax.losses.alignment import tower_for
 from detailflow_jax.losses.weights import MissingWeightsError
-from detailflow_jax.tokenizer import encoder_init
 from detailflow_jax.nn.vit import ViTStack, layer_norm
+from detailflow_jax.params_io import restore_params
 from detailflow_jax.tokenizer.encoder import Encoder
+from detailflow_jax.train import encoder_init
 from detailflow_jax.train import tokenizer as tokenizer_train
 from detailflow_jax.train.tokenizer_step import TokenizerStep
 from test_alignment import HEADS, PATCH, POS_GRID, hf_state_dict

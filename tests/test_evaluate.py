@@ -87,8 +87,8 @@ def tiny_run(tmp_path_factory, large_fixtures):
 
     from detailflow_jax.ar.model import GPT, init_params as gpt_init
     from detailflow_jax.convert.inception import load_inception_params
-    from detailflow_jax.convert.params_io import save_params
-    from detailflow_jax.eval.inception import InceptionFeatures
+    from detailflow_jax.params_io import save_params
+    from detailflow_jax.nn.inception import InceptionFeatures
     from detailflow_jax.eval.reference_stats import compute_reference_batch, save_reference_batch
     from detailflow_jax.sharding import make_mesh
     from detailflow_jax.tokenizer.model import init_params as tokenizer_init

@@ -11,14 +11,14 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import sharding
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import ConfigError
-from detailflow_jax.convert.params_io import save_params
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.data.sources import SyntheticSource
+from detailflow_jax.inference.weights import load_tokenizer
+from detailflow_jax.params_io import save_params
 from detailflow_jax.tokenizer.extract import extract_codes, noise_spans
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer, init_params
-from detailflow_jax.train.checkpoint import Checkpointer
-from detailflow_jax.train.weights import load_tokenizer
 
 TOKENIZER_CONFIG = "configs/tokenizer_fashion_mnist.py:smoke"
 

@@ -150,7 +150,7 @@ def test_image_folder_dataset_is_read_from_a_bucket(bucket, tmp_path):
 
 
 def test_converters_read_a_checkpoint_file_from_a_bucket_and_write_weights_there(bucket, tmp_path):
-    from detailflow_jax.convert.params_io import restore_params, save_params
+    from detailflow_jax.params_io import restore_params, save_params
     from detailflow_jax.convert.state_dict import load_state_dict
     weights = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "conv.bias": np.ones(2, np.float32)}
     storage.save_npz(f"{bucket}/downloads/model.npz", **weights)

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from detailflow_jax.ar.images import TokenDecoder
-from detailflow_jax.eval import pictures
+from detailflow_jax.inference import pictures
+from detailflow_jax.inference.images import TokenDecoder
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.model import init_params
 

@@ -8,7 +8,7 @@ import pytest
 from detailflow_jax.convert.inception import convert_state_dict, load_inception_params, main as convert_main
 from detailflow_jax.convert.state_dict import ConversionError, load_state_dict
 from detailflow_jax.eval import reference_stats
-from detailflow_jax.eval.inception import SPATIAL_DIM, InceptionFeatures, resize_bilinear
+from detailflow_jax.nn.inception import SPATIAL_DIM, InceptionFeatures, resize_bilinear
 from detailflow_jax.sharding import make_mesh
 
 

@@ -23,12 +23,11 @@ from absl import flags
 from absl.testing import flagsaver
 
 from configs.common import MESH_RECIPES, mesh_config, mesh_for
-from detailflow_jax import distributed, sharding
+from detailflow_jax import distributed, optim, sharding
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.sharding import MeshError
-from detailflow_jax.train import optim
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.tokenizer_step import TokenizerStep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

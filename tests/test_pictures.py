@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from detailflow_jax.data.fashion_mnist import CLASS_NAMES
-from detailflow_jax.eval import pictures
+from detailflow_jax.inference import pictures
 
 
 def gray(rng, n, size):

@@ -11,15 +11,15 @@ from PIL import Image
 
 from configs import ar_fashion_mnist, tokenizer_fashion_mnist
 from detailflow_jax import sharding
-from detailflow_jax.convert.params_io import restore_params, save_params
 from detailflow_jax.data.codes import read_metadata
-from detailflow_jax.eval import pictures
 from detailflow_jax.eval.sample import load_generator, sample
+from detailflow_jax.inference import pictures
+from detailflow_jax.inference.weights import load_gpt
+from detailflow_jax.params_io import restore_params, save_params
 from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.tokenizer.model import init_params
 from detailflow_jax.tokenizer.resolution import ResolutionTables
 from detailflow_jax.train import ar as ar_train
-from detailflow_jax.train.weights import load_gpt
 
 TOKENIZER_CONFIG = "configs/tokenizer_fashion_mnist.py:smoke"
 GPT_CONFIG = "configs/gpt.py:tiny,K=64"  # the GPT of configs/ar_fashion_mnist.py:smoke

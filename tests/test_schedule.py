@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import ar_fashion_mnist, ar_imagenet, tokenizer_fashion_mnist, tokenizer_imagenet
+from detailflow_jax import optim
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.preflight.programs import stand_in_schedule
-from detailflow_jax.train import optim
 
 IMAGENET_TRAIN = 1_281_167
 

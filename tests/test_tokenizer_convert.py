@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs.tokenizer import get_config
-from detailflow_jax.convert.params_io import restore_params
 from detailflow_jax.convert.state_dict import ConversionError, load_state_dict
 from detailflow_jax.convert.tokenizer import (TRAIN_ONLY_PREFIXES, convert_tokenizer_state_dict,
                                               state_dict_key_map)
+from detailflow_jax.params_io import restore_params
 from detailflow_jax.tokenizer.config import from_fixture_config
 from detailflow_jax.tokenizer.model import abstract_params, count_params
 

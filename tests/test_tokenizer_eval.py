@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval import tokenizer_eval
-from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.inference.reconstruction import ReconstructionEvaluator
 
 sys.path.insert(0, ".")
 
@@ -106,7 +106,7 @@ def test_curve_covers_every_admissible_token_count(tiny_tokenizer):
 
 
 def test_command_end_to_end(tiny_tokenizer, tmp_path, large_fixtures, capsys):
-    from detailflow_jax.convert.params_io import save_params
+    from detailflow_jax.params_io import save_params
     cfg, params = tiny_tokenizer
     save_params(tmp_path / "tok", params)
     inception = large_fixtures / "fid_inception" / "inception_state_dict_fp16.npz"

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax.nn.patches import patchify, resized_position_table, unpatchify
 from detailflow_jax.tokenizer.masks import decoder_key_mask, encoder_mask, latent_mask
-from detailflow_jax.tokenizer.patches import patchify, resized_position_table, unpatchify
 
 
 def _rows(text):

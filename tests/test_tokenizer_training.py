@@ -11,12 +11,11 @@ import optax
 import pytest
 
 from configs import tokenizer_fashion_mnist
-from detailflow_jax import config_lib, sharding
+from detailflow_jax import config_lib, optim, sharding
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.losses.weights import MissingWeightsError
 from detailflow_jax.tokenizer.degradation import degradation_matrix
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train import optim
 from detailflow_jax.train import tokenizer as tokenizer_train
 from detailflow_jax.train.tokenizer_step import TokenizerStep
 from float_tolerance import assert_same_updates, plain_sgd, reorder_tolerance

@@ -9,10 +9,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from detailflow_jax import sharding
+from detailflow_jax import optim, sharding
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params, unstack_layers
-from detailflow_jax.train import optim
-from detailflow_jax.train.checkpoint import Checkpointer
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.train.metrics import NonFiniteLossError, check_finite
 
 

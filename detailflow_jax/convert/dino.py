@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags
 
 from detailflow_jax import cli, cli_errors
-from detailflow_jax.convert.params_io import save_params
+from detailflow_jax.params_io import save_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.losses.dino import DinoViT
 from detailflow_jax.losses.discriminator import DinoDiscriminator

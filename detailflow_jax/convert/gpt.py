@@ -19,7 +19,6 @@ With `scan_layers` the per-layer arrays are stacked on a leading axis under `lay
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any, Mapping
 
@@ -98,17 +97,6 @@ def load_gpt_checkpoint(path: str, cfg: GPTConfig, entry: str | None = None) -> 
     return convert_gpt_state_dict(load_state_dict(path, entry), cfg, name=os.path.basename(path))
 
 
-def load_config_file(spec: str):
-    """'path/to/config.py:ARG' -> get_config(ARG) of that file."""
-    path, _, arg = spec.partition(":")
-    path = config_lib.config_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} (from --config {spec!r}) does not exist")
-    module_spec = importlib.util.spec_from_file_location("_gpt_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
 
 def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "official GPT checkpoint (.pt, .npz or .safetensors)",
@@ -123,7 +111,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv=None) -> str:
     args = cli.parse(argv, __doc__, _define_flags)
-    from detailflow_jax.convert.params_io import save_params
+    from detailflow_jax.params_io import save_params
     config = cli.loaded_config(args)
     cli.maybe_print_config(config, args)
     cfg = GPTConfig(**config.model).validate()

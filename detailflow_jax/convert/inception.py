@@ -18,9 +18,9 @@ import numpy as np
 from absl import flags
 
 from detailflow_jax import cli, cli_errors, storage
-from detailflow_jax.convert.params_io import restore_params, save_params
+from detailflow_jax.params_io import restore_params, save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
-from detailflow_jax.eval.inception import abstract_params
+from detailflow_jax.nn.inception import abstract_params
 
 # Flax leaf name -> PyTorch suffix (the module path is shared, "/" vs ".").
 _BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}

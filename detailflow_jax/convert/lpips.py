@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 
 from detailflow_jax import cli, cli_errors
-from detailflow_jax.convert.params_io import save_params
+from detailflow_jax.params_io import save_params
 from detailflow_jax.convert.state_dict import StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.losses.lpips import LPIPS
 from detailflow_jax.losses.vgg import TAPS, TORCHVISION_INDEX

@@ -13,7 +13,7 @@ Accepted checkpoints (.safetensors / .npz / .pt):
 The prefix is detected when ``--prefix`` is not given. ``--layers`` converts the first L layers (default: all the
 checkpoint has; the official target uses all 27). The directory holds ``{"tower": params, "num_heads": int}``; pass
 it as ``--config.losses.siglip_weights`` (and as ``--config.encoder_weights``: the tokenizer encoder starts from its
-first ``encoder.depth`` layers, ``tokenizer/encoder_init.py``).
+first ``encoder.depth`` layers, ``train/encoder_init.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from detailflow_jax import cli, cli_errors
-from detailflow_jax.convert.params_io import save_params
+from detailflow_jax.params_io import save_params
 from detailflow_jax.convert.state_dict import ConversionError, StateDictReader, assign_to_tree, load_state_dict
 from detailflow_jax.convert.tokenizer import KeySource, read_mapped, state_dict_key_map
 from detailflow_jax.losses.alignment import SiglipVisionTower

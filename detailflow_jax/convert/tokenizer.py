@@ -148,7 +148,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv=None) -> None:
-    from detailflow_jax.convert.params_io import save_params
+    from detailflow_jax.params_io import save_params
     from detailflow_jax.tokenizer.model import count_params
 
     f = cli.parse(argv, __doc__, _define_flags)

@@ -27,10 +27,10 @@ import numpy as np
 import optax
 
 from detailflow_jax import storage
-from detailflow_jax.convert.params_io import restore_params, save_params
+from detailflow_jax.params_io import restore_params, save_params
 from detailflow_jax.data.pipeline import default_data_config, make_eval_iter
 from detailflow_jax.data.sources import DEFAULT_EVAL_SPLIT
-from detailflow_jax.train.optim import adam
+from detailflow_jax.optim import adam
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from absl import flags
 
 from detailflow_jax import cli
-from detailflow_jax.eval.inception import PREPROCESS_MODES
+from detailflow_jax.nn.inception import PREPROCESS_MODES
 
 INCEPTION_HELP = ("FID Inception: orbax dir from detailflow_jax.convert.inception, or the "
                   "pytorch-fid .pth/.npz")

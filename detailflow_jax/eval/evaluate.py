@@ -50,7 +50,7 @@ from detailflow_jax import cli, cli_errors, distributed, sharding, storage
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import cli_flags
 from detailflow_jax.eval.fid import evaluate_samples
-from detailflow_jax.eval.inception import InceptionFeatures
+from detailflow_jax.nn.inception import InceptionFeatures
 from detailflow_jax.eval.reference_stats import iter_images
 
 LABEL_MODES = ("random", "per_class")

@@ -24,7 +24,7 @@ from absl import flags
 
 from detailflow_jax import cli, cli_errors, storage
 from detailflow_jax.eval import cli_flags
-from detailflow_jax.eval.inception import POOL_DIM, SPATIAL_DIM
+from detailflow_jax.nn.inception import POOL_DIM, SPATIAL_DIM
 from detailflow_jax.eval.metrics import InceptionScoreAccumulator, RunningStats
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from detailflow_jax.convert.inception import load_inception_params
-    from detailflow_jax.eval.inception import InceptionFeatures
+    from detailflow_jax.nn.inception import InceptionFeatures
     from detailflow_jax.sharding import make_mesh
 
     mesh = make_mesh((-1, 1, 1)) if jax.device_count() > 1 else None

@@ -14,7 +14,7 @@ centre-cropped (docs/fidelity.md#evaluation).
 
 Per t, every image is encoded once, decoded from its first t tokens at the canvas of t, bicubic-upsampled to the
 full size R (``ReconstructionEvaluator``) and scored:
-  * PSNR (dB): ``eval/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
+  * PSNR (dB): ``inference/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
     quantises it to uint8 first, a difference of about 1e-3 dB);
   * SSIM: the standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1 on [0, 1]) of the
     uint8 reconstruction against the original. The official script uses skimage with ``data_range=2.0``
@@ -59,9 +59,9 @@ from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.eval import cli_flags
 from detailflow_jax.eval import ssim as ssim_lib
 from detailflow_jax.eval.fid import fid_between
-from detailflow_jax.eval.inception import POOL_DIM
+from detailflow_jax.nn.inception import POOL_DIM
 from detailflow_jax.eval.metrics import RunningStats
-from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.inference.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import noise_span_at
 
@@ -224,9 +224,9 @@ def resolve_data_config(tokenizer: str, data_config: str | ml_collections.Config
                         overrides: dict) -> ml_collections.ConfigDict:
     """The data section from ``--data_config`` (FILE.py:ARG or the loaded config), else from the
     tokenizer work directory, with ``overrides``."""
-    from detailflow_jax.convert.gpt import load_config_file
+    from detailflow_jax.config_lib import load_config_file
     from detailflow_jax.data.pipeline import default_data_config
-    from detailflow_jax.train.weights import is_training_workdir, workdir_config
+    from detailflow_jax.inference.weights import is_training_workdir, workdir_config
 
     if data_config:
         loaded = load_config_file(data_config) if isinstance(data_config, str) else data_config
@@ -395,9 +395,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     from detailflow_jax.convert.inception import load_inception_params
     from detailflow_jax.data.pipeline import make_eval_iter
-    from detailflow_jax.eval.inception import InceptionFeatures
+    from detailflow_jax.nn.inception import InceptionFeatures
     from detailflow_jax.tokenizer.resolution import ResolutionTables
-    from detailflow_jax.train.weights import is_training_workdir, load_tokenizer, workdir_config
+    from detailflow_jax.inference.weights import is_training_workdir, load_tokenizer, workdir_config
 
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from detailflow_jax.losses.weights import MissingWeightsError, load_required_params
+from detailflow_jax.nn.patches import patchify, resized_position_table
 from detailflow_jax.nn.vit import ViTStack, dense, layer_norm, torch_default_inits
-from detailflow_jax.tokenizer.patches import patchify, resized_position_table
 
 WEIGHTS_FLAG = "--config.losses.siglip_weights"
 CONVERTER = "detailflow_jax.convert.siglip2"

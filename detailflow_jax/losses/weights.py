@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from detailflow_jax import storage
-from detailflow_jax.convert.params_io import restore_params
+from detailflow_jax.params_io import restore_params
 
 
 class MissingWeightsError(ValueError):

@@ -40,7 +40,7 @@ def stand_in_schedule(resolve, config):
 
 
 def ar_train(config, mesh) -> Program:
-    from detailflow_jax.train import optim
+    from detailflow_jax import optim
     from detailflow_jax.train.ar_step import ARStep
     trainer = ARStep(config, mesh, stand_in_schedule(optim.resolve_ar_schedule, config))
     state = trainer.abstract_state(config.seed)
@@ -54,7 +54,7 @@ def ar_train(config, mesh) -> Program:
 
 def tokenizer_train(config, mesh) -> Program:
     from detailflow_jax.tokenizer.resolution import ResolutionTables
-    from detailflow_jax.train import optim
+    from detailflow_jax import optim
     from detailflow_jax.train.tokenizer_step import TokenizerStep
     trainer = TokenizerStep(config, mesh, stand_in_schedule(optim.resolve_tokenizer_schedule, config))
     frozen = trainer.abstract_frozen()
@@ -68,11 +68,11 @@ def tokenizer_train(config, mesh) -> Program:
 
 
 def _sampling_inputs(config, mesh):
-    """(GPTConfig, abstract params placed as eval/sample.py places them, their shardings, labels, key, settings)
-    for ``config.batch_size`` labels per call."""
+    """(GPTConfig, abstract params placed as inference/weights.py places them, their shardings,
+    labels, key, settings) for ``config.batch_size`` labels per call."""
     from detailflow_jax.ar.model import GPTConfig
-    from detailflow_jax.eval.sample import sampling_settings
-    from detailflow_jax.train.weights import abstract_gpt_params
+    from detailflow_jax.inference.generator import sampling_settings
+    from detailflow_jax.inference.weights import abstract_gpt_params
     cfg = GPTConfig(**config.model.to_dict()).validate()
     params, shardings = abstract_gpt_params(cfg, mesh)
     labels = _sds((config.batch_size,), jnp.int32, sharding.batch_sharding(mesh, 1))
@@ -81,7 +81,7 @@ def _sampling_inputs(config, mesh):
 
 
 def gpt_sample(config, mesh) -> Program:
-    """The KV-cache sampler's jitted call, with the shardings eval/sample.py gives it. Each loop of more than one
+    """The KV-cache sampler's jitted call, with the shardings inference/generator.py gives it. Each loop of more than one
     iteration gets a probe: the same sampler with that loop unrolled twice, one more iteration (two with an odd
     trip count, where the remainder runs as its own loop) in the cost analysis."""
     from detailflow_jax.ar.model import GPT
@@ -114,9 +114,9 @@ def gpt_sample_reference(config, mesh) -> Program:
 
 
 def tokenizer_decode(config, mesh) -> Program:
-    """The sampler's image decoder (ar/images.py TokenDecoder): all N codes at the full canvas."""
-    from detailflow_jax.ar.images import TokenDecoder
-    from detailflow_jax.train.weights import abstract_tokenizer_params
+    """The sampler's image decoder (inference/images.py TokenDecoder): all N codes at the full canvas."""
+    from detailflow_jax.inference.images import TokenDecoder
+    from detailflow_jax.inference.weights import abstract_tokenizer_params
     params = abstract_tokenizer_params(config.model, mesh)
     decoder = TokenDecoder(config.model, params)
     t = decoder.tables.num_tokens

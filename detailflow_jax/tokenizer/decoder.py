@@ -7,12 +7,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detailflow_jax.nn.patches import resized_position_table, unpatchify
 from detailflow_jax.nn.vit import ViTStack, dense, layer_norm, torch_default_inits
 from detailflow_jax.sharding import STREAM, constrain
 from detailflow_jax.tokenizer.config import TokenizerConfig, check_canvas
 from detailflow_jax.tokenizer.encoder import token_table
 from detailflow_jax.tokenizer.masks import decoder_key_mask
-from detailflow_jax.tokenizer.patches import resized_position_table, unpatchify
 
 
 class Decoder(nn.Module):

@@ -7,11 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detailflow_jax.nn.patches import patchify, resized_position_table
 from detailflow_jax.nn.vit import ViTStack, dense, layer_norm
 from detailflow_jax.sharding import STREAM, constrain
 from detailflow_jax.tokenizer.config import TokenizerConfig
 from detailflow_jax.tokenizer.masks import encoder_mask
-from detailflow_jax.tokenizer.patches import patchify, resized_position_table
 
 
 def token_table(name: str, module: nn.Module, length: int, width: int, init) -> jax.Array:

@@ -39,11 +39,11 @@ from detailflow_jax.config_lib import ConfigError, require
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.data.pipeline import AttachIndex, EvalTransform, SkipCounter, complete_config, finish_dataset
 from detailflow_jax.data.sources import open_source
+from detailflow_jax.inference.weights import checkpoint_step, load_tokenizer
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import sample_noise_span
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
 from detailflow_jax.train import cli
-from detailflow_jax.train.weights import checkpoint_step, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,17 @@ import logging
 import jax
 import ml_collections
 
-from detailflow_jax import distributed, sharding, storage
+from detailflow_jax import distributed, optim, sharding, storage
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
-from detailflow_jax.eval.sample import ImageGenerator, default_classes, sampling_settings
-from detailflow_jax.train import cli, optim, run_config, workdir_lock
+from detailflow_jax.inference.generator import ImageGenerator, default_classes, sampling_settings
+from detailflow_jax.inference.weights import load_tokenizer
+from detailflow_jax.train import cli, run_config, workdir_lock
 from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.loop import LoopConfig, run_loop
 from detailflow_jax.train.metrics import MetricWriter
-from detailflow_jax.train.weights import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,8 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from detailflow_jax import sharding
+from detailflow_jax import optim, sharding
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
-from detailflow_jax.train import optim
 
 
 def self_correction_mix(codes: jax.Array, use_corrected: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 import jax
 from tqdm import tqdm
 
+from detailflow_jax.checkpoint import Checkpointer, StopRequest
 from detailflow_jax.distributed import is_main_process
-from detailflow_jax.train.checkpoint import Checkpointer, StopRequest
 from detailflow_jax.train.metrics import MetricWriter, check_finite
 
 StepFn = Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, step) -> (state, device metrics)

@@ -19,17 +19,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from detailflow_jax import distributed, sharding, storage
+from detailflow_jax import distributed, optim, sharding, storage
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_eval_iter, make_train_iter
-from detailflow_jax.eval import pictures
-from detailflow_jax.eval.reconstruction import ReconstructionEvaluator
+from detailflow_jax.inference import pictures
+from detailflow_jax.inference.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train import cli, optim, run_config, workdir_lock
-from detailflow_jax.train.checkpoint import Checkpointer
+from detailflow_jax.train import cli, run_config, workdir_lock
 from detailflow_jax.train.loop import LoopConfig, run_loop
 from detailflow_jax.train.metrics import MetricWriter
 from detailflow_jax.train.tokenizer_step import TokenizerStep

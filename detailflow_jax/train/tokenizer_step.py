@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from detailflow_jax import sharding
+from detailflow_jax import optim, sharding
 from detailflow_jax.losses import diffaug, gan
 from detailflow_jax.losses.alignment import (SiglipVisionTower, alignment_loss, init_projection, load_siglip_tower,
                                              siglip_target)
@@ -41,9 +41,8 @@ from detailflow_jax.losses.patchgan import PatchGANDiscriminator
 from detailflow_jax.nn.resample import bicubic_resize
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import degrade
-from detailflow_jax.tokenizer.encoder_init import encoder_weights, with_pretrained_encoder
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer, init_variables
-from detailflow_jax.train import optim
+from detailflow_jax.train.encoder_init import encoder_weights, with_pretrained_encoder
 
 DISC_TYPES = ("none", "patchgan", "dino")
 

@@ -3,7 +3,7 @@
 
 A prefix of t tokens decodes at the canvas `ResolutionTables.canvas[t]`, so previews for increasing t show the image
 sharpening as groups arrive. Pixels are converted as the official sampler does (``detailflow_jax.pixels``); the
-pictures made of them are ``detailflow_jax.eval.pictures``.
+pictures made of them are ``detailflow_jax.inference.pictures``.
 """
 
 from __future__ import annotations

@@ -21,12 +21,12 @@ from jax.sharding import Mesh
 
 from detailflow_jax import sharding, storage
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
+from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import ConfigError
-from detailflow_jax.convert.gpt import load_config_file
-from detailflow_jax.convert.params_io import restore_params
+from detailflow_jax.config_lib import load_config_file
+from detailflow_jax.params_io import restore_params
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.model import abstract_params
-from detailflow_jax.train.checkpoint import Checkpointer
 
 
 # A model field only that kind of model has: tells an AR work directory from a tokenizer one.
