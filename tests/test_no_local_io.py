@@ -22,7 +22,7 @@ ALLOWED = {
     ("convert/pt_reader.py", "open"): "reads the checkpoint that state_dict.load_state_dict copied to local disk",
     ("convert/state_dict.py", "open"): "a downloaded checkpoint, copied to local disk first (storage.local_copy)",
     ("convert/state_dict.py", "np.load"): "as above",
-    ("convert/gpt.py", "os.path.isfile"): "config files are Python modules, imported from the local checkout",
+    ("config_lib.py", "os.path.isfile"): "config files are Python modules, imported from the local checkout",
     ("config_lib.py", "os.path.exists"): "as above",
     ("preflight/__main__.py", "tempfile"): "a scratch file that captures the compiler's log",
     ("data/fashion_mnist.py", "pathlib.Path"): "image data is read from a local disk or a mounted bucket "

@@ -28,12 +28,17 @@ def test_other_model_settings_are_refused_naming_the_field_and_both_values(tmp_p
 
 
 def test_other_training_settings_are_listed_and_allowed(tmp_path, caplog):
-    workdir = trained_workdir(tmp_path, tokenizer_fashion_mnist.get_config("smoke"))
+    trained = tokenizer_fashion_mnist.get_config("smoke")
+    workdir = trained_workdir(tmp_path, trained)
     config = tokenizer_fashion_mnist.get_config("smoke")
-    config.total_steps, config.optim.lr, config.model.remat = 9, 5e-4, True
+    config.total_steps, config.optim.lr, config.model.remat = 9, trained.optim.lr / 4, True
     with caplog.at_level(logging.WARNING):
         diff = run_config.check_resume(config, workdir)
-    assert diff == {"total_steps": (6, 9), "optim.lr": (1e-3, 5e-4), "model.remat": (False, True)}
+    assert diff == {
+        "total_steps": (trained.total_steps, 9),
+        "optim.lr": (trained.optim.lr, trained.optim.lr / 4),
+        "model.remat": (trained.model.remat, True),
+    }
     assert "total_steps 6 -> 9" in caplog.text
 
 
