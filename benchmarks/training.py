@@ -46,7 +46,7 @@ from detailflow_jax import cli, cli_errors, config_lib, sharding  # noqa: E402
 from detailflow_jax.data.global_batch import to_global  # noqa: E402
 from detailflow_jax.preflight import model_flops  # noqa: E402
 from detailflow_jax.tokenizer.degradation import degrade  # noqa: E402
-from detailflow_jax.tokenizer.resolution import ResolutionTables  # noqa: E402
+from detailflow_jax.tokenizer.model import DetailFlowTokenizer  # noqa: E402
 
 
 def seconds(fn, repeats: int = 1) -> float:
@@ -114,11 +114,11 @@ def interleaved(calls: dict, rounds: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-def generator_passes(trainer, params, images, t, canvas, matrix, noise_idx, noise_end, key) -> dict:
+def generator_passes(model_cfg, params, images, t, canvas, matrix, noise_idx, noise_end, key) -> dict:
     """Jitted forward + backward passes of pieces of the generator's loss at one canvas: as trained (clean +
     self-corrected: two encodes, 2B decoded), on the clean B images alone (one encode, B decoded), the encoder
     alone (B) and the decoder alone (2B)."""
-    model = trainer.model
+    model = DetailFlowTokenizer(model_cfg)
     target = degrade(images, matrix)
     b = images.shape[0]
     quant = model.apply({"params": params}, images, method="encode")["quant"]
@@ -146,13 +146,13 @@ def generator_passes(trainer, params, images, t, canvas, matrix, noise_idx, nois
 def bench_tokenizer(config, steps: int, repeats: int) -> dict:
     from detailflow_jax.data.pipeline import make_train_iter
     from detailflow_jax.train.tokenizer import HostDraws, make_step_fn, validate
-    from detailflow_jax.train.tokenizer_step import TokenizerStep
+    from detailflow_jax.train.tokenizer_step import compile_canvases, load_frozen, make_tokenizer_step
 
     mesh = sharding.make_mesh(validate(config, jax.device_count()))
-    trainer = TokenizerStep(config, mesh)
-    frozen = trainer.load_frozen()
-    state, shardings = trainer.init(config.seed, frozen)
-    tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
+    frozen = load_frozen(config)
+    program = make_tokenizer_step(config, mesh, frozen)
+    state = program.init(config.seed)
+    tables = program.tables
     draws = HostDraws(config, tables)
     recipe = [draws(s)[:2] for s in range(config.total_steps)]  # (t, canvas) of every step of the recipe
     share = collections.Counter(canvas for _, canvas in recipe)
@@ -166,21 +166,21 @@ def bench_tokenizer(config, steps: int, repeats: int) -> dict:
     live, calls, rows = LiveState(state), {}, {}
     for canvas in sorted(share):
         t, _, matrix, noise_idx, noise_end = draws(first_step_of[canvas])
-        fn = trainer.compiled(canvas, shardings, frozen)
-        args = (frozen, images, np.int32(t), matrix, noise_idx, noise_end)
+        fn = program.steps[canvas]
+        args = (frozen.params, images, np.int32(t), matrix, noise_idx, noise_end)
         flops_xla = lowered_flops(fn.lower(live.state, *args))
         calls[canvas] = live.caller(fn, *args)
         first = seconds(calls[canvas])  # compiles
         rows[canvas] = dict(canvas=canvas, t=int(t), share=share[canvas] / config.total_steps, first_s=first,
-                            model_flops=model_flops.tokenizer_step(trainer, canvas, config.batch_size),
+                            model_flops=model_flops.tokenizer_step(config, frozen, canvas, config.batch_size),
                             xla_flops=flops_xla)
         print(f"  tokenizer canvas {canvas}: first call {first:.1f} s", flush=True)
     # What the trainer does before its loop: every canvas compiled ahead, one at a time vs two at a time (a fresh
-    # trainer, so nothing is cached).
+    # program, so nothing is cached).
     ahead_compile_s = {}
     for workers in (1, 2):
         start = time.perf_counter()
-        TokenizerStep(config, mesh).compile_canvases(sorted(share, reverse=True), live.state, frozen, workers)
+        compile_canvases(make_tokenizer_step(config, mesh, frozen), sorted(share, reverse=True), workers)
         ahead_compile_s[workers] = time.perf_counter() - start
         print(f"  tokenizer: all {len(share)} canvases compiled ahead, {workers} at a time: "
               f"{ahead_compile_s[workers]:.1f} s", flush=True)
@@ -196,7 +196,7 @@ def bench_tokenizer(config, steps: int, repeats: int) -> dict:
         data_s=host_seconds(lambda _: next(data), steps),
         draws_s=host_seconds(lambda i: HostDraws(config, tables)(i), steps),  # fresh: no cached matrices
         to_global_s=host_seconds(lambda _: jax.block_until_ready(to_global(host_batch["image"], mesh)), steps))
-    step_fn = make_step_fn(trainer, draws, shardings, frozen)
+    step_fn = make_step_fn(program.steps, draws, frozen, mesh)
     loop_s, loop_host_s, live.state = time_loop(step_fn, live.state, data, 0, steps)  # all canvases compiled
     loop_device_s = float(np.mean([steady[canvas] for _, canvas in recipe[:steps]]))
     data.close()
@@ -204,7 +204,7 @@ def bench_tokenizer(config, steps: int, repeats: int) -> dict:
     t_full = tables.num_tokens
     _, _, matrix, noise_idx, noise_end = draws(next(s for s, (t, _) in enumerate(recipe) if t == t_full))
     params = jax.tree.map(jnp.copy, live.state["params"])  # the steps timed beside them donate the state
-    passes = generator_passes(trainer, params, images, t_full, tables.canvas[t_full], matrix, noise_idx,
+    passes = generator_passes(program.model_cfg, params, images, t_full, tables.canvas[t_full], matrix, noise_idx,
                               noise_end, jax.random.key(0))
     for fn in passes.values():
         seconds(fn)  # compiles
@@ -229,14 +229,14 @@ def random_codes(num_tokens: int, batch: int, vocab: int, num_classes: int, rng:
 
 
 def bench_gpt(config, steps: int, repeats: int, codes_dir: str | None) -> dict:
-    from detailflow_jax.train.ar_step import ARStep
+    from detailflow_jax.train.ar_step import make_ar_step
 
     m = config.model
     if not config.total_steps:
         config.total_steps = 1000  # only shapes the schedule
     mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-    trainer = ARStep(config, mesh)
-    state, shardings = trainer.init(config.seed)
+    program = make_ar_step(config, mesh)
+    state = program.init(config.seed)
     if codes_dir:
         from detailflow_jax.data.codes import make_code_iter
         stream = make_code_iter(codes_dir, config.batch_size, config.seed, num_threads=config.data_threads)
@@ -246,7 +246,7 @@ def bench_gpt(config, steps: int, repeats: int, codes_dir: str | None) -> dict:
         close = lambda: None
     host_batch = next(data)
     batch = to_global(host_batch, mesh)
-    fn = trainer.compiled(shardings)
+    fn = program.step
     flops_xla = lowered_flops(fn.lower(state, batch))
     live = LiveState(state)
     call = live.caller(fn, batch)
@@ -257,7 +257,7 @@ def bench_gpt(config, steps: int, repeats: int, codes_dir: str | None) -> dict:
     loop_s, loop_host_s, live.state = time_loop(lambda s, b, _: fn(s, to_global(b, mesh)), live.state, data, 0,
                                                 steps)
     close()
-    flops = model_flops.gpt_step(trainer.model_cfg, live.state["params"], config.batch_size)
+    flops = model_flops.gpt_step(program.model_cfg, live.state["params"], config.batch_size)
     return dict(batch=config.batch_size, data="codes" if codes_dir else "random codes", num_programs=1,
                 compile_s=max(first - device_s, 0.0), device_step_s=device_s, loop_step_s=loop_s,
                 loop_device_s=device_s, loop_host_s=loop_host_s, steps_per_s=1 / loop_s,

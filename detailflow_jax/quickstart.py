@@ -36,7 +36,7 @@ from detailflow_jax.tokenizer.extract import extract_codes
 from detailflow_jax.train import ar as ar_train
 from detailflow_jax.train import cli as train_cli
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train.ar_step import ARStep
+from detailflow_jax.train.ar_step import make_ar_step
 
 DEFAULT_WORKDIR = "workdir/fashion_mnist"  # --smoke: workdir/fashion_mnist_smoke (other models: never mixed)
 _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "tokenizer training steps (0: the recipe's)")
@@ -143,7 +143,7 @@ def quality_stage(workdir: str, tok_cfg, ar_cfg, smoke: bool, num_samples: int) 
     batch = sharding.round_up(min(k, 100), generator.data_parallelism)  # the last batch is padded
     key = jax.random.key(1234)
     trained = generator.many(labels, key, batch)
-    untrained_params, _ = ARStep(ar_cfg, mesh).init(seed=ar_cfg.seed + 1)
+    untrained_params = make_ar_step(ar_cfg, mesh).init(ar_cfg.seed + 1)
     untrained = generator.in_batches(
         labels, batch, lambda b, i: generator.generate(b, jax.random.fold_in(key, i), untrained_params["params"]))
     return quality.quality_report(

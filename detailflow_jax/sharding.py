@@ -129,21 +129,32 @@ def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def _with_shardings(fn: Callable[[Any, Any, NamedSharding], Any], abstract_tree: Any, shardings: Any) -> Any:
+    """``fn(path, leaf, sharding)`` over the leaves of the unboxed ``abstract_tree``. ``shardings`` may hold one
+    sharding for a subtree without leaves (the optax.MaskedNode of a masked optimiser's frozen part); that
+    subtree is kept as it is."""
+    def pair(path, sharding, subtree):
+        return fn(path, subtree, sharding) if jax.tree.leaves(subtree) else subtree
+
+    return jax.tree_util.tree_map_with_path(pair, shardings, nn.unbox(abstract_tree))
+
+
 def check_divisible(abstract_tree: Any, shardings: Any) -> None:
     """Raises MeshError naming the parameter and dimension when a sharded dimension does not divide evenly."""
-    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_tree))
-    shard_leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), sharding in zip(leaves, shard_leaves):
-        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-        for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
-            if axes is None:
-                continue
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            parts = math.prod(sharding.mesh.shape[a] for a in axes)
-            if size % parts:
-                raise MeshError(
-                    f"{jax.tree_util.keystr(path)}: dimension {dim} has size {size}, which mesh axes {axes} "
-                    f"({parts} devices) do not divide; change the mesh or the model size")
+    _with_shardings(_check_leaf_divisible, abstract_tree, shardings)
+
+
+def _check_leaf_divisible(path, leaf, sharding) -> None:
+    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+    for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        parts = math.prod(sharding.mesh.shape[a] for a in axes)
+        if size % parts:
+            raise MeshError(
+                f"{jax.tree_util.keystr(path)}: dimension {dim} has size {size}, which mesh axes {axes} "
+                f"({parts} devices) do not divide; change the mesh or the model size")
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=DEFAULT_RULES) -> tuple[Any, Any]:
@@ -162,7 +173,7 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=DEFAU
     boxed = jax.eval_shape(init_fn, *args)
     shardings = logical_to_shardings(boxed, mesh, rules)
     check_divisible(boxed, shardings)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+    return _with_shardings(lambda _, x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), boxed, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

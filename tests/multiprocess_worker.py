@@ -6,7 +6,7 @@
 Both runs use a global (data, fsdp, tensor) = (2, 2, 2) mesh of 8 CPU devices and do the same work:
   tokenizer   the real trainer (``detailflow_jax.train.tokenizer.train``): 2 steps and a checkpoint, then a second
               call that restores (state and data iterator) and runs 2 more steps;
-  gpt         ``ARStep``: 2 steps on synthetic codes, a checkpoint written by all processes, a restore onto fresh
+  gpt         ``make_ar_step``: 2 steps on synthetic codes, a checkpoint written by all processes, a restore onto fresh
               shardings, 2 more steps;
   data        one epoch of this process's slice of the training data (the ``index`` of every image).
 Written to --out by process 0 (metrics.jsonl stays in the tokenizer work directory): ``gpt_losses.json``,
@@ -30,8 +30,8 @@ from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_train_iter
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.ar_step import make_ar_step
+from detailflow_jax.train.tokenizer_step import FrozenNets, make_tokenizer_step
 from tests.float_tolerance import plain_sgd
 
 MESH = (2, 2, 2)
@@ -66,7 +66,8 @@ def save_npz(path: str, tree) -> None:
 
 def run_tokenizer(out: str) -> None:
     config, workdir = tokenizer_config(), os.path.join(out, "tokenizer")
-    start, _ = TokenizerStep(config, sharding.make_mesh(MESH)).init(config.seed, {})  # what train() starts from
+    # what train() starts from
+    start = make_tokenizer_step(config, sharding.make_mesh(MESH), FrozenNets({})).init(config.seed)
     save_npz(os.path.join(out, "tokenizer_start.npz"), start["params"])
     tokenizer_train.train(config, workdir, stop_at=FIRST_STEPS)
     state, _ = tokenizer_train.train(config, workdir, stop_at=FIRST_STEPS + MORE_STEPS)
@@ -93,10 +94,10 @@ def local_rows(batch: dict[str, np.ndarray], mesh) -> dict[str, np.ndarray]:
 def run_gpt(out: str) -> None:
     config = ar_fashion_mnist.get_config("smoke")
     mesh = sharding.make_mesh(MESH)
-    trainer = ARStep(config, mesh)
-    state, shardings = trainer.init(config.seed)
+    program = make_ar_step(config, mesh)
+    state = program.init(config.seed)
     save_npz(os.path.join(out, "gpt_start.npz"), state["params"])
-    step_fn = trainer.compiled(shardings)
+    step_fn = program.step
     losses = []
 
     def run(state, steps):
@@ -110,7 +111,7 @@ def run_gpt(out: str) -> None:
     checkpointer.save(FIRST_STEPS, state)
     checkpointer.wait()
     del state
-    state = checkpointer.restore(trainer.abstract_state(config.seed))
+    state = checkpointer.restore(program.abstract_state)
     checkpointer.close()
     state = run(state, range(FIRST_STEPS, FIRST_STEPS + MORE_STEPS))
     save_npz(os.path.join(out, "gpt_params.npz"), state["params"])

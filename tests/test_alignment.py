@@ -18,8 +18,7 @@ from detailflow_jax.losses.alignment import (GlobalTokenProjection, SiglipVision
                                              init_projection, siglip_target, tower_for)
 from detailflow_jax.losses.weights import MissingWeightsError
 from detailflow_jax.tokenizer.degradation import degradation_matrix
-from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.tokenizer_step import FrozenNets, load_frozen, make_tokenizer_step
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, POS_GRID = 32, 2, 2, 64, 16, 2  # 32-px images: a 2x2 patch grid
 IMAGE = PATCH * POS_GRID
@@ -178,38 +177,38 @@ def align_config(siglip_weights):
 
 def test_tokenizer_step_trains_the_alignment_loss(siglip_dir):
     config = align_config(siglip_dir)
-    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    frozen = trainer.load_frozen()
-    state, shardings = trainer.init(0, frozen)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    frozen = load_frozen(config)
+    program = make_tokenizer_step(config, mesh, frozen)
+    state = program.init(0)
     assert set(state["align_proj"]) == {"fc1", "fc2", "fc3"} and "tokenizer" not in state["params"]
-    assert jax.tree.structure(trainer.abstract_state(0, frozen)) == jax.tree.structure(state)
+    assert jax.tree.structure(program.abstract_state) == jax.tree.structure(state)
 
-    tables = ResolutionTables.from_model_config(trainer.model_cfg)
+    tables = program.tables
     t = tables.num_tokens
-    fn = trainer.compiled(tables.canvas[t], shardings, frozen)
+    fn = program.steps[tables.canvas[t]]
     batch = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (config.batch_size, IMAGE, IMAGE, 3)), jnp.float32)
-    batch = jax.device_put(batch, sharding.batch_sharding(trainer.mesh, 4))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh, 4))
     matrix = jnp.asarray(degradation_matrix(t, tables))
     proj0 = jax.device_get(state["align_proj"])
     losses = []
     for _ in range(8):
-        state, metrics = fn(state, frozen, batch, np.int32(t), matrix, np.int32(1), np.int32(2))
+        state, metrics = fn(state, frozen.params, batch, np.int32(t), matrix, np.int32(1), np.int32(2))
         losses.append(float(metrics["align_loss"]))
     assert all(np.isfinite(losses)) and min(losses) >= -1.0 - 1e-5
     assert losses[-1] < losses[0] - 0.1, losses
     assert not np.allclose(jax.device_get(state["align_proj"])["fc3"]["kernel"], proj0["fc3"]["kernel"])
     # The tower the step uses (converted by the CLI, loaded from the directory) is the HF model's.
-    np.testing.assert_allclose(siglip_target(trainer.siglip, frozen["siglip"], batch),
+    np.testing.assert_allclose(siglip_target(frozen.siglip, frozen.params["siglip"], batch),
                                numpy_siglip_target(hf_state_dict(), np.asarray(batch)), atol=2e-5)
 
 
 def test_missing_siglip_weights_name_the_flag(tmp_path):
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with pytest.raises(MissingWeightsError, match="--config.losses.siglip_weights"):
-        TokenizerStep(align_config(""), mesh).load_frozen()
+        load_frozen(align_config(""))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(MissingWeightsError, match="convert.siglip2"):
-        TokenizerStep(align_config(str(tmp_path / "model.safetensors")), mesh).load_frozen()
+        load_frozen(align_config(str(tmp_path / "model.safetensors")))
     switched_off = align_config("")
     switched_off.losses.align_weight = 0.0
-    assert TokenizerStep(switched_off, mesh).load_frozen() == {}
+    assert load_frozen(switched_off) == FrozenNets({})

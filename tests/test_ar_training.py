@@ -19,7 +19,7 @@ from detailflow_jax.ar import model as gpt_model
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.data import codes as codes_lib
 from detailflow_jax.train import ar as ar_train
-from detailflow_jax.train.ar_step import ARStep, self_correction_mix, split_micro_batches
+from detailflow_jax.train.ar_step import make_ar_step, self_correction_mix, split_micro_batches
 from float_tolerance import assert_same_updates, plain_sgd, reorder_tolerance
 
 N, G, C, K, CLASSES, VIEWS = 32, 4, 4, 64, 10, 2
@@ -117,9 +117,8 @@ def test_ema_follows_the_recurrence_and_grad_accum_matches_full_batch(codes_dir,
                 "label": rng.integers(0, CLASSES, 8).astype(np.int32)} for _ in range(3)]
     runs = {}
     for accum in (1, 2):
-        trainer = ARStep(tiny_config(codes_dir, grad_accum=accum, **overrides), mesh)
-        state, shardings = trainer.init(0)
-        fn = trainer.compiled(shardings)
+        program = make_ar_step(tiny_config(codes_dir, grad_accum=accum, **overrides), mesh)
+        state, fn = program.init(0), program.step
         params_seen = [jax.device_get(state["params"])]
         losses = []
         for batch in batches:
@@ -173,10 +172,9 @@ def compile_step_log(codes_dir: str, gather: bool) -> None:
     gathers. Run in a fresh process (see below): XLA's warnings land on its stderr."""
     if gather:
         gpt_model._lookup = lambda table, ids, train: table(ids)
-    trainer = ARStep(tiny_config(codes_dir), sharding.make_mesh((2, 2, 2)))
-    state, shardings = trainer.init(0)
+    program = make_ar_step(tiny_config(codes_dir), sharding.make_mesh((2, 2, 2)))
     batch = {"codes": np.zeros((8, N, 3), np.int16), "label": np.zeros((8,), np.int32)}
-    trainer.compiled(shardings).lower(state, batch).compile()
+    program.step.lower(program.init(0), batch).compile()
 
 
 def test_sharded_step_partitions_without_replicating_activations(codes_dir):

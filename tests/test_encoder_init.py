@@ -19,7 +19,7 @@ from detailflow_jax.params_io import restore_params
 from detailflow_jax.tokenizer.encoder import Encoder
 from detailflow_jax.train import encoder_init
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.tokenizer_step import load_frozen, make_tokenizer_step
 from test_alignment import HEADS, PATCH, POS_GRID, hf_state_dict
 
 TOWER_DEPTH = 2  # the encoder below takes the first of them
@@ -48,9 +48,8 @@ def encoder_config(weights, image_size=32, **overrides):
 
 
 def _init(config):
-    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    state, _ = trainer.init(0, trainer.load_frozen())
-    return trainer, jax.device_get(state["params"])
+    program = make_tokenizer_step(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), load_frozen(config))
+    return program, jax.device_get(program.init(0)["params"])
 
 
 def _first_call(module, params, images, name):
@@ -145,8 +144,8 @@ def test_the_copy_lands_on_the_sharded_params(tower_dir):
     """On a (2, 2, 2) mesh the copied weights keep the params' shardings and values."""
     config = encoder_config(tower_dir)
     _, single = _init(config)
-    trainer = TokenizerStep(config, sharding.make_mesh((2, 2, 2), jax.devices()))
-    state, shardings = trainer.init(0, trainer.load_frozen())
+    program = make_tokenizer_step(config, sharding.make_mesh((2, 2, 2), jax.devices()), load_frozen(config))
+    state, shardings = program.init(0), program.state_shardings
     fc1 = state["params"]["encoder"]["layers"]["layers_0"]["mlp"]["fc1"]["kernel"]
     assert not fc1.sharding.is_fully_replicated  # the check below is about a real split
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),

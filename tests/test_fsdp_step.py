@@ -14,8 +14,8 @@ from detailflow_jax.ar import model as gpt_model
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.preflight import __main__ as preflight
 from detailflow_jax.preflight import programs
-from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.ar_step import make_ar_step
+from detailflow_jax.train.tokenizer_step import abstract_frozen, make_tokenizer_step
 from float_tolerance import reorder_tolerance
 from test_preflight import TINY_AR, _cli, _json_line, needs_libtpu
 
@@ -57,7 +57,7 @@ def test_fsdp_gradients_are_reduce_scattered_on_tpu():
     report = _json_line(result.stdout)
     collectives = report["collectives"]
     assert collectives["reduce-scatter"]["count"] >= 1, collectives
-    params = ARStep(_config((8, 1, 1)), sharding.make_mesh((8, 1, 1))).abstract_state(0)["params"]
+    params = make_ar_step(_config((8, 1, 1)), sharding.make_mesh((8, 1, 1))).abstract_state["params"]
     gradient_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert collectives["all-reduce"]["bytes"] < gradient_bytes / 10, (collectives, gradient_bytes)
 
@@ -65,7 +65,7 @@ def test_fsdp_gradients_are_reduce_scattered_on_tpu():
 def test_config_sharding_rules_place_the_state():
     mesh = sharding.make_mesh((1, 8, 1))
     specs = lambda config: jax.tree.map(lambda x: x.sharding.spec,  # noqa: E731
-                                        ARStep(config, mesh).abstract_state(0)["params"])
+                                        make_ar_step(config, mesh).abstract_state["params"])
     default = specs(_config((1, 8, 1)))
     assert default["output"]["kernel"] == P("fsdp", "tensor")
     replicated = specs(_config((1, 8, 1), embed=()))
@@ -85,12 +85,12 @@ def test_config_sharding_rules_reach_the_activations():
     mesh = sharding.make_mesh((2, 4, 1))
 
     def lowered(**rules):
-        trainer = ARStep(_config((2, 4, 1), **rules), mesh)
-        state = trainer.abstract_state(0)
-        batch = {"codes": jax.ShapeDtypeStruct((16, trainer.model_cfg.num_tokens, 3), jnp.int16,
+        program = make_ar_step(_config((2, 4, 1), **rules), mesh)
+        state = program.abstract_state
+        batch = {"codes": jax.ShapeDtypeStruct((16, program.model_cfg.num_tokens, 3), jnp.int16,
                                                sharding=sharding.batch_sharding(mesh, 3)),
                  "label": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))}
-        return trainer.compiled(jax.tree.map(lambda x: x.sharding, state)).lower(state, batch).as_text()
+        return program.step.lower(state, batch).as_text()
 
     both, data_only = lowered(), lowered(activation_batch=("data",))
     assert pinned(both, '{"data", "fsdp"}') > 0 and pinned(data_only, '{"data", "fsdp"}') == 0
@@ -171,7 +171,7 @@ def test_tokenizer_fsdp_step_moves_weights_not_activations():
 
 
 def test_tokenizer_step_traces_with_the_config_rules():
-    """TokenizerStep traces under the mesh and the config's rules, as ARStep does: the pinned activations show up
+    """The tokenizer step traces under the mesh and the config's rules, as the AR step does: the pinned activations show up
     as sharding constraints over the batch axes, over "data" alone when the config says so."""
     mesh = sharding.make_mesh((2, 4, 1))
 
@@ -190,8 +190,7 @@ def test_tokenizer_state_follows_the_config_sharding_rules():
     def axes(**rules):
         config = tokenizer_fashion_mnist.get_config("smoke")
         config.sharding_rules.update(rules)
-        trainer = TokenizerStep(config, mesh)
-        state = trainer.abstract_state(0, trainer.abstract_frozen())
+        state = make_tokenizer_step(config, mesh, abstract_frozen(config)).abstract_state
         return {a for x in jax.tree.leaves(state["params"]) for a in jax.tree.leaves(tuple(x.sharding.spec))}
 
     assert "fsdp" in axes() and "fsdp" not in axes(embed=())

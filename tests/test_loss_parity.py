@@ -1,6 +1,7 @@
 """Loss-level parity with the official training code (fixture: tests/fixtures/losses_small/, made by
 tests/fixtures/make_loss_parity.py): the same inputs and the same random decisions give the same loss terms."""
 
+import dataclasses
 import json
 
 import jax
@@ -16,8 +17,8 @@ from detailflow_jax.convert.lpips import convert_lpips
 from detailflow_jax.convert.state_dict import load_state_dict
 from detailflow_jax.losses import diffaug, gan
 from detailflow_jax.tokenizer.quantizer import VectorQuantizer, codebook_losses, entropy_loss
-from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.ar_step import make_ar_step
+from detailflow_jax.train.tokenizer_step import TokenizerLosses
 from float_tolerance import dot_product_tolerance
 from seeded_vgg import lpips_state
 from test_tokenizer_training import tiny_config
@@ -30,8 +31,8 @@ def folder(repo_fixtures):
     return repo_fixtures / "losses_small"
 
 
-def ar_trainer(c):
-    """The AR trainer at the fixture's sizes, dropout rates 0 (the fixture pins the class drops instead)."""
+def ar_program(c):
+    """The AR step at the fixture's sizes, dropout rates 0 (the fixture pins the class drops instead)."""
     g = c["gpt"]
     config = config_lib.override(
         ar_fashion_mnist.get_config("smoke"), correction_prob=c["correction_prob"],
@@ -40,7 +41,7 @@ def ar_trainer(c):
             num_classes=g["num_classes"], num_tokens=c["num_latent_tokens"], group_size=c["group_size"],
             causal_num=c["causal_num"], vocab_size=c["codebook_size"], class_dropout=0.0, token_dropout=0.0,
             resid_dropout=0.0, ffn_dropout=0.0).items()})
-    return ARStep(config, sharding.make_mesh((-1, 1, 1)))
+    return make_ar_step(config, sharding.make_mesh((-1, 1, 1)))
 
 
 # The longest dot product of the tokenizer losses: VGG16's 3x3 convolutions over 512 channels (LPIPS).
@@ -57,16 +58,16 @@ def assert_term(got, ref, term, rtol=TOKENIZER_RTOL):
 def test_ar_loss_matches_train_c2i(folder):
     c = json.loads((folder / "config.json").read_text())
     io = np.load(folder / "ar_loss_io.npz")
-    trainer = ar_trainer(c)
-    params = load_gpt_checkpoint(str(folder / "gpt_state_dict_fp16.npz"), trainer.model_cfg)
+    program = ar_program(c)
+    params = load_gpt_checkpoint(str(folder / "gpt_state_dict_fp16.npz"), program.model_cfg)
     use, dropped = io["use_corrected"], io["class_dropped"]
     assert 0 < use.sum() < len(use) and 0 < dropped.sum() < len(dropped)  # both outcomes of both draws
     # A dropped class is the null class (row num_classes), which is what the official token_drop substitutes.
     labels = np.where(dropped, c["gpt"]["num_classes"], io["labels"])
-    loss, _ = jax.jit(trainer.loss_given)(params, io["codes"], labels, use, jax.random.key(0))
+    loss, _ = jax.jit(program.loss_given)(params, io["codes"], labels, use, jax.random.key(0))
     # A mean over B x N cross-entropies of logits from matmuls of length at most the MLP width; the mean does
     # not amplify their relative error.
-    assert_term(loss, io["loss"], "AR loss", rtol=dot_product_tolerance(trainer.model_cfg.ffn_dim))
+    assert_term(loss, io["loss"], "AR loss", rtol=dot_product_tolerance(program.model_cfg.ffn_dim))
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -101,7 +102,7 @@ def nhwc(a):
 
 @pytest.fixture(scope="module")
 def tokenizer_losses(folder):
-    """(trainer, frozen networks, converted DINO heads, fixture arrays, its tokenizer_loss settings)."""
+    """(the step's losses, frozen networks, converted DINO heads, fixture arrays, its tokenizer_loss settings)."""
     c = json.loads((folder / "config.json").read_text())
     t = c["tokenizer_loss"]
     backbone = load_state_dict(folder / "dino_state_dict_fp16.npz")
@@ -111,19 +112,17 @@ def tokenizer_losses(folder):
                             "losses.lpips_warmup": t["perceptual_warmup"], "losses.lpips_dropout": 0.0,
                             "losses.lecam_weight": t["lecam_weight"], "losses.cr_weight": t["cr_weight"],
                             "losses.mse_weight": 1.0})
-    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    trainer.disc = discriminator_for(backbone)
+    losses = dataclasses.replace(TokenizerLosses.from_config(config), disc=discriminator_for(backbone))
     vgg = lpips_state(t["vgg_seed"])
     frozen = {"lpips": {"params": convert_lpips(vgg, vgg)}, "dino": dino["backbone"]}
-    return trainer, frozen, dino["heads"], np.load(folder / "tokenizer_loss_io.npz"), t
+    return losses, frozen, dino["heads"], np.load(folder / "tokenizer_loss_io.npz"), t
 
 
 @pytest.mark.parametrize("half,when", CASES)
 def test_tokenizer_losses_match_vq_loss(tokenizer_losses, monkeypatch, half, when):
-    """Every term of the official VQLoss, generator and discriminator, from the project's TokenizerStep loss
-    methods on the same targets, reconstructions and DiffAugment outputs; t = 1 (without_sc) as the project runs
+    """Every term of the official VQLoss, generator and discriminator, from the project's TokenizerLosses on the same targets, reconstructions and DiffAugment outputs; t = 1 (without_sc) as the project runs
     it: 2B images whose second half has weight 0 and must not count anywhere (here it holds other images)."""
-    trainer, frozen, heads, io, t = tokenizer_losses
+    losses, frozen, heads, io, t = tokenizer_losses
     name = f"{half}.{when}"
     target, recon = nhwc(io["target"]), nhwc(io[f"{name}.recon"])
     b = len(target)
@@ -137,11 +136,11 @@ def test_tokenizer_losses_match_vq_loss(tokenizer_losses, monkeypatch, half, whe
     step1 = jnp.int32(io[f"{name}.step"])
     keys = tuple(jax.random.split(jax.random.key(0), 7))  # DINO sees canvases < 224 (no crop); LPIPS dropout 0
     recon2 = jnp.asarray(pad(recon))
-    g_loss, g, disc_stats = trainer.image_losses(heads, frozen, recon2, jnp.asarray(target2), weight, step1,
-                                                 keys[:3])
+    g_loss, g, disc_stats = losses.image_losses(heads, frozen, recon2, jnp.asarray(target2), weight, step1,
+                                                keys[:3])
     lecam0 = gan.LeCAMState(*(jnp.float32(v) for v in t["lecam_init"]))
-    d_loss, (lecam, variables, d) = trainer.disc_loss(heads["params"], dict(heads, **disc_stats), frozen, recon2,
-                                                      jnp.asarray(target2), weight, step1, lecam0, keys[3:])
+    d_loss, (lecam, variables, d) = losses.disc_loss(heads["params"], dict(heads, **disc_stats), frozen, recon2,
+                                                     jnp.asarray(target2), weight, step1, lecam0, keys[3:])
     assert not augmented  # five DiffAugment calls, as in the official loss
 
     expected = {"mse": io[f"{name}.mse"], "lpips": np.mean(io[f"{name}.lpips"]), "g_adv": io[f"{name}.g_adv"],

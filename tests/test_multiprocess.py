@@ -28,7 +28,7 @@ from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import ConfigError
 from detailflow_jax.sharding import MeshError
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.tokenizer_step import FrozenNets, make_tokenizer_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -114,9 +114,10 @@ def _check_restore_onto_another_mesh(two: pathlib.Path) -> None:
     config = worker.tokenizer_config()
     with pytest.MonkeyPatch.context() as patch:  # the workers' optimiser, so the optimiser states have one structure
         patch.setattr(optim, "adam", plain_sgd())
-        trainer = TokenizerStep(config, sharding.make_mesh((1, 4, 2)))  # written on (2, 2, 2) by two processes
+        # written on (2, 2, 2) by two processes
+        program = make_tokenizer_step(config, sharding.make_mesh((1, 4, 2)), FrozenNets({}))
     checkpointer = Checkpointer(str(two / "tokenizer" / "checkpoints"))
-    state = checkpointer.restore(trainer.abstract_state(config.seed, {}))
+    state = checkpointer.restore(program.abstract_state)
     checkpointer.close()
     assert int(state["step"]) == worker.FIRST_STEPS + worker.MORE_STEPS
     assert {tuple(x.sharding.mesh.devices.shape) for x in jax.tree.leaves(state)} == {(1, 4, 2)}

@@ -16,8 +16,7 @@ from detailflow_jax import config_lib, sharding
 from detailflow_jax.ar.model import GPTConfig
 from detailflow_jax.preflight import __main__ as preflight
 from detailflow_jax.preflight import programs
-from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train import ar_step, tokenizer_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -53,31 +52,36 @@ def _json_line(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def _recording(monkeypatch, module, name):
+    """Records what ``module.name`` returns while the test runs."""
+    made, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: made.append(original(*args, **kwargs)) or made[-1])
+    return made
+
+
 def test_ar_step_compiles_on_cpu8_and_is_the_trainers_own_jit(monkeypatch):
-    made = []
-    original = ARStep.compiled
-    monkeypatch.setattr(ARStep, "compiled",
-                        lambda self, sh: made.append(original(self, sh)) or made[-1])
+    made = _recording(monkeypatch, ar_step, "make_ar_step")
     report = preflight.run(ar_fashion_mnist.get_config("smoke"), "cpu:8")
     _check_report(report, "cpu:8", 8)
-    # The trainer's own jit of its own step was compiled, not a copy.
-    assert len(made) == 1 and made[0].__wrapped__.__func__ is ARStep.step
+    # The trainer's own builder made the step that was compiled, not a copy.
+    assert len(made) == 1
+    assert programs.build(ar_fashion_mnist.get_config("smoke"), sharding.make_mesh((8, 1, 1)),
+                          "train").jitted is made[-1].step
 
 
-def test_tokenizer_step_is_the_trainers_own_jit_on_abstract_frozen_nets():
+def test_tokenizer_step_is_the_trainers_own_jit_on_abstract_frozen_nets(monkeypatch):
+    made = _recording(monkeypatch, tokenizer_step, "make_tokenizer_step")
     config = config_lib.override(tokenizer_fashion_mnist.get_config("smoke"), degradation_prob=0.0)
-    mesh = sharding.make_mesh((8, 1, 1))
-    prog = programs.build(config, mesh, "train")
-    # compiled()'s closure that fixes the canvas of TokenizerStep.step
-    assert prog.jitted.__wrapped__.__name__ == "<lambda>"
-    assert isinstance(prog.jitted, type(jax.jit(lambda x: x)))
+    prog = programs.build(config, sharding.make_mesh((8, 1, 1)), "train")
+    tables = made[-1].tables
+    assert len(made) == 1 and prog.jitted is made[-1].steps[tables.canvas[tables.num_tokens]]
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(prog.args))
 
 
 def test_abstract_frozen_nets_have_the_real_shapes():
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.losses.update(lpips_weight=1.0, disc_type="dino", align_weight=1.0)
-    frozen = TokenizerStep(config, sharding.make_mesh((8, 1, 1))).abstract_frozen()
+    frozen = tokenizer_step.abstract_frozen(config).params
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     # so400m/16 at 16 x 16 positions
     assert frozen["siglip"]["position_embedding"].shape == (256, 1152)
@@ -113,11 +117,13 @@ def test_compiles_for_v5e_2x2(args):
 def test_restore_target_is_the_same_from_real_or_abstract_dino_weights():
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.losses.disc_type = "dino"
-    trainer = TokenizerStep(config, sharding.make_mesh((8, 1, 1)))
-    abstract = trainer.abstract_frozen()
-    real = {"dino": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract["dino"])}
+    mesh = sharding.make_mesh((8, 1, 1))
+    abstract = tokenizer_step.abstract_frozen(config)
+    real = tokenizer_step.FrozenNets({"dino": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                           abstract.params["dino"])})
     describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
-    assert describe(trainer.abstract_state(0, abstract)) == describe(trainer.abstract_state(0, real))
+    state_of = lambda frozen: tokenizer_step.make_tokenizer_step(config, mesh, frozen).abstract_state
+    assert describe(state_of(abstract)) == describe(state_of(real))
 
 
 @pytest.mark.parametrize("canvas_t", [1, 32])
@@ -125,21 +131,15 @@ def test_analytic_tokenizer_flops_match_xlas_count_of_the_step(canvas_t):
     """The analytic count leaves out only small terms (patch embedding, quantizer, norms, softmax): it is at most
     XLA's count of the lowered step and within 10% of it — so no pass of the step is missed."""
     from detailflow_jax.preflight import model_flops
-    from detailflow_jax.tokenizer.resolution import ResolutionTables
     config = tokenizer_fashion_mnist.get_config()
     mesh = sharding.make_mesh((-1, 1, 1))
-    trainer = TokenizerStep(config, mesh)
-    abstract = trainer.abstract_state(config.seed, {})
-    shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    canvas = ResolutionTables.from_model_config(trainer.model_cfg).canvas[canvas_t]
-    size, batch = trainer.model_cfg.image_size, config.batch_size
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    lowered = trainer.compiled(canvas, shardings, {}).lower(
-        abstract, {}, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), scalar,
-        jax.ShapeDtypeStruct((canvas, size), jnp.float32), scalar, scalar)
+    frozen = tokenizer_step.FrozenNets({})
+    program = tokenizer_step.make_tokenizer_step(config, mesh, frozen)
+    canvas = program.tables.canvas[canvas_t]
+    lowered = program.steps[canvas].lower(*program.step_args(canvas, program.abstract_state))
     cost = lowered.cost_analysis()
     xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
-    analytic = model_flops.tokenizer_step(trainer, canvas, batch)
+    analytic = model_flops.tokenizer_step(config, frozen, canvas, config.batch_size)
     assert 0.9 * xla <= analytic <= xla
 
 

@@ -2,6 +2,8 @@
 every train-mode call's spectral-norm power iteration and BatchNorm update is kept, and the t = 1 discriminator
 sees only the B clean reconstructions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,39 +15,39 @@ from detailflow_jax.losses import gan
 from detailflow_jax.losses.discriminator import DinoDiscriminator, _l2_normalize
 from detailflow_jax.losses.patchgan import PatchGANDiscriminator
 from detailflow_jax.tokenizer.degradation import degradation_matrix
-from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.tokenizer_step import FrozenNets, TokenizerLosses, make_tokenizer_step
 from test_tokenizer_training import _batch, tiny_config
 
 # A tiny DINO discriminator whose 16-px input is smaller than the 32-px canvas, so every call may crop.
 TINY_DINO = dict(width=32, heads=2, patch=8, img_size=16, key_depths=(0,))
 
 
-def _tiny_dino_trainer(**overrides):
-    config = tiny_config(**{"losses.disc_type": "dino", "losses.disc_start": 0, **overrides})
-    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    trainer.disc = DinoDiscriminator(**TINY_DINO)
-    x = jnp.zeros((1, 16, 16, 3))
-    frozen = {"dino": jax.jit(lambda: trainer.disc.backbone().init(jax.random.key(5), x)["params"])()}
-    state, shardings = trainer.init(0, frozen)
-    return trainer, state, shardings, frozen
+def _tiny_dino_program(config, frozen):
+    """The step of ``config`` with the tiny DINO discriminator (a fresh program: a fresh trace)."""
+    losses = dataclasses.replace(TokenizerLosses.from_config(config), disc=DinoDiscriminator(**TINY_DINO))
+    return make_tokenizer_step(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), frozen, losses=losses)
 
 
-def _one_step(trainer, state, shardings, frozen, t, noise):
-    tables = ResolutionTables.from_model_config(trainer.model_cfg)
-    fn = trainer.compiled(tables.canvas[t], shardings, frozen)
-    images = _batch(trainer.config)
-    return fn(state, frozen, images, np.int32(t), jnp.asarray(degradation_matrix(t, tables)),
-              np.int32(noise[0]), np.int32(noise[1]))
+def _one_step(config, state, frozen, t, noise):
+    program = _tiny_dino_program(config, frozen)
+    tables = program.tables
+    return program.steps[tables.canvas[t]](state, frozen.params, _batch(config), np.int32(t),
+                                            jnp.asarray(degradation_matrix(t, tables)), np.int32(noise[0]),
+                                            np.int32(noise[1]))
 
 
 @pytest.fixture(scope="module")
 def tiny_dino_step():
-    return _tiny_dino_trainer()
+    """(config, initial state, frozen nets) of a tokenizer step with the tiny DINO discriminator."""
+    config = tiny_config(**{"losses.disc_type": "dino", "losses.disc_start": 0})
+    x = jnp.zeros((1, 16, 16, 3))
+    backbone = DinoDiscriminator(**TINY_DINO).backbone()
+    frozen = FrozenNets({"dino": jax.jit(lambda: backbone.init(jax.random.key(5), x)["params"])()})
+    return config, _tiny_dino_program(config, frozen).init(0), frozen
 
 
 def test_every_dino_call_draws_its_own_crop(tiny_dino_step, monkeypatch):
-    trainer, state, shardings, frozen = tiny_dino_step
+    config, state, frozen = tiny_dino_step
     drawn = []
     original = dino_module.crop_choice
 
@@ -55,9 +57,8 @@ def test_every_dino_call_draws_its_own_crop(tiny_dino_step, monkeypatch):
         return choice
 
     monkeypatch.setattr(dino_module, "crop_choice", recording)
-    trainer._compiled.clear()  # trace again with the recording crop_choice
-    jax.block_until_ready(_one_step(trainer, jax.tree.map(jnp.copy, state), shardings, frozen, 32, (4, 8)))
-    trainer._compiled.clear()
+    # A fresh program traces again, with the recording crop_choice.
+    jax.block_until_ready(_one_step(config, jax.tree.map(jnp.copy, state), frozen, 32, (4, 8)))
     # generator call, then real, fake, strong real, strong fake: five calls, five independent draws
     assert len(drawn) == 5, drawn
     assert len(set(drawn)) == 5, drawn
@@ -75,9 +76,9 @@ def _power_iterations(kernel, u, n):
 def test_every_train_mode_call_keeps_its_power_iteration(tiny_dino_step):
     """Official: one generator-side call and four discriminator-side calls per step (``losses/vq_loss.py``), all in
     train mode, each updating u, v in place; all five are kept."""
-    trainer, state, shardings, frozen = tiny_dino_step
+    config, state, frozen = tiny_dino_step
     before = jax.device_get(state["disc"])
-    new, _ = _one_step(trainer, jax.tree.map(jnp.copy, state), shardings, frozen, 32, (4, 8))
+    new, _ = _one_step(config, jax.tree.map(jnp.copy, state), frozen, 32, (4, 8))
     after = jax.device_get(new["disc"]["batch_stats"])
     for head in before["params"]:
         for conv in ("block_conv", "residual_conv"):  # "out" has one output: its u is ±1 at once

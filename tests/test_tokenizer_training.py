@@ -17,7 +17,7 @@ from detailflow_jax.losses.weights import MissingWeightsError
 from detailflow_jax.tokenizer.degradation import degradation_matrix
 from detailflow_jax.tokenizer.resolution import ResolutionTables
 from detailflow_jax.train import tokenizer as tokenizer_train
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train.tokenizer_step import FrozenNets, make_tokenizer_step
 from float_tolerance import assert_same_updates, plain_sgd, reorder_tolerance
 
 
@@ -35,10 +35,16 @@ def _batch(config, seed=0):
     return jax.random.uniform(jax.random.key(seed), (config.batch_size, size, size, 3), minval=-1, maxval=1)
 
 
-def _run_steps(trainer, state, shardings, images, num_steps, t=None, noise=(1, 2)):
-    tables = ResolutionTables.from_model_config(trainer.model_cfg)
+def _program(config, shape=(1, 1, 1), devices=None):
+    """The step of ``config`` (no frozen networks) on a mesh of ``shape`` and its mesh."""
+    mesh = sharding.make_mesh(shape, devices or jax.devices()[:1])
+    return make_tokenizer_step(config, mesh, FrozenNets({})), mesh
+
+
+def _run_steps(program, state, images, num_steps, t=None, noise=(1, 2)):
+    tables = program.tables
     t = tables.num_tokens if t is None else t
-    fn = trainer.compiled(tables.canvas[t], shardings, {})
+    fn = program.steps[tables.canvas[t]]
     matrix = jnp.asarray(degradation_matrix(t, tables))
     losses = []
     for _ in range(num_steps):
@@ -49,10 +55,9 @@ def _run_steps(trainer, state, shardings, images, num_steps, t=None, noise=(1, 2
 
 def test_a_few_steps_lower_the_loss():
     config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr_ratio": 1.0})
-    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    state, shardings = trainer.init(0, {})
-    images = jax.device_put(_batch(config), sharding.batch_sharding(trainer.mesh, 4))
-    _, losses = _run_steps(trainer, state, shardings, images, 12)
+    program, mesh = _program(config)
+    images = jax.device_put(_batch(config), sharding.batch_sharding(mesh, 4))
+    _, losses = _run_steps(program, program.init(0), images, 12)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -61,12 +66,10 @@ def test_entropy_loss_joins_the_step_loss_when_weighted():
     images = _batch(tiny_config())
     metrics = {}
     for ratio in (0.0, 0.5):
-        trainer = TokenizerStep(tiny_config(**{"model.entropy_loss_ratio": ratio}),
-                                sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-        state, shardings = trainer.init(0, {})
-        tables = ResolutionTables.from_model_config(trainer.model_cfg)
-        fn = trainer.compiled(tables.canvas[tables.num_tokens], shardings, {})
-        _, metrics[ratio] = fn(state, {}, images, np.int32(tables.num_tokens),
+        program, _ = _program(tiny_config(**{"model.entropy_loss_ratio": ratio}))
+        tables = program.tables
+        fn = program.steps[tables.canvas[tables.num_tokens]]
+        _, metrics[ratio] = fn(program.init(0), {}, images, np.int32(tables.num_tokens),
                                jnp.asarray(degradation_matrix(tables.num_tokens, tables)), np.int32(1), np.int32(2))
     assert "entropy_loss" not in metrics[0.0]
     # Same init and data: the weighted run's loss is the unweighted one plus its entropy term.
@@ -83,11 +86,11 @@ def test_sharded_step_equals_single_device_step(disc_type, monkeypatch):
     images = _batch(config)
     results = []
     for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
-        trainer = TokenizerStep(config, sharding.make_mesh(shape, devices))
-        state, shardings = trainer.init(0, {})
+        program, mesh = _program(config, shape, devices)
+        state = program.init(0)
         start = jax.device_get(state)
-        sharded_images = jax.device_put(images, sharding.batch_sharding(trainer.mesh, 4))
-        state, losses = _run_steps(trainer, state, shardings, sharded_images, 2, t=8, noise=(4, 8))
+        sharded_images = jax.device_put(images, sharding.batch_sharding(mesh, 4))
+        state, losses = _run_steps(program, state, sharded_images, 2, t=8, noise=(4, 8))
         results.append((start, jax.device_get(state), losses))
     (start_1, single, loss_1), (start_8, multi, loss_8) = results
     jax.tree.map(np.testing.assert_array_equal, start_1["params"], start_8["params"])  # born-sharded init
@@ -151,11 +154,11 @@ def test_command_line_rejects_unknown_keys_and_wrong_types(tmp_path, override, m
 def test_finetune_decoder_only_moves_only_the_decoder():
     config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 3e-3, "optim.min_lr_ratio": 1.0,
                             "finetune_decoder_only": True})
-    trainer = TokenizerStep(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    state, shardings = trainer.init(0, {})
+    program, mesh = _program(config)
+    state = program.init(0)
     before = jax.tree.map(np.asarray, state["params"])
-    images = jax.device_put(_batch(config), sharding.batch_sharding(trainer.mesh, 4))
-    state, _ = _run_steps(trainer, state, shardings, images, 3)
+    images = jax.device_put(_batch(config), sharding.batch_sharding(mesh, 4))
+    state, _ = _run_steps(program, state, images, 3)
     after = jax.tree.map(np.asarray, state["params"])
     trained = {"decoder", "post_quant_conv"}
     assert trained < set(before) and {"encoder", "quant_conv", "quantizer", "refine_conv"} <= set(before)
@@ -178,3 +181,13 @@ def test_finetune_decoder_only_freezes_the_alignment_projection():
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
     assert float(updates["tokenizer"]["decoder"][0]) == -1.0
     assert float(updates["tokenizer"]["encoder"][0]) == 0.0 and float(updates["align_proj"]["w"][0]) == 0.0
+
+
+def test_a_decoder_only_run_has_a_restore_target_like_its_state():
+    """The masked optimiser's frozen part holds no arrays; the restore target still mirrors the state, so a
+    decoder-only fine-tune resumes."""
+    program, _ = _program(tiny_config(finetune_decoder_only=True))
+    state = program.init(0)
+    assert jax.tree.structure(program.abstract_state) == jax.tree.structure(state)
+    jax.tree.map(lambda x, target: x.sharding.is_equivalent_to(target.sharding, x.ndim) or pytest.fail(str(x)),
+                 state, program.abstract_state)

@@ -7,6 +7,7 @@ per token for attention (QK^T and AV); backward costs twice the forward, so a tr
 
 from __future__ import annotations
 
+from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.model import count_params
 
 
@@ -37,7 +38,7 @@ VGG16_FLOPS_224 = 31e9
 DINO_VIT = dict(width=384, depth=12, mlp=1536, seq=197)
 
 
-def tokenizer_step(trainer, canvas: int, batch: int) -> float:
+def tokenizer_step(config, frozen, canvas: int, batch: int) -> float:
     """Approximate FLOPs of one tokenizer step.
 
     Generator fwd+bwd (encoder twice on the B images: the clean pass, whose last block updates only the
@@ -46,22 +47,22 @@ def tokenizer_step(trainer, canvas: int, batch: int) -> float:
     frozen
     nets the generator loss differentiates through (LPIPS, DINO: 3x forward on 2B); the
     discriminator's real/fake (+ consistency) forwards; SigLIP2 forward once on B. Left out: patch
-    embedding, VQ, discriminator heads."""
-    m, losses = trainer.model_cfg, trainer.config.losses
+    embedding, VQ, discriminator heads. ``frozen``: the step's FrozenNets (the SigLIP2 tower's size)."""
+    m, losses = validate(config.model), config.losses
     n, patches, positions = m.num_latent_tokens, (m.image_size // m.patch_size) ** 2, (canvas // m.patch_size) ** 2
     e, d = m.encoder, m.decoder
     clean = vit_forward(e.width, e.depth, e.mlp_dim, patches + n, last_queries=n)
     re_encode = e.depth * block_forward(e.width, e.mlp_dim, n, patches + n)
     decode = vit_forward(d.width, d.depth, d.mlp_dim, positions + n, last_queries=positions)
     total = 3 * batch * (clean + re_encode + 2 * decode)
-    if trainer.lpips is not None:
+    if losses.lpips_weight > 0:
         total += 3 * 2 * batch * 2 * VGG16_FLOPS_224 * (canvas / 224) ** 2  # x and y through VGG
     if losses.disc_type == "dino":
         dino = vit_forward(**DINO_VIT)
         passes = 2 + (2 if losses.cr_weight > 0 else 0)  # real, fake (+ strong real, strong fake)
         total += 3 * 2 * batch * dino + passes * 2 * batch * dino
-    if trainer.align:
-        s = trainer.siglip
+    if losses.align_weight > 0:
+        s = frozen.siglip
         seq = (m.image_size // s.patch_size) ** 2
         total += batch * vit_forward(s.width, s.depth, s.mlp_dim, seq)
     return float(total)

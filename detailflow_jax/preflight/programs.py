@@ -41,30 +41,27 @@ def stand_in_schedule(resolve, config):
 
 def ar_train(config, mesh) -> Program:
     from detailflow_jax import optim
-    from detailflow_jax.train.ar_step import ARStep
-    trainer = ARStep(config, mesh, stand_in_schedule(optim.resolve_ar_schedule, config))
-    state = trainer.abstract_state(config.seed)
-    jitted = trainer.compiled(jax.tree.map(lambda x: x.sharding, state))
-    b, n = config.batch_size, trainer.model_cfg.num_tokens
+    from detailflow_jax.train import ar_step
+    program = ar_step.make_ar_step(config, mesh, stand_in_schedule(optim.resolve_ar_schedule, config))
+    state = program.abstract_state
+    b, n = config.batch_size, program.model_cfg.num_tokens
     batch = {"codes": _sds((b, n, 3), jnp.int16, sharding.batch_sharding(mesh, 3)),
              "label": _sds((b,), jnp.int32, sharding.batch_sharding(mesh, 1))}
-    flops = model_flops.gpt_step(trainer.model_cfg, state["params"], b)
-    return Program(jitted, (state, batch), b, flops)
+    flops = model_flops.gpt_step(program.model_cfg, state["params"], b)
+    return Program(program.step, (state, batch), b, flops)
 
 
 def tokenizer_train(config, mesh) -> Program:
-    from detailflow_jax.tokenizer.resolution import ResolutionTables
     from detailflow_jax import optim
-    from detailflow_jax.train.tokenizer_step import TokenizerStep
-    trainer = TokenizerStep(config, mesh, stand_in_schedule(optim.resolve_tokenizer_schedule, config))
-    frozen = trainer.abstract_frozen()
-    state = trainer.abstract_state(config.seed, frozen)
-    tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
+    from detailflow_jax.train import tokenizer_step
+    frozen = tokenizer_step.abstract_frozen(config)
+    program = tokenizer_step.make_tokenizer_step(
+        config, mesh, frozen, stand_in_schedule(optim.resolve_tokenizer_schedule, config))
+    tables = program.tables
     canvas = tables.canvas[tables.num_tokens]  # all tokens: the largest canvas, the most memory
-    jitted = trainer.compiled(canvas, jax.tree.map(lambda x: x.sharding, state), frozen)
-    args = trainer.abstract_step_args(canvas, state, frozen)
-    flops = model_flops.tokenizer_step(trainer, canvas, config.batch_size)
-    return Program(jitted, args, config.batch_size, flops)
+    args = program.step_args(canvas, program.abstract_state)
+    flops = model_flops.tokenizer_step(config, frozen, canvas, config.batch_size)
+    return Program(program.steps[canvas], args, config.batch_size, flops)
 
 
 def _sampling_inputs(config, mesh):

@@ -22,16 +22,14 @@ import jax
 import ml_collections
 
 from detailflow_jax import distributed, optim, sharding, storage
-from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.codes import CodesMetadata, make_code_iter, read_metadata
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.inference.generator import ImageGenerator, default_classes, sampling_settings
 from detailflow_jax.inference.weights import load_tokenizer
-from detailflow_jax.train import cli, run_config, workdir_lock
-from detailflow_jax.train.ar_step import ARStep
-from detailflow_jax.train.loop import LoopConfig, run_loop
-from detailflow_jax.train.metrics import MetricWriter
+from detailflow_jax.train import cli, workdir_lock
+from detailflow_jax.train.ar_step import ARProgram, make_ar_step
+from detailflow_jax.train.loop import LoopConfig, init_or_restore, run_and_close
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +56,15 @@ def validate(config: ml_collections.ConfigDict, meta: CodesMetadata, num_devices
     return mesh_shape
 
 
-def sample_hook(workdir: str, config, meta: CodesMetadata, trainer: ARStep, ema_shardings):
+def sample_hook(workdir: str, config, meta: CodesMetadata, program: ARProgram, mesh: jax.sharding.Mesh):
     """PNG grids of class-conditional samples from the EMA weights, or None when the tokenizer is not at hand."""
     path = config.tokenizer or meta.tokenizer["path"]
     if not storage.path(path).is_dir():
         log.warning("tokenizer %s not found: no sample images (set --config.tokenizer)", path)
         return None
     model_cfg = None if config.tokenizer else meta.tokenizer["model"]
-    tok_cfg, tok_params = load_tokenizer(path, trainer.mesh, config.tokenizer_config or None, model_cfg=model_cfg)
-    generator = ImageGenerator(trainer.model_cfg, None, ema_shardings, tok_cfg, tok_params, trainer.mesh,
+    tok_cfg, tok_params = load_tokenizer(path, mesh, config.tokenizer_config or None, model_cfg=model_cfg)
+    generator = ImageGenerator(program.model_cfg, None, program.state_shardings["ema"], tok_cfg, tok_params, mesh,
                                sampling_settings(config.sampling))
     classes = default_classes(meta.num_classes, config)
     batch = sharding.round_up(len(classes) * config.samples_per_class, generator.data_parallelism)
@@ -93,35 +91,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     schedule = optim.resolve_ar_schedule(config, data.num_examples)
     log.info("schedule (%s code records, global batch %d): %s", f"{data.num_examples:,}", config.batch_size,
              schedule.describe())
-    trainer = ARStep(config, mesh, schedule)
-    run_config.check_resume(config, workdir)
-    storage.prepare_dir(workdir)
-
-    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is None:
-        state, state_shardings = trainer.init(config.seed)
-        start = 0
-    else:
-        abstract = trainer.abstract_state(config.seed)
-        state = checkpointer.restore(abstract, data.iterator)
-        start = checkpointer.restored_step  # older than the latest when that one is damaged
-        state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        log.info("resumed from step %d", start)
-    if distributed.is_main_process():
-        run_config.save(config, workdir)
-    step = trainer.compiled(state_shardings)
-    hook = sample_hook(workdir, config, meta, trainer, state_shardings["ema"]) if samples else None
-
+    program = make_ar_step(config, mesh, schedule)
+    checkpointer, state, start = init_or_restore(config, workdir, program.init, program.abstract_state,
+                                                 data.iterator)
+    hook = sample_hook(workdir, config, meta, program, mesh) if samples else None
     loop = LoopConfig(total_steps=schedule.total_steps, log_every=config.log_every,
                       checkpoint_every=config.checkpoint_every, hook_every=config.sample_every,
                       batch_size=config.batch_size, desc="ar", stop_at=stop_at)
-    writer = MetricWriter(workdir)
-    state, _ = run_loop(loop, state, data.iterator, lambda s, batch, _: step(s, to_global(batch, mesh)), start,
-                        checkpointer, writer, hooks=(hook,) if hook else ())
-    data.close()
-    checkpointer.close()
-    writer.close()
+    state, _ = run_and_close(loop, state, data, lambda s, batch, _: program.step(s, to_global(batch, mesh)), start,
+                             checkpointer, workdir, hooks=(hook,) if hook else ())
     return state
 
 

@@ -17,8 +17,7 @@ rows; a ``lax.scan`` sums their gradients.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,101 +52,90 @@ def split_micro_batches(tree: Any, num: int) -> Any:
     return jax.tree.map(split, tree)
 
 
-@dataclasses.dataclass
-class ARStep:
-    """Builds the AR train state, its shardings and the compiled step from a training config."""
+class ARProgram(NamedTuple):
+    """Everything a GPT run needs, built once by ``make_ar_step``; every member is a pure function or a value."""
 
-    config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
-    # The run's learning rates and step counts (optim.resolve_ar_schedule); None: resolved from the config's
-    # explicit step counts alone (no dataset size).
-    lr_schedule: optim.ResolvedSchedule | None = None
+    model_cfg: GPTConfig
+    init: Callable[[int], dict]  # seed -> the initial state, born sharded on the mesh
+    abstract_state: Any  # the state's ShapeDtypeStructs with their shardings (restore target)
+    state_shardings: Any
+    step: Callable  # jitted (state, batch) -> (state, metrics); the state is donated
+    loss_given: Callable  # (params, codes, labels, use_corrected, dropout_key) -> (loss, {"accuracy"})
+    lr: optax.Schedule
 
-    def __post_init__(self):
-        cfg = self.config
-        if self.lr_schedule is None:
-            self.lr_schedule = optim.resolve_ar_schedule(cfg, dataset_size=None)
-        self.model_cfg = GPTConfig(**cfg.model.to_dict()).validate()
-        self.model = GPT(self.model_cfg)
-        self.rules = sharding.rules_from_config(cfg)
-        self.lr = optim.ar_schedule(self.lr_schedule)
-        self.tx = optim.adamw(self.lr, cfg.optim.weight_decay, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm)
-        self._compiled = None
 
-    # ------------------------------------------------------------------ state
+def make_ar_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 lr_schedule: optim.ResolvedSchedule | None = None) -> ARProgram:
+    """The state's init and the jitted step of an AR training config. ``lr_schedule``: the run's step counts
+    (``optim.resolve_ar_schedule``; None: from the config's explicit step counts alone)."""
+    lr_schedule = lr_schedule or optim.resolve_ar_schedule(config, dataset_size=None)
+    model_cfg = GPTConfig(**config.model.to_dict()).validate()
+    model = GPT(model_cfg)
+    rules = sharding.rules_from_config(config)
+    lr = optim.ar_schedule(lr_schedule)
+    tx = optim.adamw(lr, config.optim.weight_decay, config.optim.b1, config.optim.b2, config.optim.clip_norm)
 
-    def _init_state(self, rng: jax.Array) -> dict:
+    def init_state(rng: jax.Array) -> dict:
         k_model, k_state = jax.random.split(rng)
-        params = init_params(self.model, k_model)
+        params = init_params(model, k_model)
         return dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(k_state), params=params,
-                    opt=self.tx.init(params), ema=jax.tree.map(jnp.copy, params))
+                    opt=tx.init(params), ema=jax.tree.map(jnp.copy, params))
 
-    def init(self, seed: int) -> tuple[dict, Any]:
-        """The initial state, born sharded on the mesh, and its shardings."""
-        return sharding.init_sharded(self._init_state, self.mesh, jax.random.key(seed), rules=self.rules)
-
-    def abstract_state(self, seed: int) -> Any:
-        """ShapeDtypeStructs with the state's shardings (restore target), nothing allocated."""
-        return sharding.abstract_sharded(self._init_state, self.mesh, jax.random.key(seed), rules=self.rules)
-
-    # ------------------------------------------------------------------ the step
-
-    def loss(self, params: Any, codes: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
-        """Mean cross-entropy over all B x N targets (float32 logits), and the token accuracy."""
-        k_mix, k_dropout = jax.random.split(key)
-        use_corrected = jax.random.uniform(k_mix, labels.shape) < self.config.correction_prob
-        return self.loss_given(params, codes, labels, use_corrected, k_dropout)
-
-    def loss_given(self, params: Any, codes: jax.Array, labels: jax.Array, use_corrected: jax.Array,
+    def loss_given(params: Any, codes: jax.Array, labels: jax.Array, use_corrected: jax.Array,
                    dropout_key: jax.Array) -> tuple[jax.Array, dict]:
-        """``loss`` with the self-correction decisions (B,) bool given; ``dropout_key`` drives class and token
-        dropout (with the dropout rates at 0, pass the null class as the label to drop one)."""
-        inputs, targets = self_correction_mix(codes.astype(jnp.int32), use_corrected, self.model_cfg.group_size)
-        logits = self.model.apply({"params": params}, inputs, labels, True, rngs={"dropout": dropout_key})
+        """Mean cross-entropy over all B x N targets (float32 logits) and the token accuracy, with the
+        self-correction decisions (B,) bool given; ``dropout_key`` drives class and token dropout (with the
+        dropout rates at 0, pass the null class as the label to drop one)."""
+        inputs, targets = self_correction_mix(codes.astype(jnp.int32), use_corrected, model_cfg.group_size)
+        logits = model.apply({"params": params}, inputs, labels, True, rngs={"dropout": dropout_key})
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == targets)
         return jnp.mean(ce), dict(accuracy=accuracy)
 
-    def _gradients(self, params, codes, labels, key):
-        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-        n = self.config.grad_accum
+    def loss(params, codes, labels, key):
+        k_mix, k_dropout = jax.random.split(key)
+        use_corrected = jax.random.uniform(k_mix, labels.shape) < config.correction_prob
+        return loss_given(params, codes, labels, use_corrected, k_dropout)
+
+    def gradients(params, codes, labels, key):
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        n = config.grad_accum
         if n == 1:
-            (loss, aux), grads = grad_fn(params, codes, labels, key)
-            return loss, aux, grads
+            (value, aux), grads = grad_fn(params, codes, labels, key)
+            return value, aux, grads
         micro = split_micro_batches((codes, labels), n)
-        rows = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # micro-batch rows stay on their devices
+        rows = NamedSharding(mesh, P(None, sharding.BATCH_AXES))  # micro-batch rows stay on their devices
         micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), micro)
 
         def body(acc, xs):
             (codes_j, labels_j), j = xs
-            (loss, aux), grads = grad_fn(params, codes_j, labels_j, jax.random.fold_in(key, j))
-            return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+            (value, aux), grads = grad_fn(params, codes_j, labels_j, jax.random.fold_in(key, j))
+            return jax.tree.map(jnp.add, acc, (value, aux, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"accuracy": jnp.zeros(())}, params))
         total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
         return jax.tree.map(lambda x: x / n, total)
 
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
         # The rules in context while tracing turn the model's activation constraints on (`sharding.constrain`).
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(self.rules):
-            return self._step(state, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            value, aux, grads = gradients(state["params"], batch["codes"], batch["label"], key)
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            new = dict(state, step=state["step"] + 1, params=params, opt=opt,
+                       ema=ema_update(state["ema"], params, config.ema_decay))
+            metrics = dict(loss=value, accuracy=aux["accuracy"], lr=lr(state["step"]),
+                           grad_norm=optax.global_norm(grads))
+            return new, metrics
 
-    def _step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        loss, aux, grads = self._gradients(state["params"], batch["codes"], batch["label"], key)
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = dict(state, step=state["step"] + 1, params=params, opt=opt,
-                   ema=ema_update(state["ema"], params, self.config.ema_decay))
-        metrics = dict(loss=loss, accuracy=aux["accuracy"], lr=self.lr(state["step"]),
-                       grad_norm=optax.global_norm(grads))
-        return new, metrics
-
-    def compiled(self, state_shardings: Any):
-        """The jitted step with explicit shardings; the state is donated."""
-        if self._compiled is None:
-            batch = {"codes": sharding.batch_sharding(self.mesh, 3), "label": sharding.batch_sharding(self.mesh, 1)}
-            self._compiled = jax.jit(self.step, in_shardings=(state_shardings, batch),
-                                     out_shardings=(state_shardings, sharding.replicated(self.mesh)),
-                                     donate_argnums=0)
-        return self._compiled
+    # The seed changes no shape.
+    abstract = sharding.abstract_sharded(init_state, mesh, jax.random.key(0), rules=rules)
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    batch_shardings = {"codes": sharding.batch_sharding(mesh, 3), "label": sharding.batch_sharding(mesh, 1)}
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return ARProgram(
+        model_cfg=model_cfg,
+        init=lambda seed: sharding.init_sharded(init_state, mesh, jax.random.key(seed), rules=rules)[0],
+        abstract_state=abstract, state_shardings=state_shardings, step=jitted, loss_given=loss_given, lr=lr)

@@ -1,4 +1,4 @@
-"""The host loop shared by the tokenizer and AR trainers.
+"""The run shared by the tokenizer and AR trainers: init or restore the state, the host loop, closing.
 
 Per step: next batch -> jitted step. Metrics are fetched one step late so the host never waits on the step it just
 dispatched; they are checked for NaN/inf before every checkpoint, so a diverged state is never saved. SIGTERM or
@@ -8,15 +8,20 @@ SIGINT (preemption, scancel, Ctrl-C) saves a checkpoint at the next step boundar
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 from tqdm import tqdm
 
+from detailflow_jax import storage
 from detailflow_jax.checkpoint import Checkpointer, StopRequest
 from detailflow_jax.distributed import is_main_process
+from detailflow_jax.train import run_config
 from detailflow_jax.train.metrics import MetricWriter, check_finite
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, step) -> (state, device metrics)
 Hook = Callable[[int, Any], None]  # (step, state) -> None, e.g. image grids
@@ -102,3 +107,35 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
         for hook in hooks:
             hook(step, state)
     return state, step
+
+
+def init_or_restore(config, workdir: str, init: Callable[[int], Any], abstract_state: Any,
+                    data_iter: Iterator) -> tuple[Checkpointer, Any, int]:
+    """(checkpointer, state, first step): the latest intact checkpoint of ``workdir`` restored onto
+    ``abstract_state`` (the data iterator with it), else ``init(config.seed)``. A resume with other model
+    settings is refused before anything is written; the config is saved as the run's config.json."""
+    run_config.check_resume(config, workdir)
+    storage.prepare_dir(workdir)
+    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
+    if checkpointer.latest_step() is None:
+        state, start = init(config.seed), 0
+    else:
+        state = checkpointer.restore(abstract_state, data_iter)
+        start = checkpointer.restored_step  # older than the latest when that one is damaged
+        log.info("resumed from step %d", start)
+    if is_main_process():
+        run_config.save(config, workdir)
+    return checkpointer, state, start
+
+
+def run_and_close(cfg: LoopConfig, state: Any, data, step_fn: StepFn, start_step: int,
+                  checkpointer: Checkpointer, workdir: str, hooks: tuple[Hook, ...] = ()) -> tuple[Any, int]:
+    """``run_loop`` with the run's metric writer; then closes the data stream (``data.iterator``,
+    ``data.close()``), the checkpointer (waiting for its last save) and the writer, also when a step fails."""
+    writer = MetricWriter(workdir)
+    try:
+        return run_loop(cfg, state, data.iterator, step_fn, start_step, checkpointer, writer, hooks=hooks)
+    finally:
+        data.close()
+        checkpointer.close()
+        writer.close()

@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 
 from detailflow_jax import distributed, optim, sharding, storage
-from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.config_lib import require
 from detailflow_jax.data.global_batch import to_global
 from detailflow_jax.data.pipeline import make_eval_iter, make_train_iter
@@ -29,10 +28,9 @@ from detailflow_jax.inference.reconstruction import ReconstructionEvaluator
 from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import degradation_matrix, sample_noise_span, sample_token_count
 from detailflow_jax.tokenizer.resolution import ResolutionTables
-from detailflow_jax.train import cli, run_config, workdir_lock
-from detailflow_jax.train.loop import LoopConfig, run_loop
-from detailflow_jax.train.metrics import MetricWriter
-from detailflow_jax.train.tokenizer_step import TokenizerStep
+from detailflow_jax.train import cli, workdir_lock
+from detailflow_jax.train.loop import LoopConfig, init_or_restore, run_and_close
+from detailflow_jax.train.tokenizer_step import FrozenNets, compile_canvases, load_frozen, make_tokenizer_step
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +87,14 @@ def canvases_drawn(draws: HostDraws, steps: range) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def make_step_fn(trainer: TokenizerStep, draws: HostDraws, state_shardings, frozen: dict,
-                 executables: dict | None = None):
-    """(state, host batch, step) -> (state, device metrics): the step's host draws, then the compiled step of its
-    canvas (from ``executables`` when compiled ahead) on the batch placed over the mesh."""
-    executables = executables or {}
+def make_step_fn(steps: dict, draws: HostDraws, frozen: FrozenNets, mesh: jax.sharding.Mesh):
+    """(state, host batch, step) -> (state, device metrics): the step's host draws, then the step of its canvas
+    (``steps``: canvas -> jitted or compiled step) on the batch placed over the mesh."""
 
     def step_fn(state, batch, step):
         t, canvas, matrix, noise_idx, noise_end = draws(step)
-        fn = executables.get(canvas) or trainer.compiled(canvas, state_shardings, frozen)
-        return fn(state, frozen, to_global(batch["image"], trainer.mesh), np.int32(t), matrix, noise_idx, noise_end)
+        return steps[canvas](state, frozen.params, to_global(batch["image"], mesh), np.int32(t), matrix,
+                             noise_idx, noise_end)
 
     return step_fn
 
@@ -154,41 +150,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     schedule = optim.resolve_tokenizer_schedule(config, data.num_examples)
     log.info("schedule (%s images, global batch %d): %s", f"{data.num_examples:,}", config.batch_size,
              schedule.describe())
-    trainer = TokenizerStep(config, mesh, schedule)
-    frozen = trainer.load_frozen()  # fails fast when a loss lacks its weights
-    tables = ResolutionTables.from_model_config(trainer.model_cfg, rounding=config.rounding)
-    run_config.check_resume(config, workdir)
-    storage.prepare_dir(workdir)
-
-    checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is None:
-        state, state_shardings = trainer.init(config.seed, frozen)
-        start = 0
-    else:
-        abstract = trainer.abstract_state(config.seed, frozen)
-        state = checkpointer.restore(abstract, data.iterator)
-        start = checkpointer.restored_step  # older than the latest when that one is damaged
-        state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        log.info("resumed from step %d", start)
-    if distributed.is_main_process():
-        run_config.save(config, workdir)
-
+    frozen = load_frozen(config)  # fails fast when a loss lacks its weights
+    program = make_tokenizer_step(config, mesh, frozen, schedule)
+    checkpointer, state, start = init_or_restore(config, workdir, program.init, program.abstract_state,
+                                                 data.iterator)
+    tables = program.tables
     draws = HostDraws(config, tables, sharding.replicated(mesh))
-    executables = trainer.compile_canvases(canvases_drawn(draws, range(start, schedule.total_steps)), state, frozen,
-                                           workers=config.compile_workers)
-    step_fn = make_step_fn(trainer, draws, state_shardings, frozen, executables)
-    evaluator = ReconstructionEvaluator(trainer.model_cfg, tables)
+    executables = compile_canvases(program, canvases_drawn(draws, range(start, schedule.total_steps)),
+                                   workers=config.compile_workers)
+    step_fn = make_step_fn(executables, draws, frozen, mesh)
+    evaluator = ReconstructionEvaluator(program.model_cfg, tables)
     held_out = eval_batches(config, mesh)
     loop = LoopConfig(total_steps=schedule.total_steps, log_every=config.log_every,
                       checkpoint_every=config.checkpoint_every, hook_every=config.image_every,
                       batch_size=config.batch_size, desc="tokenizer", stop_at=stop_at)
-    writer = MetricWriter(workdir)
-    state, step = run_loop(loop, state, data.iterator, step_fn, start, checkpointer, writer,
-                           hooks=(image_hook(workdir, evaluator, held_out[0]),))
-    data.close()
-    checkpointer.close()
-    writer.close()
+    state, step = run_and_close(loop, state, data, step_fn, start, checkpointer, workdir,
+                                hooks=(image_hook(workdir, evaluator, held_out[0]),))
     if step < schedule.total_steps:
         return state, {}
     curve = evaluator.psnr_curve(state["params"], held_out)
