@@ -1,4 +1,4 @@
-"""KV-cache sampler vs the no-cache reference sampler (the official algorithm), same model, same run.
+r"""KV-cache sampler vs the no-cache reference sampler (the official algorithm), same model, same run.
 
     python benchmarks/sampling.py --variant GPT-B --num_tokens 128 --group_size 8 --causal_num 8 --batch 4 \
         --cfg_scale 1.5 [--dtype bf16|fp32] [--decode] [--no_reference] [--repeats 3] [--scan]

@@ -1,4 +1,4 @@
-"""Where a training step's time goes: the tokenizer and GPT steps of the main job's recipes, timed in one run.
+r"""Where a training step's time goes: the tokenizer and GPT steps of the main job's recipes, timed in one run.
 
     python benchmarks/training.py [--part tokenizer|gpt|both] [--steps 20] [--repeats 3] \
         [--codes_dir workdir/fashion_mnist/codes] [--tokenizer_config configs/tokenizer_fashion_mnist.py] \

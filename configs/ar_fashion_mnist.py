@@ -1,4 +1,4 @@
-"""A small class-conditional GPT on the codes of the Fashion-MNIST tokenizer (configs/tokenizer_fashion_mnist.py).
+r"""A small class-conditional GPT on the codes of the Fashion-MNIST tokenizer (configs/tokenizer_fashion_mnist.py).
 
     python -m detailflow_jax.train.tokenizer --config configs/tokenizer_fashion_mnist.py --workdir workdir/tok
     python -m detailflow_jax.tokenizer.extract --config configs/ar_fashion_mnist.py --tokenizer workdir/tok \

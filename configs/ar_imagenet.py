@@ -1,4 +1,4 @@
-"""The official DetailFlow AR recipe on ImageNet-1k (docs/recipes.md): GPT-L, ten-crop codes, 300 epochs.
+r"""The official DetailFlow AR recipe on ImageNet-1k (docs/recipes.md): GPT-L, ten-crop codes, 300 epochs.
 
     python -m detailflow_jax.tokenizer.extract --config configs/ar_imagenet.py:N=128 --tokenizer /ckpt/df16 \
         --tokenizer_config configs/tokenizer.py:DF-16 --out /data/codes/df16 --config.extract.data.data_dir=/data/tfds

@@ -1,4 +1,4 @@
-"""The official DetailFlow tokenizer recipe on ImageNet-1k (docs/recipes.md).
+r"""The official DetailFlow tokenizer recipe on ImageNet-1k (docs/recipes.md).
 
     python -m detailflow_jax.data.imagefolder --root /data/imagenet --data_dir /data/tfds   # once, offline
     python -m detailflow_jax.train.tokenizer --config configs/tokenizer_imagenet.py:DF-16 --workdir gs://.../df16 \

@@ -13,6 +13,7 @@ several commands in one process without their flags colliding or leaking values.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from typing import Callable, Iterable
 
@@ -111,10 +112,13 @@ def wants_help(argv: Iterable[str]) -> bool:
     return any(a in HELP_ARGS for a in argv)
 
 
-def run(main: Callable, doc: str, key_flags: Iterable[str] = ()) -> None:
+def run(main: Callable, doc: str, key_flags: Iterable[str] = (), log_level: int | None = None) -> None:
     """absl ``app.run`` of a global-FLAGS command: ``key_flags`` (shared flags defined elsewhere)
-    and --verbose listed in ``--help``, and the one-line error boundary."""
+    and --verbose listed in ``--help``, and the one-line error boundary; ``log_level``: Python
+    logging to stderr from that level (commands that log progress, e.g. logging.INFO)."""
     from absl import app
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     define_verbose()
     for name in (*key_flags, "verbose"):  # --help lists the main module's key flags only
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])

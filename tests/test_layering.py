@@ -31,9 +31,8 @@ ALLOWED = {
                    "eval"},
 }
 STAGE_MODULES = {"detailflow_jax.tokenizer.extract": "tokenizer.extract"}
-# Known breaks, each to be removed with its fix (the test fails once one is gone): code extraction
-# still takes the trainers' absl plumbing besides detailflow_jax/cli.py.
-PENDING = {("detailflow_jax/tokenizer/extract.py", "detailflow_jax.train.cli")}
+# Known breaks, each to be removed with its fix (the test fails once one is gone); none at present.
+PENDING: set[tuple[str, str]] = set()
 
 
 def unit(module: str) -> str:

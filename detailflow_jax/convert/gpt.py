@@ -1,4 +1,4 @@
-"""Import an official DetailFlow / LlamaGen GPT checkpoint into the Flax `GPT` params tree.
+r"""Import an official DetailFlow / LlamaGen GPT checkpoint into the Flax `GPT` params tree.
 
     python -m detailflow_jax.convert.gpt --checkpoint GPT-L-128.pt [--entry ema] \
         --config configs/gpt.py:L/128 --out /tmp/gpt_l_128

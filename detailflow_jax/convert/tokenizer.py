@@ -1,4 +1,4 @@
-"""Import an official DetailFlow tokenizer state dict (official ``VQModel``) into the Flax parameter tree.
+r"""Import an official DetailFlow tokenizer state dict (official ``VQModel``) into the Flax parameter tree.
 
     python -m detailflow_jax.convert.tokenizer --checkpoint 128.pt --config configs/tokenizer.py:DF-16 \
         --out /ckpt/df16_params [--force] [--config.model.dtype=bfloat16]

@@ -1,4 +1,4 @@
-"""Generation evaluation: sample K images, pack them as an ADM ``.npz`` and score them (IS, FID, sFID, precision,
+r"""Generation evaluation: sample K images, pack them as an ADM ``.npz`` and score them (IS, FID, sFID, precision,
 recall) against an ADM reference batch, in one resumable run.
 
     python -m detailflow_jax.eval.evaluate --gpt workdir/ar --inception INCEPTION \

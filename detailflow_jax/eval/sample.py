@@ -1,4 +1,4 @@
-"""Class-conditional samples from a trained (or converted) GPT + tokenizer: PNG grids and an ADM ``.npz``.
+r"""Class-conditional samples from a trained (or converted) GPT + tokenizer: PNG grids and an ADM ``.npz``.
 
     python -m detailflow_jax.eval.sample --gpt workdir/ar --out workdir/samples
     python -m detailflow_jax.eval.sample --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 \

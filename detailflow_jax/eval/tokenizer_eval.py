@@ -1,4 +1,4 @@
-"""Tokenizer evaluation along the coarse-to-fine axis: rFID, PSNR and SSIM from the first t tokens, for every
+r"""Tokenizer evaluation along the coarse-to-fine axis: rFID, PSNR and SSIM from the first t tokens, for every
 admissible t, on the validation split.
 
     python -m detailflow_jax.eval.tokenizer_eval --tokenizer workdir/tok --inception INCEPTION --out DIR

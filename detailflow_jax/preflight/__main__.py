@@ -1,4 +1,4 @@
-"""Compile a trainer's step ahead of time for a topology: does it fit, how fast could it be.
+r"""Compile a trainer's step ahead of time for a topology: does it fit, how fast could it be.
 
     python -m detailflow_jax.preflight --config configs/ar_imagenet.py:N=128 --topology v5e:4x4 \
         --config.mesh.data=1 --config.mesh.fsdp=16

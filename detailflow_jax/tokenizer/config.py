@@ -26,6 +26,8 @@ DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
 ARCH_DEFAULTS = dict(patch_size=16, pos_grid=16, codebook_dim=8, ln_eps=1e-6, commit_beta=0.25, vq_loss_ratio=1.0,
                      entropy_loss_ratio=0.0, noise_top_k=50, dtype="float32", param_dtype="float32",
                      quantizer_distances="auto", remat=False)
+# The fields a model config may lack (configs saved before they existed): ARCH_DEFAULTS fills them in.
+_ADDED_LATER = ("ln_eps", "commit_beta", "vq_loss_ratio", "entropy_loss_ratio", "quantizer_distances", "remat")
 
 
 def make_model_config(encoder: Mapping[str, int], decoder: Mapping[str, int], **sizes) -> ml_collections.ConfigDict:
@@ -87,7 +89,7 @@ def validate(model_cfg: Any) -> TokenizerConfig:
     """Checks every rule the model relies on; raises ConfigError naming the key. Returns the frozen config."""
     if isinstance(model_cfg, TokenizerConfig):
         return model_cfg
-    m = _as_dict(model_cfg)
+    m = {**{k: ARCH_DEFAULTS[k] for k in _ADDED_LATER}, **_as_dict(model_cfg)}
     for key in ("image_size", "patch_size", "pos_grid", "num_latent_tokens", "group_size", "causal_num",
                 "codebook_size", "codebook_dim", "noise_top_k"):
         require(key in m, key, None, "is required in the tokenizer model config")
@@ -102,11 +104,11 @@ def validate(model_cfg: Any) -> TokenizerConfig:
             "must be 8 (the released quant_conv/codebook width)")
     require(m["noise_top_k"] <= m["codebook_size"], "noise_top_k", m["noise_top_k"],
             f"must be at most codebook_size={m['codebook_size']} (top-k of the codebook)")
-    require(float(m.get("entropy_loss_ratio", 0.0)) >= 0, "entropy_loss_ratio", m.get("entropy_loss_ratio"),
+    require(float(m["entropy_loss_ratio"]) >= 0, "entropy_loss_ratio", m["entropy_loss_ratio"],
             "must be >= 0 (0 turns the entropy loss off, as in every released config)")
     for key in ("dtype", "param_dtype"):
         require(m.get(key) in _DTYPES, key, m.get(key), f"must be one of {sorted(_DTYPES)}")
-    distances = m.get("quantizer_distances", "auto")  # absent from configs saved before it existed
+    distances = m["quantizer_distances"]
     require(distances in DISTANCE_DTYPES, "quantizer_distances", distances, f"must be one of {DISTANCE_DTYPES}")
     vits = {}
     for part in ("encoder", "decoder"):
@@ -120,10 +122,9 @@ def validate(model_cfg: Any) -> TokenizerConfig:
     return TokenizerConfig(
         image_size=m["image_size"], patch_size=m["patch_size"], pos_grid=m["pos_grid"], num_latent_tokens=n,
         group_size=g, causal_num=c, codebook_size=m["codebook_size"], codebook_dim=m["codebook_dim"],
-        ln_eps=float(m.get("ln_eps", 1e-6)), commit_beta=float(m.get("commit_beta", 0.25)),
-        vq_loss_ratio=float(m.get("vq_loss_ratio", 1.0)),
-        entropy_loss_ratio=float(m.get("entropy_loss_ratio", 0.0)), noise_top_k=m["noise_top_k"], dtype=m["dtype"],
-        param_dtype=m["param_dtype"], quantizer_distances=distances, remat=bool(m.get("remat", False)), **vits)
+        ln_eps=float(m["ln_eps"]), commit_beta=float(m["commit_beta"]), vq_loss_ratio=float(m["vq_loss_ratio"]),
+        entropy_loss_ratio=float(m["entropy_loss_ratio"]), noise_top_k=m["noise_top_k"], dtype=m["dtype"],
+        param_dtype=m["param_dtype"], quantizer_distances=distances, remat=bool(m["remat"]), **vits)
 
 
 def check_canvas(cfg: TokenizerConfig, canvas: int) -> None:

@@ -1,4 +1,4 @@
-"""Turn a training split into AR training codes with the tokenizer (official ``extract_codes_c2i.py``).
+r"""Turn a training split into AR training codes with the tokenizer (official ``extract_codes_c2i.py``).
 
     python -m detailflow_jax.tokenizer.extract --config configs/ar_fashion_mnist.py --tokenizer workdir/tok \
         --out codes/fashion_mnist
@@ -43,7 +43,6 @@ from detailflow_jax.inference.weights import checkpoint_step, load_tokenizer
 from detailflow_jax.tokenizer.config import validate
 from detailflow_jax.tokenizer.degradation import sample_noise_span
 from detailflow_jax.tokenizer.model import DetailFlowTokenizer
-from detailflow_jax.train import cli
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +240,8 @@ def extract_codes(config: ml_collections.ConfigDict, tokenizer: str, out: str,
 
 def _define_flags():
     from absl import flags
+    shared_cli.define_config()
+    shared_cli.define_print_config()
     flags.DEFINE_string("tokenizer", None, "tokenizer training work directory or converted orbax params directory "
                         "(default: the config's `tokenizer`)")
     shared_cli.define_tokenizer_config(flags.FLAGS)
@@ -255,12 +256,12 @@ def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore through absl at INFO
     f = flags.FLAGS
-    config = cli.loaded_config()
+    config = shared_cli.loaded_config()
     if config is None:
         print(__doc__.strip() + "\n", file=sys.stderr)
         raise ConfigError("--config is required")
-    cli.maybe_print_config(config)
-    cli.require_fields(config, ("extract", "codes_dir", "tokenizer"),
+    shared_cli.maybe_print_config(config)
+    shared_cli.require_fields(config, ("extract", "codes_dir", "tokenizer"),
                        "an AR config (e.g. configs/ar_fashion_mnist.py)")
     tokenizer = f.tokenizer or config.tokenizer
     out = f.out or config.codes_dir
@@ -274,4 +275,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main, ("config", "print_config"))
+    shared_cli.run(main, __doc__, ("config", "print_config"), log_level=logging.INFO)

@@ -1,4 +1,4 @@
-"""Train the DetailFlow class-conditional GPT on extracted codes, resuming from the work directory.
+r"""Train the DetailFlow class-conditional GPT on extracted codes, resuming from the work directory.
 
     python -m detailflow_jax.train.ar --config configs/ar_fashion_mnist.py --workdir workdir/ar \
         --config.codes_dir=workdir/codes

@@ -64,6 +64,4 @@ def train_main(doc: str, train_fn, fields: tuple[str, ...], what: str):
 def run(main, key_flags: tuple[str, ...] = _SHARED_FLAGS) -> None:
     """absl ``app.run`` with INFO logging, ``key_flags`` (default: --config, --workdir,
     --print_config) and --verbose in ``--help``, and the one-line error boundary."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    shared.run(main, sys.modules["__main__"].__doc__ or "", key_flags)
+    shared.run(main, sys.modules["__main__"].__doc__ or "", key_flags, log_level=logging.INFO)

@@ -1,4 +1,4 @@
-"""Train the DetailFlow tokenizer (coarse-to-fine, with self-correction), resuming from the work directory.
+r"""Train the DetailFlow tokenizer (coarse-to-fine, with self-correction), resuming from the work directory.
 
     python -m detailflow_jax.train.tokenizer --config configs/tokenizer_fashion_mnist.py --workdir workdir/tok
     python -m detailflow_jax.train.tokenizer --config configs/tokenizer_imagenet.py:DF-16 --workdir ... \
