@@ -27,12 +27,14 @@ setuptools.setup(
     install_requires=CORE,
     extras_require={
         # The tests run the cloud storage ones against a local emulator (tests/test_gcs.py).
-        "dev": ["pytest", "pytest-xdist", "chex", "gcsfs", "gcp-storage-emulator"],
-        # Work directories, codes and weights on gs:// buckets (etils.epath reads them through gcsfs).
+        "dev": ["pytest", "pytest-xdist", "chex", "gcsfs", "gcp-storage-emulator", "ruff==0.17.6"],
+        # Work directories, codes and weights on gs:// buckets (etils.epath reads them through
+        # gcsfs).
         "gcs": ["gcsfs"],
         # Reading official `.pt` checkpoints; `.npz`/`.safetensors` need no torch.
         "torch": ["torch"],
-        # Ahead-of-time compiles for TPU topologies on any machine (python -m detailflow_jax.preflight).
+        # Ahead-of-time compiles for TPU topologies on any machine (python -m
+        # detailflow_jax.preflight).
         "tpu-aot": ["libtpu==0.0.42.*"],
     },
 )

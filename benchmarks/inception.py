@@ -1,9 +1,10 @@
-"""Throughput of the FID Inception feature extractor (uint8 images -> pool/spatial/logits), on the default backend.
+"""Throughput of the FID Inception feature extractor (uint8 images -> pool/spatial/logits), on the
+default backend.
 
     python benchmarks/inception.py --batch 16 --image_size 256 --dtype float32,bfloat16
 
-Weights are random (speed does not depend on them). Prints a table and one JSON line. Compile time is reported
-separately from the steady-state images/s.
+Weights are random (speed does not depend on them). Prints a table and one JSON line. Compile time
+is reported separately from the steady-state images/s.
 """
 
 import json
@@ -24,7 +25,9 @@ from detailflow_jax.nn.inception import INPUT_SIZE, InceptionFeatures, Inception
 
 def measure(params, batch: int, image_size: int, dtype: str, iters: int) -> dict:
     extractor = InceptionFeatures(params, dtype=jnp.dtype(dtype))
-    images = np.random.default_rng(0).integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, (batch, image_size, image_size, 3), dtype=np.uint8
+    )
     start = time.perf_counter()
     jax.block_until_ready(extractor(images))
     compile_s = time.perf_counter() - start
@@ -47,14 +50,23 @@ def _define_flags(fv: flags.FlagValues) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = cli.parse(argv, __doc__, _define_flags, {"image-size": "image_size"})
 
-    params = jax.jit(InceptionV3().init)(jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)))["params"]
+    params = jax.jit(InceptionV3().init)(
+        jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3))
+    )["params"]
     rows = [measure(params, args.batch, args.image_size, d, args.iters) for d in args.dtype]
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind}")
     print(f"{'dtype':>9} {'batch':>5} {'size':>5} {'compile s':>9} {'step ms':>8} {'img/s':>7}")
     for r in rows:
-        print(f"{r['dtype']:>9} {r['batch']:>5} {r['image_size']:>5} {r['compile_s']:>9} {r['step_ms']:>8} "
-              f"{r['images_per_s']:>7}")
-    print(json.dumps({"benchmark": "inception_features", "backend": jax.default_backend(), "results": rows}))
+        print(
+            f"{r['dtype']:>9} {r['batch']:>5} {r['image_size']:>5} {r['compile_s']:>9} "
+            f"{r['step_ms']:>8} "
+            f"{r['images_per_s']:>7}"
+        )
+    print(
+        json.dumps(
+            {"benchmark": "inception_features", "backend": jax.default_backend(), "results": rows}
+        )
+    )
     return rows
 
 

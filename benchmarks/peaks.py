@@ -1,6 +1,6 @@
-"""Measured peaks of the current device: matmul FLOP/s (the denominator for model-FLOPs utilisation) and memory
-read bandwidth (the denominator for memory-bound work such as small-batch sampling, which streams every weight at
-every step).
+"""Measured peaks of the current device: matmul FLOP/s (the denominator for model-FLOPs utilisation)
+and memory read bandwidth (the denominator for memory-bound work such as small-batch sampling, which
+streams every weight at every step).
 
     python benchmarks/peaks.py [--dtype bf16|fp32] [--size N]
 """
@@ -23,10 +23,11 @@ DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
 def measure_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a square (size x size) @ (size x size) matmul chain on the default device.
+    """Best-of-`repeats` FLOP/s of a square (size x size) @ (size x size) matmul chain on the
+    default device.
 
-    The default size is 8192 on accelerators and 2048 on CPU (large enough to be compute bound, small enough to
-    finish in about a second).
+    The default size is 8192 on accelerators and 2048 on CPU (large enough to be compute bound,
+    small enough to finish in about a second).
     """
     if size is None:
         size = 2048 if jax.default_backend() == "cpu" else 8192
@@ -50,7 +51,8 @@ def measure_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int 
 
 
 def measure_peak_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> float:
-    """Best-of-`repeats` bytes/s of reading a float32 array once (a jitted sum) on the default device.
+    """Best-of-`repeats` bytes/s of reading a float32 array once (a jitted sum) on the default
+    device.
 
     The default array is 512 MiB on CPU (far beyond the caches) and 4 GiB on accelerators.
     """

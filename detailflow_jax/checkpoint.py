@@ -1,15 +1,18 @@
-"""Orbax checkpoints of (train state, data iterator) with keep-N, async writes, checksums and preemption-safe resume.
+"""Orbax checkpoints of (train state, data iterator) with keep-N, async writes, checksums and
+preemption-safe resume.
 
-A thin wrapper over the v0 ``CheckpointManager`` so a later move to orbax v1 stays local to this file.
+A thin wrapper over the v0 ``CheckpointManager`` so a later move to orbax v1 stays local to this
+file.
 
-Checksums. Once a step's files are final (at the next save, ``wait`` or ``close``), every process writes
-``<step>/sha256.process_<i>.json``: size and SHA-256 of the files it wrote (those under a ``process_<i>`` path
-component; process 0 also covers the shared ones). A resume checks them before restoring and, after restoring,
-that every floating-point value is finite; a step that fails (a file truncated, garbled or missing, a flipped
-bit, an empty step folder, a restore error) is named in a warning, moved aside to ``<step>.damaged`` by a trainer
-(nothing is deleted), and the next older step is tried. A step without checksum files (written before they
-existed, or killed before they were written) is restored unchecked. Each process verifies its own files and the
-processes agree on the verdict before anything is restored.
+Checksums. Once a step's files are final (at the next save, ``wait`` or ``close``), every process
+writes ``<step>/sha256.process_<i>.json``: size and SHA-256 of the files it wrote (those under a
+``process_<i>`` path component; process 0 also covers the shared ones). A resume checks them before
+restoring and, after restoring, that every floating-point value is finite; a step that fails (a file
+truncated, garbled or missing, a flipped bit, an empty step folder, a restore error) is named in a
+warning, moved aside to ``<step>.damaged`` by a trainer (nothing is deleted), and the next older
+step is tried. A step without checksum files (written before they existed, or killed before they
+were written) is restored unchecked. Each process verifies its own files and the processes agree on
+the verdict before anything is restored.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class CheckpointError(RuntimeError):
 
 
 def _owner(relative: str) -> int:
-    """The process that wrote a file of a step folder: the ``process_<i>`` in its path, else process 0."""
+    """The process that wrote a file of a step folder: the ``process_<i>`` in its path, else process
+    0."""
     for part in relative.split("/"):
         match = _PROCESS_COMPONENT.search(part)
         if match:
@@ -58,8 +62,9 @@ def _sha256(path: epath.Path) -> str:
 
 
 def _files_under(folder: epath.Path, prefix: str = ""):
-    """(path relative to ``folder``, path) of every file below it. Built from ``iterdir`` names rather than
-    ``walk``, whose folders come back in another spelling on a bucket (no ``gs://``), so ``relative_to`` fails."""
+    """(path relative to ``folder``, path) of every file below it. Built from ``iterdir`` names
+    rather than ``walk``, whose folders come back in another spelling on a bucket (no ``gs://``), so
+    ``relative_to`` fails."""
     for child in folder.iterdir():
         if child.is_dir():
             yield from _files_under(child, f"{prefix}{child.name}/")
@@ -68,15 +73,20 @@ def _files_under(folder: epath.Path, prefix: str = ""):
 
 
 def _step_files(step_dir: epath.Path, process: int) -> dict[str, epath.Path]:
-    """{path relative to the step folder: path} of the files ``process`` wrote (checksum files excluded)."""
+    """{path relative to the step folder: path} of the files ``process`` wrote (checksum files
+    excluded)."""
     return {relative: path for relative, path in _files_under(step_dir)
             if not relative.startswith("sha256.process_") and _owner(relative) == process}
 
 
 def write_checksums(step_dir: epath.Path, process: int | None = None) -> None:
-    """Writes ``sha256.process_<i>.json`` for the files this process wrote into a finished step folder."""
+    """Writes ``sha256.process_<i>.json`` for the files this process wrote into a finished step
+    folder."""
     process = jax.process_index() if process is None else process
-    sums = {rel: [path.stat().length, _sha256(path)] for rel, path in sorted(_step_files(step_dir, process).items())}
+    sums = {
+        rel: [path.stat().length, _sha256(path)]
+        for rel, path in sorted(_step_files(step_dir, process).items())
+    }
     target = step_dir / CHECKSUM_FILE.format(process)
     tmp = target.parent / (target.name + ".tmp")
     tmp.write_text(json.dumps(sums, indent=0))
@@ -84,8 +94,8 @@ def write_checksums(step_dir: epath.Path, process: int | None = None) -> None:
 
 
 def checksum_problem(step_dir: epath.Path, process: int | None = None) -> str | None:
-    """Why this process's files of ``step_dir`` do not match their checksums (None: they match, or the step
-    has no checksum file to check against)."""
+    """Why this process's files of ``step_dir`` do not match their checksums (None: they match, or
+    the step has no checksum file to check against)."""
     process = jax.process_index() if process is None else process
     listing = step_dir / CHECKSUM_FILE.format(process)
     if not listing.exists():
@@ -107,7 +117,8 @@ def checksum_problem(step_dir: epath.Path, process: int | None = None) -> str | 
 
 
 def _agreed(problem: str | None) -> str | None:
-    """Every process's verdict combined: the first problem any process found (one-process runs: as is)."""
+    """Every process's verdict combined: the first problem any process found (one-process runs: as
+    is)."""
     if jax.process_count() == 1:
         return problem
     bad = multihost_utils.process_allgather(np.int32(problem is not None))
@@ -122,18 +133,24 @@ def non_finite_entries(tree: Any) -> list[str]:
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not leaves:
         return []
-    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))([x for _, x in leaves])
+    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))(
+        [x for _, x in leaves]
+    )
     return [name for (name, _), ok in zip(leaves, np.asarray(jax.device_get(finite))) if not ok]
 
 
 class Checkpointer:
-    """Saves ``state`` (any pytree of jax arrays) and, optionally, a grain iterator under ``directory/<step>/``."""
+    """Saves ``state`` (any pytree of jax arrays) and, optionally, a grain iterator under
+    ``directory/<step>/``."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = storage.path(directory)  # a bucket URI reaches orbax as it is
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._unsealed: int | None = None  # the step saved last, whose checksums are not written yet
+        # the step saved last, whose checksums are not written yet
+        self._unsealed: int | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -158,9 +175,10 @@ class Checkpointer:
 
     def restore_newest(self, read: Callable[[int], Any], step: int | None = None,
                        move_damaged: bool = False) -> tuple[int, Any]:
-        """(step, ``read(step)``) for the newest step whose checksums match, that reads without error and holds
-        only finite values (``step``: that one only). Damaged steps are named in a warning and, with
-        ``move_damaged`` (the trainer that owns the directory), renamed to ``<step>.damaged``."""
+        """(step, ``read(step)``) for the newest step whose checksums match, that reads without
+        error and holds only finite values (``step``: that one only). Damaged steps are named in a
+        warning and, with ``move_damaged`` (the trainer that owns the directory), renamed to
+        ``<step>.damaged``."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -171,7 +189,9 @@ class Checkpointer:
                 try:
                     value = read(candidate)
                 except Exception as e:  # noqa: BLE001 - any reader failure makes the step unusable; reported
-                    problem = f"it does not restore: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    problem = (
+                        f"it does not restore: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    )
             if problem is None:
                 bad = non_finite_entries(value)
                 problem = f"it holds NaN/inf in {', '.join(bad[:5])}" if bad else None
@@ -179,11 +199,18 @@ class Checkpointer:
                 if damaged and move_damaged:
                     self._move_aside(damaged)
                 return candidate, value
-            log.warning("checkpoint step %d in %s is damaged (%s); trying the previous one", candidate,
-                        self.directory, problem)
+            log.warning(
+                "checkpoint step %d in %s is damaged (%s); trying the previous one",
+                candidate,
+                self.directory,
+                problem,
+            )
             damaged.append((candidate, problem))
-        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(
-            f"step {s}: {p}" for s, p in damaged) + ". Restore the files, or start again in another --workdir")
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {p}" for s, p in damaged)
+            + ". Restore the files, or start again in another --workdir"
+        )
 
     def _move_aside(self, damaged: list[tuple[int, str]]) -> None:
         if jax.process_index() == 0:
@@ -197,10 +224,12 @@ class Checkpointer:
             multihost_utils.sync_global_devices("checkpoint: damaged steps moved")
         self.manager.reload()
 
-    def restore(self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None) -> Any:
+    def restore(
+        self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None
+    ) -> Any:
         """Restores the newest intact step (see ``restore_newest``) onto the shardings carried by
-        ``abstract_state`` (ShapeDtypeStructs or arrays); the data iterator, when given, is restored in place.
-        ``self.restored_step`` tells which step it was."""
+        ``abstract_state`` (ShapeDtypeStructs or arrays); the data iterator, when given, is restored
+        in place. ``self.restored_step`` tells which step it was."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
 
         def read(candidate: int) -> Any:
@@ -221,7 +250,8 @@ class Checkpointer:
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT (preemption, scancel, Ctrl-C) so the loop can save and exit at the next step."""
+    """Set by SIGTERM/SIGINT (preemption, scancel, Ctrl-C) so the loop can save and exit at the next
+    step."""
 
     def __init__(self):
         self._event = threading.Event()

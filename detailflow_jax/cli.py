@@ -112,13 +112,17 @@ def wants_help(argv: Iterable[str]) -> bool:
     return any(a in HELP_ARGS for a in argv)
 
 
-def run(main: Callable, doc: str, key_flags: Iterable[str] = (), log_level: int | None = None) -> None:
+def run(
+    main: Callable, doc: str, key_flags: Iterable[str] = (), log_level: int | None = None
+) -> None:
     """absl ``app.run`` of a global-FLAGS command: ``key_flags`` (shared flags defined elsewhere)
     and --verbose listed in ``--help``, and the one-line error boundary; ``log_level``: Python
     logging to stderr from that level (commands that log progress, e.g. logging.INFO)."""
     from absl import app
     if log_level is not None:
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     define_verbose()
     for name in (*key_flags, "verbose"):  # --help lists the main module's key flags only
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])

@@ -1,4 +1,5 @@
-"""Helpers for ``configs/*.py``: big_vision-style argument strings and validation errors that name the key."""
+"""Helpers for ``configs/*.py``: big_vision-style argument strings and validation errors that name
+the key."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ class ConfigError(ValueError):
 def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
     """Parses ``"N=128,g=8,smoke"`` against defaults ``spec`` (big_vision semantics).
 
-    ``key=value`` is cast to the default's type; a bare ``key`` sets a bool default to True. Unknown keys are errors
-    unless ``lazy``. A bare word that is not a bool key is kept as ``variant`` when ``spec`` has a ``variant``.
+    ``key=value`` is cast to the default's type; a bare ``key`` sets a bool default to True. Unknown
+    keys are errors unless ``lazy``. A bare word that is not a bool key is kept as ``variant`` when
+    ``spec`` has a ``variant``.
     """
     out = ml_collections.ConfigDict(dict(spec))
     for part in filter(None, (p.strip() for p in (arg or "").split(","))):
@@ -28,7 +30,9 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
             key, value = (s.strip() for s in part.split("=", 1))
             if key not in spec:
                 if not lazy:
-                    raise ConfigError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(spec)}")
+                    raise ConfigError(
+                        f"unknown config argument {key!r} in {arg!r}; known: {sorted(spec)}"
+                    )
                 out[key] = value
                 continue
             default = spec[key]
@@ -43,7 +47,9 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
                     out[key] = type(default)(value)
             except ValueError:
                 raise ConfigError(
-                    f"config argument {key}={value!r} in {arg!r}: expected a {type(default).__name__}") from None
+                    f"config argument {key}={value!r} in {arg!r}: expected a "
+                    f"{type(default).__name__}"
+                ) from None
         elif isinstance(spec.get(part), bool):
             out[part] = True
         elif "variant" in spec:
@@ -63,7 +69,8 @@ def config_path(path: str) -> str:
 
 
 def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
-    """Sets ``{"optim.lr": 1e-3, ...}`` (dotted keys, as on the command line) in place; returns ``config``."""
+    """Sets ``{"optim.lr": 1e-3, ...}`` (dotted keys, as on the command line) in place; returns
+    ``config``."""
     for key, value in dotted.items():
         target = config
         *parents, leaf = key.split(".")

@@ -1,10 +1,11 @@
 """One path type for every file the project reads or writes: ``etils.epath``.
 
-Local paths and bucket URIs (``gs://bucket/run``; any filesystem epath knows) behave the same, so a work
-directory, a code directory or a weight directory may live on a bucket. ``gs://`` needs gcsfs
-(``pip install -e '.[gcs]'``; orbax, tensorstore and the ArrayRecord reader reach buckets by themselves). A bucket
-object appears whole when its write closes. Readers that need a local file (the converters' checkpoint readers) get
-a local copy (``local_copy``); the ArrayRecord writer writes a local file that is then uploaded (data/codes.py).
+Local paths and bucket URIs (``gs://bucket/run``; any filesystem epath knows) behave the same, so a
+work directory, a code directory or a weight directory may live on a bucket. ``gs://`` needs gcsfs
+(``pip install -e '.[gcs]'``; orbax, tensorstore and the ArrayRecord reader reach buckets by
+themselves). A bucket object appears whole when its write closes. Readers that need a local file
+(the converters' checkpoint readers) get a local copy (``local_copy``); the ArrayRecord writer
+writes a local file that is then uploaded (data/codes.py).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def write_json(p: PathLike, value: Any, indent: int | None = 1) -> None:
 
 
 def save_image(image, p: PathLike, **options) -> epath.Path:
-    """Saves a PIL image (the format from the suffix, e.g. ``.png``; ``options`` go to ``Image.save``), making
-    the parent folder."""
+    """Saves a PIL image (the format from the suffix, e.g. ``.png``; ``options`` go to
+    ``Image.save``), making the parent folder."""
     p = path(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("wb") as f:
@@ -57,7 +58,8 @@ def save_image(image, p: PathLike, **options) -> epath.Path:
 
 
 def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
-    with path(p).open("wb") as f:  # zipfile streams into a bucket object (it does not need to seek back)
+    # zipfile streams into a bucket object (it does not need to seek back)
+    with path(p).open("wb") as f:
         np.savez(f, **arrays)
 
 
@@ -68,9 +70,9 @@ def load_npz(p: PathLike) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def written_whole(p: PathLike) -> Iterator[epath.Path]:
-    """Yields where to write file ``p`` so that readers never see part of it: locally a sibling ``.tmp`` file,
-    renamed to ``p`` once the block succeeds; on a bucket ``p`` itself, as an object appears only when its upload
-    completes (a rename there would be a copy)."""
+    """Yields where to write file ``p`` so that readers never see part of it: locally a sibling
+    ``.tmp`` file, renamed to ``p`` once the block succeeds; on a bucket ``p`` itself, as an object
+    appears only when its upload completes (a rename there would be a copy)."""
     p = path(p)
     if is_uri(p):
         yield p
@@ -86,9 +88,9 @@ def _bucket(p: epath.Path) -> epath.Path:
 
 
 def prepare_dir(p: PathLike) -> epath.Path:
-    """Creates directory ``p`` (and its parents). On a bucket, first checks that the bucket exists and that
-    this account may write to it, so a wrong name or a missing role stops a run before it has computed
-    anything (object stores would only say so at the first write)."""
+    """Creates directory ``p`` (and its parents). On a bucket, first checks that the bucket exists
+    and that this account may write to it, so a wrong name or a missing role stops a run before it
+    has computed anything (object stores would only say so at the first write)."""
     p = path(p)
     if is_uri(p):
         check_bucket(p)
@@ -97,36 +99,45 @@ def prepare_dir(p: PathLike) -> epath.Path:
 
 
 def check_bucket(p: PathLike) -> None:
-    """For a bucket URI: FileNotFoundError when the bucket does not exist, PermissionError when this account may
-    not write to ``p``, ConfigError when the client is not installed (each says what to do)."""
+    """For a bucket URI: FileNotFoundError when the bucket does not exist, PermissionError when this
+    account may not write to ``p``, ConfigError when the client is not installed (each says what to
+    do)."""
     p = path(p)
     bucket = _bucket(p)
     probe = p / f".write-check-{uuid.uuid4().hex}"  # one per process: several may start at once
     try:
         if not bucket.exists():
-            raise FileNotFoundError(f"bucket {bucket} does not exist: create it (gcloud storage buckets create "
-                                    f"{bucket}) or fix the name in {p}")
+            raise FileNotFoundError(
+                f"bucket {bucket} does not exist: create it (gcloud storage buckets create "
+                f"{bucket}) or fix the name in {p}"
+            )
         probe.write_text("")
         probe.unlink()
     except ImportError as e:
-        raise ConfigError(f"{p}: {e}; install the cloud storage client with pip install -e '.[gcs]'") from None
+        raise ConfigError(
+            f"{p}: {e}; install the cloud storage client with pip install -e '.[gcs]'"
+        ) from None
     except FileNotFoundError:
         raise
     except OSError as e:  # gcsfs: "Forbidden: ..." (HTTP 403)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PermissionError(f"cannot write to {p} ({reason}): grant this account write access to {bucket} "
-                              "(e.g. roles/storage.objectUser) or pass another directory") from None
+        raise PermissionError(
+            f"cannot write to {p} ({reason}): grant this account write access to {bucket} "
+            "(e.g. roles/storage.objectUser) or pass another directory"
+        ) from None
 
 
 def cache_dir(p: PathLike) -> epath.Path:
-    """The local folder that mirrors bucket directory ``p`` (``$TMPDIR/detailflow_jax/<scheme>/<path>``)."""
+    """The local folder that mirrors bucket directory ``p``
+    (``$TMPDIR/detailflow_jax/<scheme>/<path>``)."""
     scheme, rest = os.fspath(p).split("://", 1)
     return epath.Path(tempfile.gettempdir()) / "detailflow_jax" / scheme / rest.strip("/")
 
 
 def local_copy(files: Iterable[PathLike]) -> list[str]:
-    """Local paths of ``files``: local files as they are; bucket files copied into ``cache_dir``, for readers that
-    can only open local files (a copy is reused while the object keeps its size and modification time)."""
+    """Local paths of ``files``: local files as they are; bucket files copied into ``cache_dir``,
+    for readers that can only open local files (a copy is reused while the object keeps its size and
+    modification time)."""
     out = []
     for f in files:
         if not is_uri(f):
@@ -134,7 +145,10 @@ def local_copy(files: Iterable[PathLike]) -> list[str]:
             continue
         f = epath.Path(f)
         local, remote = cache_dir(f), f.stat()
-        if not (local.exists() and (local.stat().length, local.stat().mtime) == (remote.length, remote.mtime)):
+        if not (
+            local.exists()
+            and (local.stat().length, local.stat().mtime) == (remote.length, remote.mtime)
+        ):
             local.parent.mkdir(parents=True, exist_ok=True)
             log.info("copying %s to %s", f, local)
             partial = local.with_name(local.name + f".part-{os.getpid()}")

@@ -1,10 +1,10 @@
-"""Local Google Cloud Storage servers for the tests: the gcp-storage-emulator package (a real server of the GCS JSON
-API, in memory) and a server that answers every request as GCS does for an account without access (HTTP 403; the
-emulator has no permission model).
+"""Local Google Cloud Storage servers for the tests: the gcp-storage-emulator package (a real server
+of the GCS JSON API, in memory) and a server that answers every request as GCS does for an account
+without access (HTTP 403; the emulator has no permission model).
 
-``python tests/gcs_emulator.py PORT BUCKET`` runs the emulator with one gap to GCS closed: GCS sends an object's
-generation with its bytes (``x-goog-generation``), which tensorstore (orbax) needs to read a checkpoint back; the
-emulator only puts it in the object's metadata."""
+``python tests/gcs_emulator.py PORT BUCKET`` runs the emulator with one gap to GCS closed: GCS sends
+an object's generation with its bytes (``x-goog-generation``), which tensorstore (orbax) needs to
+read a checkpoint back; the emulator only puts it in the object's metadata."""
 
 from __future__ import annotations
 
@@ -26,12 +26,17 @@ def free_port() -> int:
 
 
 def client_env(url: str) -> dict[str, str]:
-    """The variables that point every client at ``url``: gcsfs reads STORAGE_EMULATOR_HOST and then needs no
-    credentials; tensorstore (orbax) reads TENSORSTORE_GCS_HTTP_URL, the ArrayRecord reader (google-cloud-cpp)
-    CLOUD_STORAGE_EMULATOR_ENDPOINT.
-    gcsfs's probe for zonal buckets asks a gRPC endpoint that an emulator does not serve: off."""
-    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test"}
+    """The variables that point every client at ``url``: gcsfs reads STORAGE_EMULATOR_HOST and then
+    needs no credentials; tensorstore (orbax) reads TENSORSTORE_GCS_HTTP_URL, the ArrayRecord reader
+    (google-cloud-cpp) CLOUD_STORAGE_EMULATOR_ENDPOINT. gcsfs's probe for zonal buckets asks a gRPC
+    endpoint that an emulator does not serve: off."""
+    return {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "GOOGLE_CLOUD_PROJECT": "test",
+    }
 
 
 def _wait_for(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
@@ -47,10 +52,14 @@ def _wait_for(port: int, proc: subprocess.Popen | None = None, timeout: float = 
 
 @contextlib.contextmanager
 def emulator(bucket: str):
-    """Runs gcp-storage-emulator (in memory) with ``bucket`` on a free port; yields its URL; stops it."""
+    """Runs gcp-storage-emulator (in memory) with ``bucket`` on a free port; yields its URL; stops
+    it."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, str(port), bucket], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(port), bucket],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(port, proc)
         yield f"http://127.0.0.1:{port}"
@@ -65,8 +74,15 @@ def emulator(bucket: str):
 
 class _Forbidden(http.server.BaseHTTPRequestHandler):
     def _deny(self):
-        body = json.dumps({"error": {"code": 403, "message": "caller does not have storage.objects.create access",
-                                     "errors": [{"reason": "forbidden"}]}}).encode()
+        body = json.dumps(
+            {
+                "error": {
+                    "code": 403,
+                    "message": "caller does not have storage.objects.create access",
+                    "errors": [{"reason": "forbidden"}],
+                }
+            }
+        ).encode()
         self.send_response(403)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -13,7 +13,7 @@ Written to --out by process 0 (metrics.jsonl stays in the tokenizer work directo
 ``<part>_start.npz`` and ``<part>_params.npz`` (full parameters before and after, gathered from all processes);
 every process writes ``indices_<p>.json``. Both parts train with plain SGD, so the runs can be compared update for
 update with a tolerance from float32 summation order.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -39,13 +39,14 @@ FIRST_STEPS, MORE_STEPS = 2, 2
 
 
 def tokenizer_config():
-    """The smoke tokenizer with one decoder canvas (one compile) and no per-sample random draws, so the result does
-    not depend on how the processes' slices are ordered inside the global batch."""
+    """The smoke tokenizer with one decoder canvas (one compile) and no per-sample random draws, so
+    the result does not depend on how the processes' slices are ordered inside the global batch."""
     config = tokenizer_fashion_mnist.get_config("smoke")
     config.mesh.update(data=MESH[0], fsdp=MESH[1], tensor=MESH[2])
     config.degradation_prob = 0.0
     config.self_correction = False
-    config.total_steps = 100  # never reached: the end-of-training PSNR curve (a compile per canvas) is left out
+    # never reached: the end-of-training PSNR curve (a compile per canvas) is left out
+    config.total_steps = 100
     config.log_every = 1
     config.checkpoint_every = config.image_every = 1000
     config.eval_images = 8
@@ -78,15 +79,20 @@ def gpt_batch(config, step: int) -> dict[str, np.ndarray]:
     """The global batch of ``step``: the same on every run, whatever the number of processes."""
     m = config.model
     rng = np.random.default_rng([config.seed, step])
-    return {"codes": rng.integers(0, m.vocab_size, (config.batch_size, m.num_tokens, 3), dtype=np.int32),
-            "label": rng.integers(0, m.num_classes, (config.batch_size,), dtype=np.int32)}
+    return {
+        "codes": rng.integers(
+            0, m.vocab_size, (config.batch_size, m.num_tokens, 3), dtype=np.int32
+        ),
+        "label": rng.integers(0, m.num_classes, (config.batch_size,), dtype=np.int32),
+    }
 
 
 def local_rows(batch: dict[str, np.ndarray], mesh) -> dict[str, np.ndarray]:
     """This process's rows of a global batch, as its data pipeline would yield them."""
     size = len(batch["label"])
     index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((size,))
-    spans = sorted({idx[0].indices(size)[:2] for idx in index_map.values()})  # (start, stop) of each shard
+    # (start, stop) of each shard
+    spans = sorted({idx[0].indices(size)[:2] for idx in index_map.values()})
     take = np.concatenate([np.arange(start, stop) for start, stop in spans])
     return {k: v[take] for k, v in batch.items()}
 
@@ -102,7 +108,9 @@ def run_gpt(out: str) -> None:
 
     def run(state, steps):
         for step in steps:
-            state, metrics = step_fn(state, to_global(local_rows(gpt_batch(config, step), mesh), mesh))
+            state, metrics = step_fn(
+                state, to_global(local_rows(gpt_batch(config, step), mesh), mesh)
+            )
             losses.append(float(metrics["loss"]))
         return state
 
@@ -132,16 +140,22 @@ def record_data_slice(out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory (shared by all processes)")
-    parser.add_argument("--parts", default="data,tokenizer,gpt", help="comma list of: data, tokenizer, gpt")
+    parser.add_argument(
+        "--parts", default="data,tokenizer,gpt", help="comma list of: data, tokenizer, gpt"
+    )
     args = parser.parse_args()
-    distributed.maybe_initialize()  # from DETAILFLOW_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID (local.sh)
-    # Plain SGD instead of Adam: the runs are compared update for update (tests/float_tolerance.py says why).
+    # from DETAILFLOW_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID (local.sh)
+    distributed.maybe_initialize()
+    # Plain SGD instead of Adam: the runs are compared update for update (tests/float_tolerance.py
+    # says why).
     optim.adam = optim.adamw = plain_sgd()
-    # CPU time is this test's budget. The models are tiny, so XLA's optimisations cost more than they save (as in
-    # tests/conftest.py); the resumed tokenizer run builds a new trainer, and the disk cache turns its second
-    # compile into a load.
+    # CPU time is this test's budget. The models are tiny, so XLA's optimisations cost more than
+    # they save (as in tests/conftest.py); the resumed tokenizer run builds a new trainer, and the
+    # disk cache turns its second compile into a load.
     jax.config.update("jax_disable_most_optimizations", True)
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

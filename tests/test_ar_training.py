@@ -1,5 +1,6 @@
-"""AR training: the self-correction mix, the EMA recurrence, gradient accumulation, the code reader, and resume after
-a preemption equal to the uninterrupted run. Codes are synthetic (written directly, no tokenizer)."""
+"""AR training: the self-correction mix, the EMA recurrence, gradient accumulation, the code reader,
+and resume after a preemption equal to the uninterrupted run. Codes are synthetic (written directly,
+no tokenizer)."""
 
 import json
 import os
@@ -26,14 +27,28 @@ N, G, C, K, CLASSES, VIEWS = 32, 4, 4, 64, 10, 2
 
 
 def write_codes(directory, num_images=40, chunk_size=16, seed=0):
-    """A codes directory of random [clean, sc_input, sc_label] sequences, as the extraction command writes it."""
+    """A codes directory of random [clean, sc_input, sc_label] sequences, as the extraction command
+    writes it."""
     rng = np.random.default_rng(seed)
     num_chunks = -(-num_images // chunk_size)
     meta = codes_lib.CodesMetadata(
-        num_tokens=N, group_size=G, causal_num=C, codebook_size=K, views=VIEWS, view_mode="center_flip",
-        num_images=num_images, num_classes=CLASSES, class_names=[str(i) for i in range(CLASSES)], image_size=32,
-        chunk_size=chunk_size, num_chunks=num_chunks, seed=0, tokenizer={"path": "", "model": {}}, data={},
-        split="train")
+        num_tokens=N,
+        group_size=G,
+        causal_num=C,
+        codebook_size=K,
+        views=VIEWS,
+        view_mode="center_flip",
+        num_images=num_images,
+        num_classes=CLASSES,
+        class_names=[str(i) for i in range(CLASSES)],
+        image_size=32,
+        chunk_size=chunk_size,
+        num_chunks=num_chunks,
+        seed=0,
+        tokenizer={"path": "", "model": {}},
+        data={},
+        split="train",
+    )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / codes_lib.METADATA_FILE).write_text(meta.to_json())
     for chunk in range(num_chunks):
@@ -59,7 +74,8 @@ def codes_dir(tmp_path_factory):
 
 
 def test_self_correction_mix_picks_inputs_and_targets_per_sample():
-    codes = np.stack([np.full((3, N), 1), np.full((3, N), 2), np.full((3, N), 3)], axis=-1)  # clean 1, in 2, label 3
+    # clean 1, in 2, label 3
+    codes = np.stack([np.full((3, N), 1), np.full((3, N), 2), np.full((3, N), 3)], axis=-1)
     codes = codes + 10 * np.arange(3)[:, None, None]  # make rows distinguishable
     use = np.array([True, False, True])
     inputs, targets = self_correction_mix(jnp.asarray(codes), jnp.asarray(use), G)
@@ -71,7 +87,9 @@ def test_self_correction_mix_picks_inputs_and_targets_per_sample():
 
 def test_micro_batches_take_every_nth_row():
     x = np.arange(8)
-    np.testing.assert_array_equal(split_micro_batches(jnp.asarray(x), 2), [[0, 2, 4, 6], [1, 3, 5, 7]])
+    np.testing.assert_array_equal(
+        split_micro_batches(jnp.asarray(x), 2), [[0, 2, 4, 6], [1, 3, 5, 7]]
+    )
 
 
 def test_code_reader_batches_shuffles_and_picks_views(codes_dir):
@@ -106,11 +124,19 @@ def test_incomplete_codes_directory_says_how_to_finish(tmp_path):
 
 
 def test_ema_follows_the_recurrence_and_grad_accum_matches_full_batch(codes_dir, monkeypatch):
-    # No randomness (dropouts and the mix off), so one batch split in two micro-batches gives the same update, up to
-    # summation order: plain SGD keeps that difference at float32 size (tests/float_tolerance.py).
+    # No randomness (dropouts and the mix off), so one batch split in two micro-batches gives the
+    # same update, up to summation order: plain SGD keeps that difference at float32 size
+    # (tests/float_tolerance.py).
     monkeypatch.setattr(optim, "adamw", plain_sgd())
-    overrides = {"model.token_dropout": 0.0, "model.resid_dropout": 0.0, "model.ffn_dropout": 0.0,
-                 "model.class_dropout": 0.0, "correction_prob": 0.0, "ema_decay": 0.5, "total_steps": 10}
+    overrides = {
+        "model.token_dropout": 0.0,
+        "model.resid_dropout": 0.0,
+        "model.ffn_dropout": 0.0,
+        "model.class_dropout": 0.0,
+        "correction_prob": 0.0,
+        "ema_decay": 0.5,
+        "total_steps": 10,
+    }
     mesh = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
     rng = np.random.default_rng(0)
     batches = [{"codes": rng.integers(0, K, (8, N, 3)).astype(np.int16),
@@ -136,7 +162,8 @@ def test_ema_follows_the_recurrence_and_grad_accum_matches_full_batch(codes_dir,
 
     (p1, ema1, loss1), (p2, ema2, loss2) = runs[1], runs[2]
     jax.tree.map(np.testing.assert_array_equal, p1[0], p2[0])
-    num_terms = 8 * N * K  # the cross-entropy of every position of the batch, each over the vocabulary
+    # the cross-entropy of every position of the batch, each over the vocabulary
+    num_terms = 8 * N * K
     np.testing.assert_allclose(loss1, loss2, rtol=reorder_tolerance(num_terms, 1.0))
     assert_same_updates(p1[0], p1[-1], p2[-1], num_terms)
     assert_same_updates(p1[0], ema1, ema2, num_terms)
@@ -150,10 +177,16 @@ def test_resume_after_preemption_equals_uninterrupted_run(codes_dir, tmp_path):
     resumed = jax.device_get(ar_train.train(config, str(tmp_path / "b"), samples=False))
     assert int(resumed["step"]) == 6
     for key in ("params", "ema", "opt"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), uninterrupted[key],
-                     resumed[key])
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+            uninterrupted[key],
+            resumed[key],
+        )
     # Same data order: the logged losses of the resumed run match step for step.
-    logs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    logs = [
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in "ab"
+    ]
     losses = [{row["step"]: row["loss"] for row in rows} for rows in logs]
     assert set(losses[0]) == set(losses[1]) == {3, 6}
     for step in (3, 6):
@@ -168,8 +201,8 @@ def test_config_must_match_the_codes(codes_dir, tmp_path):
 
 
 def compile_step_log(codes_dir: str, gather: bool) -> None:
-    """Compiles the AR step on a (2, 2, 2) mesh (8 CPU devices); with ``gather`` the embeddings are looked up by
-    gathers. Run in a fresh process (see below): XLA's warnings land on its stderr."""
+    """Compiles the AR step on a (2, 2, 2) mesh (8 CPU devices); with ``gather`` the embeddings are
+    looked up by gathers. Run in a fresh process (see below): XLA's warnings land on its stderr."""
     if gather:
         gpt_model._lookup = lambda table, ids, train: table(ids)
     program = make_ar_step(tiny_config(codes_dir), sharding.make_mesh((2, 2, 2)))
@@ -178,19 +211,27 @@ def compile_step_log(codes_dir: str, gather: bool) -> None:
 
 
 def test_sharded_step_partitions_without_replicating_activations(codes_dir):
-    """On a (data, fsdp, tensor) = (2, 2, 2) mesh the training step compiles without XLA's "involuntary full
-    rematerialization" (a tensor replicated on every device to reshard it). The control — the same step with
-    gather-based embedding lookups — shows that the check sees one: the gathers' cotangents get replicated.
+    """On a (data, fsdp, tensor) = (2, 2, 2) mesh the training step compiles without XLA's
+    "involuntary full rematerialization" (a tensor replicated on every device to reshard it). The
+    control — the same step with gather-based embedding lookups — shows that the check sees one: the
+    gathers' cotangents get replicated.
 
-    Each compile runs in a new process: this one shares a disk compilation cache (a hit skips the partitioner and
-    its warnings) and XLA may not repeat a warning."""
+    Each compile runs in a new process: this one shares a disk compilation cache (a hit skips the
+    partitioner and its warnings) and XLA may not repeat a warning."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               JAX_ENABLE_COMPILATION_CACHE="false", PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        JAX_ENABLE_COMPILATION_CACHE="false",
+        PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]),
+    )
     logs = {}
     for gather in (False, True):
         code = f"import test_ar_training as t; t.compile_step_log({str(codes_dir)!r}, {gather})"
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         logs[gather] = done.stderr
     assert "Involuntary full rematerialization" in logs[True]
@@ -200,9 +241,21 @@ def test_sharded_step_partitions_without_replicating_activations(codes_dir):
 def test_training_lookup_equals_the_gather():
     """The one-hot embedding of training mode gives the gather's values (dropouts off)."""
     GPT, GPTConfig, init_params = gpt_model.GPT, gpt_model.GPTConfig, gpt_model.init_params
-    cfg = GPTConfig(dim=32, n_layer=1, n_head=2, num_tokens=16, group_size=4, causal_num=4, vocab_size=40,
-                    num_classes=5, multiple_of=16, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,
-                    class_dropout=0.0)
+    cfg = GPTConfig(
+        dim=32,
+        n_layer=1,
+        n_head=2,
+        num_tokens=16,
+        group_size=4,
+        causal_num=4,
+        vocab_size=40,
+        num_classes=5,
+        multiple_of=16,
+        token_dropout=0.0,
+        resid_dropout=0.0,
+        ffn_dropout=0.0,
+        class_dropout=0.0,
+    )
     model = GPT(cfg)
     params = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(1), x.shape),
                           flax_unbox(init_params(model, jax.random.key(0))))

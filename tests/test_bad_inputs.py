@@ -134,12 +134,27 @@ def test_preflight_names_a_bad_topology_or_recipe(flag, fragment):
     assert_one_line_error(proc, fragment)
 
 
-@pytest.mark.parametrize("key, bad, message", [
-    ("norm.weight", lambda w: np.where(np.arange(w.size) == 0, np.nan, w).astype(np.float32),
-     "norm.weight: 1 NaN/inf values"),
-    ("tok_embeddings.weight", lambda w: w.astype(np.int64), "tok_embeddings.weight: int64 values"),
-    ("layers.0.attention.wqkv.weight", lambda w: w[:, :-1], "layers.0.attention.wqkv.weight: checkpoint ("),
-], ids=["nan", "int64", "shape"])
+@pytest.mark.parametrize(
+    "key, bad, message",
+    [
+        (
+            "norm.weight",
+            lambda w: np.where(np.arange(w.size) == 0, np.nan, w).astype(np.float32),
+            "norm.weight: 1 NaN/inf values",
+        ),
+        (
+            "tok_embeddings.weight",
+            lambda w: w.astype(np.int64),
+            "tok_embeddings.weight: int64 values",
+        ),
+        (
+            "layers.0.attention.wqkv.weight",
+            lambda w: w[:, :-1],
+            "layers.0.attention.wqkv.weight: checkpoint (",
+        ),
+    ],
+    ids=["nan", "int64", "shape"],
+)
 def test_gpt_converter_names_an_unusable_tensor_by_its_key(tmp_path, key, bad, message):
     import flax.linen as nn
     import jax
@@ -209,9 +224,13 @@ def test_a_second_run_in_the_same_workdir_is_refused(two_checkpoints, tmp_path):
     try:
         lock = os.path.join(workdir, ".lock")
         with open(lock, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": holder.pid, "since": "now", "token": "t"}, f)
+            json.dump(
+                {"host": socket.gethostname(), "pid": holder.pid, "since": "now", "token": "t"}, f
+            )
         before = tree_hashes(workdir)
-        proc = run(TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir), "--config.total_steps=9")
+        proc = run(
+            TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir), "--config.total_steps=9"
+        )
         assert_one_line_error(proc, f"lock {lock}: pid {holder.pid} on {socket.gethostname()}")
         assert tree_hashes(workdir) == before
     finally:
@@ -225,15 +244,32 @@ def test_sigterm_saves_and_releases_the_lock(tmp_path):
     workdir = tmp_path / "w"
     env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV}
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", TRAIN_TOKENIZER, "--config", SMOKE, "--workdir", str(workdir),
-                             "--config.total_steps=100000"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            TRAIN_TOKENIZER,
+            "--config",
+            SMOKE,
+            "--workdir",
+            str(workdir),
+            "--config.total_steps=100000",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+    while (
+        not (workdir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None
+    ):
         time.sleep(0.5)  # the loop is running once the first metrics are written
     assert (workdir / ".lock").exists()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    assert any(name.isdigit() for name in os.listdir(workdir / "checkpoints"))  # saved on the way out
+    # saved on the way out
+    assert any(name.isdigit() for name in os.listdir(workdir / "checkpoints"))
     assert not (workdir / ".lock").exists()

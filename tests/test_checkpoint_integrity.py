@@ -1,5 +1,6 @@
-"""Checkpoints are checked: checksums written at save and verified at restore, a damaged latest step falls back
-to the newest intact one (named in a warning, moved aside, nothing deleted), restored values must be finite."""
+"""Checkpoints are checked: checksums written at save and verified at restore, a damaged latest step
+falls back to the newest intact one (named in a warning, moved aside, nothing deleted), restored
+values must be finite."""
 
 import logging
 import os
@@ -13,7 +14,8 @@ from detailflow_jax.inference.weights import checkpoint_step, restore_entry
 
 
 def _weights(value: float) -> np.ndarray:
-    return np.sin(np.arange(64 * 64, dtype=np.float32).reshape(64, 64)) + value  # does not compress away
+    # does not compress away
+    return np.sin(np.arange(64 * 64, dtype=np.float32).reshape(64, 64)) + value
 
 
 def _state(value: float) -> dict:
@@ -28,7 +30,12 @@ def _save(directory: str, steps=(1, 2)) -> None:
 
 
 def _largest_file(step_dir: str) -> str:
-    files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names if not f.startswith("sha256")]
+    files = [
+        os.path.join(d, f)
+        for d, _, names in os.walk(step_dir)
+        for f in names
+        if not f.startswith("sha256")
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -57,7 +64,9 @@ def test_every_saved_step_gets_checksums(tmp_path):
         assert os.path.isfile(tmp_path / str(step) / CHECKSUM_FILE.format(0))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _garble, _flip_bit], ids=["truncated", "garbled", "flipped_bit"])
+@pytest.mark.parametrize(
+    "damage", [_truncate, _garble, _flip_bit], ids=["truncated", "garbled", "flipped_bit"]
+)
 def test_a_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog, damage):
     _save(str(tmp_path))
     damage(_largest_file(str(tmp_path / "2")))

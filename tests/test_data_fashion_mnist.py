@@ -10,14 +10,19 @@ from detailflow_jax.data.fashion_mnist import FashionMnistError, FashionMnistSou
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
     return header + array.astype(np.uint8).tobytes()
 
 
 def _write_split(directory, prefix, n, rng, gz):
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n, dtype=np.uint8)
-    for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+    for stem, array in (
+        (f"{prefix}-images-idx3-ubyte", images),
+        (f"{prefix}-labels-idx1-ubyte", labels),
+    ):
         data = _idx_bytes(array)
         if gz:
             (directory / f"{stem}.gz").write_bytes(gzip.compress(data))
@@ -81,7 +86,9 @@ def test_bad_idx_file_is_named(tmp_path):
         read_idx(tmp_path / "short")
 
 
-@pytest.mark.skipif(not fashion_mnist.SYSTEM_DIR.is_dir(), reason="apt package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not fashion_mnist.SYSTEM_DIR.is_dir(), reason="apt package dataset-fashion-mnist not installed"
+)
 def test_apt_installed_files():
     train, test = FashionMnistSource("train"), FashionMnistSource("test")
     assert (len(train), len(test)) == (60000, 10000)
@@ -92,7 +99,9 @@ def test_feeds_the_shared_pipeline(tmp_path, no_system_copy):
     from detailflow_jax.data.pipeline import default_data_config, make_eval_iter, make_train_iter
     _write_split(tmp_path, "train", 8, np.random.default_rng(0), True)
     _write_split(tmp_path, "t10k", 4, np.random.default_rng(1), True)
-    cfg = default_data_config(name="fashion_mnist", data_dir=str(tmp_path), image_size=32, pad_to=32, num_threads=0)
+    cfg = default_data_config(
+        name="fashion_mnist", data_dir=str(tmp_path), image_size=32, pad_to=32, num_threads=0
+    )
     train = make_train_iter(cfg, 4, seed=0, process_index=0, process_count=1)
     assert next(train)["image"].shape == (4, 32, 32, 3) and train.num_classes == 10
     test = make_eval_iter(cfg, 4, process_index=0, process_count=1)

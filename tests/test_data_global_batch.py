@@ -1,4 +1,5 @@
-"""Per-process batches -> global arrays sharded over ("data", "fsdp") on the 8 simulated CPU devices."""
+"""Per-process batches -> global arrays sharded over ("data", "fsdp") on the 8 simulated CPU
+devices."""
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ def test_to_global_shape_and_sharding(mesh_shape):
     assert out["image"].sharding.spec == P(("data", "fsdp"), None, None, None)
     assert out["label"].sharding.spec == P(("data", "fsdp"))
     rows = 8 // (mesh_shape[0] * mesh_shape[1])
-    for shard in out["image"].addressable_shards:  # every device holds its rows, replicated over "tensor"
+    # every device holds its rows, replicated over "tensor"
+    for shard in out["image"].addressable_shards:
         start = shard.index[0].start or 0
         assert shard.data.shape[0] == rows
         np.testing.assert_array_equal(np.asarray(shard.data), batch["image"][start:start + rows])

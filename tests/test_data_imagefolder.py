@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detailflow_jax.data.imagefolder import ImageFolderError, build_imagefolder, dataset_dir, open_imagefolder
+from detailflow_jax.data.imagefolder import (
+    ImageFolderError,
+    build_imagefolder,
+    dataset_dir,
+    open_imagefolder,
+)
 
-# Runs in a fresh interpreter so that "TensorFlow was never imported" is not masked by other tests' imports.
+# Runs in a fresh interpreter so that "TensorFlow was never imported" is not masked by other tests'
+# imports.
 BUILD_AND_READ = r"""
 import json, logging, sys
 from detailflow_jax.data.imagefolder import build_imagefolder, open_imagefolder
@@ -35,12 +41,14 @@ print(json.dumps(dict(
     batch_range=[float(min(b["image"].min() for b in batches)), float(max(b["image"].max() for b in batches))],
     read_skipped=train.skipped.count, read_examples=train.skipped.examples,
     val_batches=len(val), tensorflow_imported="tensorflow" in sys.modules)))
-"""
+"""  # noqa: E501
 
 
 def _encoded(fmt, seed, size=(24, 20)):
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)).save(buf, fmt)
+    Image.fromarray(
+        np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    ).save(buf, fmt)
     return buf.getvalue()
 
 
@@ -50,7 +58,8 @@ def _write_tree(root):
         "train/cat/2.png": _encoded("PNG", 2), "train/dog/0.png": _encoded("PNG", 3),
         "train/dog/1.jpeg": _encoded("JPEG", 4),
         "train/dog/bad.png": b"\x89PNG this is not an image",  # caught by verify at build time
-        "train/dog/trunc.jpg": _encoded("JPEG", 5, (64, 64))[:2500],  # passes verify, fails to decode
+        # passes verify, fails to decode
+        "train/dog/trunc.jpg": _encoded("JPEG", 5, (64, 64))[:2500],
         "train/dog/notes.txt": b"ignored: not an image extension",
         "val/cat/0.png": _encoded("PNG", 6), "val/dog/0.png": _encoded("PNG", 7),
     }
@@ -63,8 +72,13 @@ def _write_tree(root):
 def test_build_and_read_without_tensorflow(tmp_path):
     _write_tree(tmp_path / "tree")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", BUILD_AND_READ, str(tmp_path / "tree"), str(tmp_path / "tfds")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_AND_READ, str(tmp_path / "tree"), str(tmp_path / "tfds")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["tensorflow_imported"] is False

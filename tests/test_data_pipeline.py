@@ -1,4 +1,5 @@
-"""grain pipeline: per-process slicing, determinism, exact resume (state and orbax), corrupt-image skipping, eval."""
+"""grain pipeline: per-process slicing, determinism, exact resume (state and orbax), corrupt-image
+skipping, eval."""
 
 import io
 import logging
@@ -36,13 +37,17 @@ def test_batch_format():
 
 def test_process_slices_are_disjoint_and_cover_each_epoch():
     # 24 images, 3 processes, global batch 12 -> 4 per process -> 2 batches per process per epoch.
-    streams = [make_train_iter(_cfg(), 12, seed=3, process_index=p, process_count=3) for p in range(3)]
+    streams = [
+        make_train_iter(_cfg(), 12, seed=3, process_index=p, process_count=3) for p in range(3)
+    ]
     for epoch in range(2):
         parts = [_indices(_take(s, 2)) for s in streams]
         assert sorted(np.concatenate(parts).tolist()) == list(range(24)), f"epoch {epoch}"
         if epoch == 0:
             first = parts
-    assert any(not np.array_equal(a, b) for a, b in zip(first, parts)), "epochs must be shuffled differently"
+    assert any(not np.array_equal(a, b) for a, b in zip(first, parts)), (
+        "epochs must be shuffled differently"
+    )
 
 
 def test_same_seed_same_batches_other_seed_differs():
@@ -76,12 +81,17 @@ def test_resume_through_orbax_checkpoint(tmp_path):
     stream = make_train_iter(_cfg(), 4, seed=2)
     _take(stream, 2)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as manager:
-        manager.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(stream.iterator)))
+        manager.save(
+            2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(stream.iterator))
+        )
         manager.wait_until_finished()
     expected = _take(stream, 2)
     resumed = make_train_iter(_cfg(), 4, seed=2)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as manager:
-        manager.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed.iterator)))
+        manager.restore(
+            2,
+            args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed.iterator)),
+        )
     _assert_same_batches(expected, _take(resumed, 2))
 
 
@@ -92,10 +102,17 @@ class _BytesSource:
         self.records = []
         for i in range(n):
             buf = io.BytesIO()
-            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)).save(buf, "JPEG")
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)).save(
+                buf, "JPEG"
+            )
             data = buf.getvalue()
-            self.records.append({"image": data[:len(data) * 3 // 4] if i == corrupt else data, "label": i % 3,
-                                 "file_name": f"c/{i}.jpg"})
+            self.records.append(
+                {
+                    "image": data[: len(data) * 3 // 4] if i == corrupt else data,
+                    "label": i % 3,
+                    "file_name": f"c/{i}.jpg",
+                }
+            )
 
     def __len__(self):
         return len(self.records)
@@ -106,8 +123,15 @@ class _BytesSource:
 
 def test_corrupt_image_is_counted_and_skipped_with_a_warning(caplog):
     counter = pipeline.SkipCounter()
-    ds = pipeline.train_dataset(_BytesSource(), _cfg(image_size=16), batch_size=4, seed=0, process_index=0,
-                                process_count=1, counter=counter)
+    ds = pipeline.train_dataset(
+        _BytesSource(),
+        _cfg(image_size=16),
+        batch_size=4,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        counter=counter,
+    )
     with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
         batches = _take(iter(ds), 6)  # two epochs of the 11 good images
     assert all(b["image"].shape == (4, 16, 16, 3) for b in batches)  # batches stay full
@@ -118,9 +142,17 @@ def test_corrupt_image_is_counted_and_skipped_with_a_warning(caplog):
 
 def test_mostly_corrupt_data_raises_instead_of_spinning():
     source = [{"image": b"garbage", "label": 0, "file_name": f"x/{i}"} for i in range(10)]
-    ds = pipeline.train_dataset(source, _cfg(), batch_size=2, seed=0, process_index=0, process_count=1,
-                                counter=pipeline.SkipCounter())
-    logging.getLogger(pipeline.__name__).setLevel(logging.ERROR)  # 1,000 warnings are not the point here
+    ds = pipeline.train_dataset(
+        source,
+        _cfg(),
+        batch_size=2,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        counter=pipeline.SkipCounter(),
+    )
+    # 1,000 warnings are not the point here
+    logging.getLogger(pipeline.__name__).setLevel(logging.ERROR)
     try:
         with pytest.raises(ValueError, match="skipped 100.00 %"):
             next(iter(ds))
@@ -130,15 +162,20 @@ def test_mostly_corrupt_data_raises_instead_of_spinning():
 
 def test_eval_is_ordered_and_equal_across_processes():
     cfg = _cfg(synthetic_examples=11)
-    parts = [_indices(list(make_eval_iter(cfg, 3, process_index=p, process_count=3, drop_remainder=False)))
-             for p in range(3)]
+    parts = [
+        _indices(
+            list(make_eval_iter(cfg, 3, process_index=p, process_count=3, drop_remainder=False))
+        )
+        for p in range(3)
+    ]
     assert [len(p) for p in parts] == [3, 3, 3]  # 11 -> 9 (a multiple of 3 processes); 3 each
     assert sorted(np.concatenate(parts).tolist()) == list(range(9))
     np.testing.assert_array_equal(parts[1], [1, 4, 7])
 
 
 def test_eval_ten_crop_shape():
-    batch = next(make_eval_iter(_cfg(eval_crop="ten_crop", image_size=16), 2))  # centre crop 17, then 16
+    # centre crop 17, then 16
+    batch = next(make_eval_iter(_cfg(eval_crop="ten_crop", image_size=16), 2))
     assert batch["image"].shape == (2, 10, 16, 16, 3)
     # The mirror image's top-left view is the mirrored top-right view.
     np.testing.assert_array_equal(batch["image"][:, 5], batch["image"][:, 1, :, ::-1])

@@ -11,7 +11,9 @@ from detailflow_jax.data import transforms
 
 
 def _image(width, height, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    )
 
 
 def test_center_crop_without_resize_is_the_central_window():
@@ -21,7 +23,8 @@ def test_center_crop_without_resize_is_the_central_window():
 
 def test_center_crop_halves_with_box_then_resizes_bicubic():
     img = _image(40, 20)
-    # 20 >= 2*8 -> BOX to 20x10; 10 < 16 stops; scale 8/10 -> 16x8 BICUBIC; crop x offset (16-8)//2 = 4.
+    # 20 >= 2*8 -> BOX to 20x10; 10 < 16 stops; scale 8/10 -> 16x8 BICUBIC; crop x offset (16-8)//2
+    # = 4.
     expected = np.asarray(img.resize((20, 10), Image.BOX).resize((16, 8), Image.BICUBIC))[:, 4:12]
     np.testing.assert_array_equal(transforms.center_crop_arr(img, 8), expected)
 
@@ -57,7 +60,13 @@ def test_ten_crop_matches_torchvision_order():
     top, left = int(round((7 - 4) / 2)), int(round((9 - 4) / 2))
     expected = [arr[:4, :4], arr[:4, 5:], arr[3:, :4], arr[3:, 5:], arr[top:top + 4, left:left + 4]]
     mirror = arr[:, ::-1]
-    expected += [mirror[:4, :4], mirror[:4, 5:], mirror[3:, :4], mirror[3:, 5:], mirror[top:top + 4, left:left + 4]]
+    expected += [
+        mirror[:4, :4],
+        mirror[:4, 5:],
+        mirror[3:, :4],
+        mirror[3:, 5:],
+        mirror[top : top + 4, left : left + 4],
+    ]
     np.testing.assert_array_equal(crops, np.stack(expected))
     with pytest.raises(ValueError, match="larger than the image"):
         transforms.ten_crop(arr, 8)

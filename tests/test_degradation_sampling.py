@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detailflow_jax.tokenizer.degradation import degradation_matrix, degrade, sample_noise_span, sample_token_count
+from detailflow_jax.tokenizer.degradation import (
+    degradation_matrix,
+    degrade,
+    sample_noise_span,
+    sample_token_count,
+)
 from detailflow_jax.tokenizer.resolution import ResolutionTables, admissible_token_counts
 
 
@@ -18,7 +23,8 @@ def test_token_count_distribution():
     counts = collections.Counter(draws)
     assert set(counts) <= set(admissible_token_counts(n, g, c))
     assert n - g not in counts or counts[n - g] > 0
-    # P(t = N) = 0.8; P(t = 3) = 0.2/120; P(t = 16) = 0.2*8/120. Bounds are > 6 standard deviations wide.
+    # P(t = N) = 0.8; P(t = 3) = 0.2/120; P(t = 16) = 0.2*8/120. Bounds are > 6 standard deviations
+    # wide.
     assert abs(counts[n] / len(draws) - 0.8) < 0.013
     assert abs(counts[16] / len(draws) - 0.2 * 8 / 120) < 0.008
     assert abs(counts[3] / len(draws) - 0.2 / 120) < 0.0015
@@ -36,7 +42,8 @@ def test_noise_span_rules():
         elif idx < c:
             assert end == idx + 1
         else:
-            assert idx % g == 0 and end == idx + g and end <= t - g  # never the last group the decoder sees
+            # never the last group the decoder sees
+            assert idx % g == 0 and end == idx + g and end <= t - g
 
 
 @pytest.mark.parity
@@ -44,7 +51,9 @@ def test_degradation_matrices_reproduce_official_targets(parity_folder):
     cfg = json.loads((parity_folder / "config.json").read_text())
     io = np.load(parity_folder / "degradation_io.npz")
     to_nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
-    tables = ResolutionTables(cfg["image_size"], cfg["num_latent_tokens"], cfg["group_size"], cfg["causal_num"])
+    tables = ResolutionTables(
+        cfg["image_size"], cfg["num_latent_tokens"], cfg["group_size"], cfg["causal_num"]
+    )
     images = jnp.asarray(to_nhwc(io["image"]))
     for t in tables.token_counts:
         got = degrade(images, jnp.asarray(degradation_matrix(t, tables)))

@@ -48,7 +48,9 @@ def encoder_config(weights, image_size=32, **overrides):
 
 
 def _init(config):
-    program = make_tokenizer_step(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), load_frozen(config))
+    program = make_tokenizer_step(
+        config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), load_frozen(config)
+    )
     return program, jax.device_get(program.init(0)["params"])
 
 
@@ -75,8 +77,9 @@ def test_encoder_holds_and_computes_the_towers_first_layers(tower_dir):
     rest = lambda p: {k: v for k, v in p.items() if k != "encoder"}
     jax.tree.map(np.testing.assert_array_equal, rest(params), rest(random))
 
-    # The patch tokens see only patches, so the encoder's patch stream is the tower run to layer 1. The encoder
-    # skips the patch rows of its last block (only the latents are used): run its blocks on its patch embeddings.
+    # The patch tokens see only patches, so the encoder's patch stream is the tower run to layer 1.
+    # The encoder skips the patch rows of its last block (only the latents are used): run its blocks
+    # on its patch embeddings.
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
     cfg = trainer.model_cfg
     stack = ViTStack(depth=cfg.encoder.depth, width=cfg.encoder.width, heads=cfg.encoder.heads,
@@ -87,7 +90,10 @@ def test_encoder_holds_and_computes_the_towers_first_layers(tower_dir):
     def patch_stream(params):
         _, states = Encoder(cfg).apply({"params": params}, images, return_patch_states=True)
         layers = stack.apply({"params": params["layers"]}, states[0])
-        return {"layers": layers, "post_layernorm": post.apply({"params": params["post_layernorm"]}, layers)}
+        return {
+            "layers": layers,
+            "post_layernorm": post.apply({"params": params["post_layernorm"]}, layers),
+        }
 
     got = patch_stream(enc)
     for name in ("layers", "post_layernorm"):  # the tower applies post_layernorm twice: the first
@@ -144,7 +150,9 @@ def test_the_copy_lands_on_the_sharded_params(tower_dir):
     """On a (2, 2, 2) mesh the copied weights keep the params' shardings and values."""
     config = encoder_config(tower_dir)
     _, single = _init(config)
-    program = make_tokenizer_step(config, sharding.make_mesh((2, 2, 2), jax.devices()), load_frozen(config))
+    program = make_tokenizer_step(
+        config, sharding.make_mesh((2, 2, 2), jax.devices()), load_frozen(config)
+    )
     state, shardings = program.init(0), program.state_shardings
     fc1 = state["params"]["encoder"]["layers"]["layers_0"]["mlp"]["fc1"]["kernel"]
     assert not fc1.sharding.is_fully_replicated  # the check below is about a real split

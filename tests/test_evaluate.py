@@ -1,5 +1,6 @@
-"""Generation evaluation: label lists, resumable chunked sampling, the ADM npz, and the command end to end (tiny GPT
-and tokenizer with random weights, the fixture FID Inception, an 8-image reference batch)."""
+"""Generation evaluation: label lists, resumable chunked sampling, the ADM npz, and the command end
+to end (tiny GPT and tokenizer with random weights, the fixture FID Inception, an 8-image reference
+batch)."""
 
 import json
 import sys
@@ -9,7 +10,13 @@ import numpy as np
 import pytest
 
 from detailflow_jax.eval import evaluate
-from detailflow_jax.eval.evaluate import ChunkPlan, ResumeError, generate_chunks, make_labels, write_adm_npz
+from detailflow_jax.eval.evaluate import (
+    ChunkPlan,
+    ResumeError,
+    generate_chunks,
+    make_labels,
+    write_adm_npz,
+)
 
 sys.path.insert(0, ".")
 
@@ -25,7 +32,8 @@ def test_label_modes():
     assert np.array_equal(random, make_labels(5000, 10, "random", seed=3))
     assert not np.array_equal(random, make_labels(5000, 10, "random", seed=4))
     counts = np.bincount(random, minlength=10)
-    assert counts.min() > 400 and counts.max() < 600 and len(counts) == 10  # uniform, not balanced exactly
+    # uniform, not balanced exactly
+    assert counts.min() > 400 and counts.max() < 600 and len(counts) == 10
     assert not np.array_equal(counts, np.full(10, 500))
     with pytest.raises(ValueError, match="label mode"):
         make_labels(10, 10, "balanced", seed=0)
@@ -44,7 +52,8 @@ class FakeGenerator:
 
 
 def test_resumed_run_writes_the_uninterrupted_samples(tmp_path):
-    plan = ChunkPlan(num_samples=10, chunk_size=4, batch_size=2, seed=7)  # chunks of 4, 4, 2; last batch full
+    # chunks of 4, 4, 2; last batch full
+    plan = ChunkPlan(num_samples=10, chunk_size=4, batch_size=2, seed=7)
     labels = make_labels(plan.num_samples, 5, "random", plan.seed)
 
     whole = FakeGenerator()
@@ -80,7 +89,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, large_fixtures):
-    """Converted-style parameter directories of a tiny GPT / tokenizer and an 8-image ADM reference batch."""
+    """Converted-style parameter directories of a tiny GPT / tokenizer and an 8-image ADM reference
+    batch."""
     from configs import gpt as gpt_configs
     from configs import tokenizer as tokenizer_configs
     from flax import linen as nn
@@ -96,27 +106,62 @@ def tiny_run(tmp_path_factory, large_fixtures):
     root = tmp_path_factory.mktemp("evaluate")
     gpt_cfg = gpt_configs.model_config(gpt_configs.get_config("tiny"))
     params = nn.unbox(jax.jit(lambda key: gpt_init(GPT(gpt_cfg), key))(jax.random.key(0)))
-    # The output layer starts at zero (uniform logits); perturb it so the samples depend on the class.
-    params["output"]["kernel"] = jax.random.normal(jax.random.key(1), params["output"]["kernel"].shape)
+    # The output layer starts at zero (uniform logits); perturb it so the samples depend on the
+    # class.
+    params["output"]["kernel"] = jax.random.normal(
+        jax.random.key(1), params["output"]["kernel"].shape
+    )
     save_params(root / "gpt", params)
     tokenizer_cfg = tokenizer_configs.model_config("tiny")
-    save_params(root / "tok", jax.jit(lambda key: tokenizer_init(tokenizer_cfg, key))(jax.random.key(2)))
+    save_params(
+        root / "tok", jax.jit(lambda key: tokenizer_init(tokenizer_cfg, key))(jax.random.key(2))
+    )
 
     inception = large_fixtures / "fid_inception" / "inception_state_dict_fp16.npz"
     images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     np.savez(root / "real.npz", arr_0=images)
     # The command's extractor (all devices, ADM preprocessing): the compiled function is shared.
-    extractor = InceptionFeatures(load_inception_params(inception), mesh=make_mesh((-1, 1, 1)), preprocess="adm")
-    save_reference_batch(root / "ref.npz", compute_reference_batch(str(root / "real.npz"), extractor, 8))
+    extractor = InceptionFeatures(
+        load_inception_params(inception), mesh=make_mesh((-1, 1, 1)), preprocess="adm"
+    )
+    save_reference_batch(
+        root / "ref.npz", compute_reference_batch(str(root / "real.npz"), extractor, 8)
+    )
     return root, inception
 
 
 def _argv(root, inception, out, *extra):
-    return ["--gpt", str(root / "gpt"), "--gpt_config", "configs/gpt.py:tiny", "--tokenizer", str(root / "tok"),
-            "--tokenizer_config", "configs/tokenizer.py:tiny", "--inception", str(inception),
-            "--reference", str(root / "ref.npz"), "--out", str(out), "--num_samples", "12", "--batch_size", "8",
-            "--chunk_size", "8", "--inception_batch_size", "8", "--cfg_scale", "1.5", "--top_k", "16",
-            "--seed", "5", *extra]
+    return [
+        "--gpt",
+        str(root / "gpt"),
+        "--gpt_config",
+        "configs/gpt.py:tiny",
+        "--tokenizer",
+        str(root / "tok"),
+        "--tokenizer_config",
+        "configs/tokenizer.py:tiny",
+        "--inception",
+        str(inception),
+        "--reference",
+        str(root / "ref.npz"),
+        "--out",
+        str(out),
+        "--num_samples",
+        "12",
+        "--batch_size",
+        "8",
+        "--chunk_size",
+        "8",
+        "--inception_batch_size",
+        "8",
+        "--cfg_scale",
+        "1.5",
+        "--top_k",
+        "16",
+        "--seed",
+        "5",
+        *extra,
+    ]
 
 
 def test_command_end_to_end_with_resume(tiny_run, tmp_path, capsys):
@@ -132,15 +177,27 @@ def test_command_end_to_end_with_resume(tiny_run, tmp_path, capsys):
 
     saved = json.loads((out / "results.json").read_text())
     settings = saved["settings"]
-    assert settings["label_mode"] == "random" and settings["num_samples"] == 12 and settings["seed"] == 5
-    assert (settings["cfg_scale"], settings["top_k"], settings["top_p"], settings["temperature"]) == (1.5, 16, 1.0, 1.0)
+    assert (
+        settings["label_mode"] == "random"
+        and settings["num_samples"] == 12
+        and settings["seed"] == 5
+    )
+    assert (
+        settings["cfg_scale"],
+        settings["top_k"],
+        settings["top_p"],
+        settings["temperature"],
+    ) == (1.5, 16, 1.0, 1.0)
     assert settings["gpt"] == str(root / "gpt") and settings["tokenizer"] == str(root / "tok")
     metrics = saved["metrics"]
     assert metrics == results["metrics"] and metrics["num_samples"] == 12
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         assert np.isfinite(metrics[key]), key
     assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
-    assert saved["throughput"]["sampling_images_per_s"] > 0 and saved["throughput"]["inception_images_per_s"] > 0
+    assert (
+        saved["throughput"]["sampling_images_per_s"] > 0
+        and saved["throughput"]["inception_images_per_s"] > 0
+    )
 
     # The uninterrupted run (samples only) writes the same images.
     whole = tmp_path / "whole"

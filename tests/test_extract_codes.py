@@ -1,6 +1,6 @@
-"""Code extraction: the stored triples are the tokenizer's clean / self-correction codes of each view, chunks resume
-exactly (whatever the batch size), mismatched settings are refused, and tokenizer weights load from a trainer's
-work directory."""
+"""Code extraction: the stored triples are the tokenizer's clean / self-correction codes of each
+view, chunks resume exactly (whatever the batch size), mismatched settings are refused, and
+tokenizer weights load from a trainer's work directory."""
 
 import os
 
@@ -33,7 +33,8 @@ def tokenizer(tmp_path_factory):
 
 
 def extract_config(**extract):
-    config = ar_fashion_mnist.get_config("smoke")  # 24 synthetic images, chunks of 10, centre + mirror views
+    # 24 synthetic images, chunks of 10, centre + mirror views
+    config = ar_fashion_mnist.get_config("smoke")
     config.extract.update(extract)
     return config
 
@@ -57,14 +58,22 @@ def test_codes_are_the_clean_and_self_correction_codes_of_each_view(tokenizer, e
     out, result = extracted
     meta, files, records = read_chunks(out)
     assert result["images"] == 24 and result["chunks_done"] == 3 and len(files) == 3
-    assert (meta.num_tokens, meta.group_size, meta.causal_num, meta.codebook_size, meta.views) == (32, 4, 4, 64, 2)
+    assert (meta.num_tokens, meta.group_size, meta.causal_num, meta.codebook_size, meta.views) == (
+        32,
+        4,
+        4,
+        64,
+        2,
+    )
     source = SyntheticSource(24, 32, 10, seed=0)
     assert [r[0] for r in records] == list(range(24))
     assert [r[1] for r in records] == [int(x) for x in source.labels]
 
     codes = np.stack([r[2] for r in records]).astype(np.int32)  # (24, views, N, 3)
     images = source.images.astype(np.float32) / 127.5 - 1
-    encode = jax.jit(lambda x: DetailFlowTokenizer(model_cfg).apply({"params": params}, x, method="encode"))
+    encode = jax.jit(
+        lambda x: DetailFlowTokenizer(model_cfg).apply({"params": params}, x, method="encode")
+    )
     np.testing.assert_array_equal(codes[:, 0, :, 0], encode(images)["indices"])
     np.testing.assert_array_equal(codes[:, 1, :, 0], encode(images[:, :, ::-1])["indices"])
 
@@ -78,11 +87,14 @@ def test_codes_are_the_clean_and_self_correction_codes_of_each_view(tokenizer, e
         np.testing.assert_array_equal(sc_input[:, pos >= noise_end], sc_label[:, pos >= noise_end])
         perturbed += np.sum(sc_input[:, noise_idx:noise_end] != clean[:, noise_idx:noise_end])
     assert perturbed > 0  # the noisy window really holds other (top-k) codes
-    # One span per image, shared by its views; single tokens inside the causal group, whole groups after it.
+    # One span per image, shared by its views; single tokens inside the causal group, whole groups
+    # after it.
     assert all((e - i == 1) if i < 4 else (e - i == 4 and i % 4 == 0 and e <= 28) for i, e in spans)
 
 
-def test_rerun_skips_finished_chunks_and_rewrites_missing_ones_identically(tokenizer, extracted, tmp_path):
+def test_rerun_skips_finished_chunks_and_rewrites_missing_ones_identically(
+    tokenizer, extracted, tmp_path
+):
     out, _ = extracted
     copy = tmp_path / "codes"
     copy.mkdir()

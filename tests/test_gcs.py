@@ -1,9 +1,10 @@
-"""Work directories on a bucket, against a local Google Cloud Storage server (gcp-storage-emulator, see
-tests/gcs_emulator.py): the main job (tokenizer, codes extracted into the bucket, the GPT trained from them, samples
-from the bucket's GPT, the quality check) writes every artefact into the bucket and nothing into a local ``gs:``
-folder; a run stopped as a preemption stops resumes from the bucket's checkpoint exactly; evaluation samples,
-image-folder datasets and converter inputs and outputs live on the bucket; a missing bucket or a bucket without write
-access is one clear line. Select them with ``-m gcs``."""
+"""Work directories on a bucket, against a local Google Cloud Storage server (gcp-storage-emulator,
+see tests/gcs_emulator.py): the main job (tokenizer, codes extracted into the bucket, the GPT
+trained from them, samples from the bucket's GPT, the quality check) writes every artefact into the
+bucket and nothing into a local ``gs:`` folder; a run stopped as a preemption stops resumes from the
+bucket's checkpoint exactly; evaluation samples, image-folder datasets and converter inputs and
+outputs live on the bucket; a missing bucket or a bucket without write access is one clear line.
+Select them with ``-m gcs``."""
 
 import importlib.util
 import json
@@ -19,8 +20,11 @@ import pytest
 from detailflow_jax import storage
 from detailflow_jax.data import codes as codes_lib
 
-pytest.importorskip("gcp_storage_emulator", reason="pip install -e '.[dev]' installs the storage emulator")
-if importlib.util.find_spec("gcsfs") is None:  # not imported here: the fixture sets its environment first
+pytest.importorskip(
+    "gcp_storage_emulator", reason="pip install -e '.[dev]' installs the storage emulator"
+)
+# not imported here: the fixture sets its environment first
+if importlib.util.find_spec("gcsfs") is None:
     pytest.skip("pip install -e '.[gcs]' installs the gs:// client", allow_module_level=True)
 
 import gcs_emulator  # noqa: E402
@@ -31,7 +35,8 @@ BUCKET = "detailflow-test"
 
 @pytest.fixture(scope="session")
 def bucket():
-    """gs://BUCKET on a local emulator; this process and its subprocesses talk to it (the environment)."""
+    """gs://BUCKET on a local emulator; this process and its subprocesses talk to it (the
+    environment)."""
     with gcs_emulator.emulator(BUCKET) as url, pytest.MonkeyPatch.context() as mp:
         for key, value in gcs_emulator.client_env(url).items():
             mp.setenv(key, value)
@@ -48,12 +53,25 @@ def test_main_job_on_a_bucket_writes_everything_there(bucket, tmp_path, monkeypa
     work = f"{bucket}/main_job"
     quickstart.run_main_job(work, smoke=True, quality_samples=20)
     assert not (tmp_path / "gs:").exists() and list(tmp_path.iterdir()) == []
-    assert {"tokenizer", "codes", "gpt", "samples", "quality.json", "timings.json", ".done"} <= names(work)
+    assert {
+        "tokenizer",
+        "codes",
+        "gpt",
+        "samples",
+        "quality.json",
+        "timings.json",
+        ".done",
+    } <= names(work)
     assert names(f"{work}/.done") == {"tokenizer", "codes", "gpt", "samples", "quality"}
     for run in ("tokenizer", "gpt"):
-        assert {"config.json", "metrics.jsonl", "checkpoints", "images", "tensorboard"} <= names(f"{work}/{run}")
-        events = [p for p in storage.path(f"{work}/{run}/tensorboard").iterdir() if "tfevents" in p.name]
-        assert len(events) == 1 and b"steps_per_s" in events[0].read_bytes()  # the scalars reached the bucket
+        assert {"config.json", "metrics.jsonl", "checkpoints", "images", "tensorboard"} <= names(
+            f"{work}/{run}"
+        )
+        events = [
+            p for p in storage.path(f"{work}/{run}/tensorboard").iterdir() if "tfevents" in p.name
+        ]
+        # the scalars reached the bucket
+        assert len(events) == 1 and b"steps_per_s" in events[0].read_bytes()
         rows = storage.path(f"{work}/{run}/metrics.jsonl").read_text().splitlines()
         steps = [json.loads(row)["step"] for row in rows]
         assert steps and steps == sorted(steps)
@@ -77,7 +95,8 @@ def test_run_stopped_on_a_bucket_resumes_from_its_checkpoint_exactly(bucket, tmp
     config = tiny_config(total_steps=6, checkpoint_every=100, log_every=1)
     uninterrupted, _ = tokenizer_train.train(config, str(tmp_path / "local"))
     work = f"{bucket}/resume"
-    stopped, _ = tokenizer_train.train(config, work, stop_at=3)  # as SIGTERM does: checkpoint, then exit
+    # as SIGTERM does: checkpoint, then exit
+    stopped, _ = tokenizer_train.train(config, work, stop_at=3)
     assert int(stopped["step"]) == 3 and names(f"{work}/checkpoints") == {"3"}
     resumed, _ = tokenizer_train.train(config, work)
     assert int(resumed["step"]) == 6
@@ -97,11 +116,17 @@ def test_evaluation_samples_on_a_bucket_resume_and_equal_a_local_run(bucket, tmp
     quiet = dict(log=lambda message: None)
     evaluate.run_evaluation(FakeGenerator(), None, settings, str(tmp_path), **quiet)
     work = f"{bucket}/eval"
-    assert evaluate.run_evaluation(FakeGenerator(), None, settings, work, stop_after_chunks=1, **quiet) is None
+    assert (
+        evaluate.run_evaluation(FakeGenerator(), None, settings, work, stop_after_chunks=1, **quiet)
+        is None
+    )
     assert names(f"{work}/chunks") == {"chunk_00000.npz"}
     results = evaluate.run_evaluation(FakeGenerator(), None, settings, work, **quiet)
     assert results["samples_npz"] == f"{work}/samples_10.npz"
-    remote, local = storage.load_npz(results["samples_npz"]), storage.load_npz(tmp_path / "samples_10.npz")
+    remote, local = (
+        storage.load_npz(results["samples_npz"]),
+        storage.load_npz(tmp_path / "samples_10.npz"),
+    )
     assert remote.keys() == local.keys() == {"arr_0", "labels"}
     for key in local:
         np.testing.assert_array_equal(remote[key], local[key])
@@ -120,7 +145,10 @@ def test_missing_bucket_is_one_clear_line(bucket):
     proc = _train_cli("gs://no-such-bucket/run", dict(os.environ))
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: bucket gs://no-such-bucket does not exist") and "gcloud storage buckets" in last
+    assert (
+        last.startswith("error: bucket gs://no-such-bucket does not exist")
+        and "gcloud storage buckets" in last
+    )
 
 
 def test_bucket_without_write_access_is_one_clear_line():
@@ -129,7 +157,10 @@ def test_bucket_without_write_access_is_one_clear_line():
         proc = _train_cli(f"gs://{BUCKET}/run", gcs_emulator.env_with(url))
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot write to gs://{BUCKET}/run (Forbidden") and "write access" in last
+    assert (
+        last.startswith(f"error: cannot write to gs://{BUCKET}/run (Forbidden")
+        and "write access" in last
+    )
 
 
 def test_image_folder_dataset_is_read_from_a_bucket(bucket, tmp_path):
@@ -141,7 +172,9 @@ def test_image_folder_dataset_is_read_from_a_bucket(bucket, tmp_path):
     remote = f"{bucket}/tfds"
     for file in (tmp_path / "tfds").rglob("*"):
         if file.is_file():
-            storage.path(f"{remote}/{file.relative_to(tmp_path / 'tfds')}").write_bytes(file.read_bytes())
+            storage.path(f"{remote}/{file.relative_to(tmp_path / 'tfds')}").write_bytes(
+                file.read_bytes()
+            )
     local, local_classes = open_imagefolder(tmp_path / "tfds", "train")
     source, classes = open_imagefolder(remote, "train")
     assert classes == local_classes == ["cat", "dog"] and len(source) == len(local) == 6
@@ -152,15 +185,21 @@ def test_image_folder_dataset_is_read_from_a_bucket(bucket, tmp_path):
 def test_converters_read_a_checkpoint_file_from_a_bucket_and_write_weights_there(bucket, tmp_path):
     from detailflow_jax.params_io import restore_params, save_params
     from detailflow_jax.convert.state_dict import load_state_dict
-    weights = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "conv.bias": np.ones(2, np.float32)}
+
+    weights = {
+        "conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "conv.bias": np.ones(2, np.float32),
+    }
     storage.save_npz(f"{bucket}/downloads/model.npz", **weights)
     loaded = load_state_dict(f"{bucket}/downloads/model.npz")
     assert loaded.keys() == weights.keys()
     for key in weights:
         np.testing.assert_array_equal(loaded[key], weights[key])
     time.sleep(1.1)  # object times have a resolution of a second
-    storage.save_npz(f"{bucket}/downloads/model.npz", **{k: v + 1 for k, v in weights.items()})  # same size
-    np.testing.assert_array_equal(load_state_dict(f"{bucket}/downloads/model.npz")["conv.bias"], 2)  # not cached
+    # same size
+    storage.save_npz(f"{bucket}/downloads/model.npz", **{k: v + 1 for k, v in weights.items()})
+    # not cached
+    np.testing.assert_array_equal(load_state_dict(f"{bucket}/downloads/model.npz")["conv.bias"], 2)
     out = save_params(f"{bucket}/converted", loaded)  # orbax writes the bucket itself
     assert out == f"{bucket}/converted"
     np.testing.assert_array_equal(restore_params(out)["conv.weight"], weights["conv.weight"])
@@ -171,4 +210,6 @@ def test_fashion_mnist_on_a_bucket_says_to_mount_it():
     from detailflow_jax.data.pipeline import default_data_config
     from detailflow_jax.data.sources import open_source
     with pytest.raises(ConfigError, match="mount the bucket"):
-        open_source(default_data_config(name="fashion_mnist", data_dir="gs://b/fashion_mnist"), "train")
+        open_source(
+            default_data_config(name="fashion_mnist", data_dir="gs://b/fashion_mnist"), "train"
+        )

@@ -1,4 +1,5 @@
-"""Tokens -> images through the tokenizer: full decode, coarse-to-fine previews, a labelled PNG strip."""
+"""Tokens -> images through the tokenizer: full decode, coarse-to-fine previews, a labelled PNG
+strip."""
 
 import sys
 
@@ -26,8 +27,11 @@ def test_previews_and_png_strip(tmp_path):
     assert [t for t, _ in previews] == counts
     assert [p.shape[1] for _, p in previews] == [decoder.tables.canvas[t] for t in counts]
     np.testing.assert_array_equal(previews[-1][1], to_uint8(full))
-    pictures.save_png(pictures.strip([(pictures.token_label(t), p) for t, p in previews]), tmp_path / "strip.png")
-    layout = pictures.grid_layout(2, 2, 128, column_labels=["t = 1", "t = 32"])  # 64 px shown at 128
+    pictures.save_png(
+        pictures.strip([(pictures.token_label(t), p) for t, p in previews]), tmp_path / "strip.png"
+    )
+    # 64 px shown at 128
+    layout = pictures.grid_layout(2, 2, 128, column_labels=["t = 1", "t = 32"])
     assert Image.open(tmp_path / "strip.png").size == (layout.width, layout.height)
 
 
@@ -39,4 +43,8 @@ def test_one_decode_program_per_canvas():
     codes = np.random.default_rng(1).integers(0, cfg.codebook_size, (2, cfg.num_latent_tokens))
     before = TokenDecoder._decode._cache_size()
     previews = decoder.previews(codes)  # every admissible t
-    assert TokenDecoder._decode._cache_size() - before == len(decoder.tables.canvas_sizes) < len(previews)
+    assert (
+        TokenDecoder._decode._cache_size() - before
+        == len(decoder.tables.canvas_sizes)
+        < len(previews)
+    )

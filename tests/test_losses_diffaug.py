@@ -1,4 +1,5 @@
-"""DiffAugment: identity at p = 0, exact translation / cutout geometry, determinism, per-call group decisions."""
+"""DiffAugment: identity at p = 0, exact translation / cutout geometry, determinism, per-call group
+decisions."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,8 @@ from detailflow_jax.losses.diffaug import cutout, diff_augment, parse_policy, tr
 
 
 def key(seed):
-    # RBG keys: XLA:CPU compiles partitionable-threefry random ops ~10x slower, which dominates these tiny tests.
+    # RBG keys: XLA:CPU compiles partitionable-threefry random ops ~10x slower, which dominates
+    # these tiny tests.
     return jax.random.key(seed, impl="rbg")
 
 
@@ -56,9 +58,12 @@ def test_each_group_is_decided_once_for_the_whole_batch():
 
 
 def test_translation_shifts_by_at_most_an_eighth_with_zero_fill():
-    # Every pixel holds its own (row, col) + 1, so each output pixel tells where it came from (0 = padding).
+    # Every pixel holds its own (row, col) + 1, so each output pixel tells where it came from (0 =
+    # padding).
     rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
-    x = jnp.asarray(np.stack([rows + 1, cols + 1, np.ones_like(rows)], -1), jnp.float32)[None].repeat(B, 0)
+    x = jnp.asarray(np.stack([rows + 1, cols + 1, np.ones_like(rows)], -1), jnp.float32)[
+        None
+    ].repeat(B, 0)
     out = np.asarray(translation(key(0), x))
     assert out.shape == x.shape
     shifts = set()
@@ -87,6 +92,8 @@ def test_cutout_zeroes_one_clipped_square_per_sample():
         c = np.flatnonzero(zero[b].any(0))
         assert zero[b].sum() == len(r) * len(c)  # a rectangle ...
         assert np.all(np.diff(r) == 1) and np.all(np.diff(c) == 1)
-        assert 0 < len(r) <= side_h and 0 < len(c) <= side_w  # ... of at most the cutout size, clipped at borders
+        # ... of at most the cutout size, clipped at borders
+        assert 0 < len(r) <= side_h and 0 < len(c) <= side_w
         full += (len(r), len(c)) == (side_h, side_w)
-    assert 0.2 < full / out.shape[0] < 0.6  # the centre is uniform: about a quarter of the squares fit entirely
+    # the centre is uniform: about a quarter of the squares fit entirely
+    assert 0.2 < full / out.shape[0] < 0.6

@@ -1,4 +1,5 @@
-"""DINO discriminator: backbone read-outs and eval/train logits against the official DinoDisc; conversion rules."""
+"""DINO discriminator: backbone read-outs and eval/train logits against the official DinoDisc;
+conversion rules."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ from detailflow_jax.losses.weights import MissingWeightsError
 
 
 def key(seed):
-    # RBG keys: XLA:CPU compiles partitionable-threefry random ops ~10x slower, which dominates these tiny tests.
+    # RBG keys: XLA:CPU compiles partitionable-threefry random ops ~10x slower, which dominates
+    # these tiny tests.
     return jax.random.key(seed, impl="rbg")
 
 
@@ -30,14 +32,17 @@ def dino_fixture(large_fixtures):
     folder = large_fixtures / "losses"
     backbone = load_state_dict(folder / "dino_vits16_state_dict_fp16.npz")
     heads = load_state_dict(folder / "dino_disc_heads_state_dict_fp16.npz")
-    # The fixture generator rounded every float tensor of the module to float16, including the x_scale / x_shift
-    # normalisation buffers (which the real checkpoint does not hold); reproduce that rounding here only.
+    # The fixture generator rounded every float tensor of the module to float16, including the
+    # x_scale / x_shift normalisation buffers (which the real checkpoint does not hold); reproduce
+    # that rounding here only.
     disc = discriminator_for(backbone).clone(x_scale=fp16(X_SCALE), x_shift=fp16(X_SHIFT))
     return backbone, convert_dino(backbone, heads), disc, np.load(folder / "dino_disc_io.npz")
 
 
 def assert_close(got, ref, name):
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-4 * np.abs(ref).max(), err_msg=name)
+    np.testing.assert_allclose(
+        np.asarray(got), ref, rtol=0, atol=1e-4 * np.abs(ref).max(), err_msg=name
+    )
 
 
 @pytest.mark.parity
@@ -47,8 +52,9 @@ def test_dino_readouts_and_logits_match_official(dino_fixture):
 
     @jax.jit
     def run(x224, x32):
-        acts = disc.backbone().apply({"params": backbone},
-                                     dino_preprocess(x224, x_scale=disc.x_scale, x_shift=disc.x_shift))
+        acts = disc.backbone().apply(
+            {"params": backbone}, dino_preprocess(x224, x_scale=disc.x_scale, x_shift=disc.x_shift)
+        )
         eval224 = disc.apply(heads, x224, backbone, train=False)
         eval32 = disc.apply(heads, x32, backbone, train=False)  # bicubic 32 -> 224
         train224, new_stats = disc.apply(heads, x224, backbone, train=True, mutable=["batch_stats"])
@@ -61,7 +67,8 @@ def test_dino_readouts_and_logits_match_official(dino_fixture):
     assert eval224.shape == (4, 980)
     assert_close(eval224, io["logits_eval_x224"], "logits_eval_x224")
     assert_close(eval32, io["logits_eval_x32"], "logits_eval_x32")
-    assert_close(train224, io["logits_train_x224"], "logits_train_x224")  # batch stats + one power iteration
+    # batch stats + one power iteration
+    assert_close(train224, io["logits_train_x224"], "logits_train_x224")
     # Train mode stores the power-iterated u and moves the BatchNorm running mean.
     old, new = heads["batch_stats"]["head_0"], new_stats["head_0"]
     assert not np.allclose(new["block_conv"]["u"], old["block_conv"]["u"])
@@ -100,8 +107,11 @@ def test_preprocess_resizes_crops_and_errors():
     normalised = dino_preprocess(jnp.zeros((1, 224, 224, 3)))
     np.testing.assert_allclose(normalised[0, 0, 0], (0.5 - np.array([0.485, 0.456, 0.406])) /
                                np.array([0.229, 0.224, 0.225]), rtol=1e-6)
-    with pytest.raises(MissingWeightsError, match="--config.losses.dino_weights=<dir converted by python -m "
-                                                  "detailflow_jax.convert.dino>"):
+    with pytest.raises(
+        MissingWeightsError,
+        match="--config.losses.dino_weights=<dir converted by python -m "
+        "detailflow_jax.convert.dino>",
+    ):
         load_dino_params("")
 
 
@@ -115,18 +125,26 @@ def test_tiny_discriminator_trains_heads_only():
         return backbone, disc.init(key(3), x, backbone, train=False)
 
     backbone, variables = init()
-    assert set(variables["params"]) == {"head_0", "head_1", "head_2"}  # the frozen backbone is not a variable
+    # the frozen backbone is not a variable
+    assert set(variables["params"]) == {"head_0", "head_1", "head_2"}
 
     def d_loss(params, img):
-        logits, _ = disc.apply({"params": params, "batch_stats": variables["batch_stats"]}, img, backbone,
-                               train=True, mutable=["batch_stats"])
+        logits, _ = disc.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            img,
+            backbone,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return jnp.mean(logits), logits
 
-    (_, logits), (g_params, g_img) = jax.jit(jax.value_and_grad(d_loss, argnums=(0, 1), has_aux=True))(
-        variables["params"], x)
+    (_, logits), (g_params, g_img) = jax.jit(
+        jax.value_and_grad(d_loss, argnums=(0, 1), has_aux=True)
+    )(variables["params"], x)
     assert logits.shape == (2, 3 * 16)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(g_params))
-    assert np.abs(np.asarray(g_img)).max() > 0  # the generator gets gradients through the frozen backbone
+    # the generator gets gradients through the frozen backbone
+    assert np.abs(np.asarray(g_img)).max() > 0
 
 
 def test_cli_without_heads_writes_the_backbone_only(dino_fixture, large_fixtures, tmp_path):

@@ -1,4 +1,5 @@
-"""Hinge / LeCAM / consistency terms on hand-computed inputs, the step schedules, and the PatchGAN discriminator."""
+"""Hinge / LeCAM / consistency terms on hand-computed inputs, the step schedules, and the PatchGAN
+discriminator."""
 
 import jax
 import jax.numpy as jnp
@@ -6,13 +7,22 @@ import numpy as np
 import optax
 import pytest
 
-from detailflow_jax.losses.gan import (GANSchedule, consistency_loss, discriminator_loss, hinge_d_loss, hinge_g_loss,
-                                       lecam_init, lecam_reg, lecam_update)
+from detailflow_jax.losses.gan import (
+    GANSchedule,
+    consistency_loss,
+    discriminator_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    lecam_init,
+    lecam_reg,
+    lecam_update,
+)
 from detailflow_jax.losses.patchgan import PatchGANDiscriminator
 
 
 def key(seed):
-    # RBG keys: XLA:CPU compiles partitionable-threefry random ops ~10x slower, which dominates these tiny tests.
+    # RBG keys: XLA:CPU compiles partitionable-threefry random ops ~10x slower, which dominates
+    # these tiny tests.
     return jax.random.key(seed, impl="rbg")
 
 
@@ -33,8 +43,12 @@ def test_lecam_ema_and_regulariser():
     state = lecam_update(state, REAL, FAKE, decay=0.9)
     np.testing.assert_allclose([state.real_ema, state.fake_ema], [0.11875, -0.07125], rtol=1e-6)
     # relu(real - ema_fake)^2 and relu(ema_real - fake)^2 with ema_real = 0.5, ema_fake = 0.25
-    reg = lecam_reg(REAL, FAKE, state._replace(real_ema=jnp.float32(0.5), fake_ema=jnp.float32(0.25)))
-    expected = np.mean(np.array([1.75, 0.25, 0.0, 0.75]) ** 2) + np.mean(np.array([2.5, 0.5, 0.0, 1.0]) ** 2)
+    reg = lecam_reg(
+        REAL, FAKE, state._replace(real_ema=jnp.float32(0.5), fake_ema=jnp.float32(0.25))
+    )
+    expected = np.mean(np.array([1.75, 0.25, 0.0, 0.75]) ** 2) + np.mean(
+        np.array([2.5, 0.5, 0.0, 1.0]) ** 2
+    )
     np.testing.assert_allclose(reg, expected, rtol=1e-6)
     # The EMAs are statistics, not part of the graph.
     g = jax.grad(lambda r: lecam_update(lecam_init(), r, FAKE).real_ema)(REAL)
@@ -42,17 +56,25 @@ def test_lecam_ema_and_regulariser():
 
 
 def test_consistency_loss_is_mse_of_concatenated_logits():
-    np.testing.assert_allclose(consistency_loss(REAL, FAKE, REAL + 1.0, FAKE - 2.0), (8 * 1 + 8 * 4) / 16 * 2 / 2)
+    np.testing.assert_allclose(
+        consistency_loss(REAL, FAKE, REAL + 1.0, FAKE - 2.0), (8 * 1 + 8 * 4) / 16 * 2 / 2
+    )
 
 
 def test_schedules():
     s = GANSchedule()
-    np.testing.assert_allclose([s.perceptual(1), s.perceptual(5000), s.perceptual(10_000), s.perceptual(50_000)],
-                               [1e-4, 0.5, 1.0, 1.0], rtol=1e-6)
-    np.testing.assert_allclose([s.adversarial(t) for t in (1, 39_999, 40_000, 90_000)], [0, 0, 0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(
+        [s.perceptual(1), s.perceptual(5000), s.perceptual(10_000), s.perceptual(50_000)],
+        [1e-4, 0.5, 1.0, 1.0],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        [s.adversarial(t) for t in (1, 39_999, 40_000, 90_000)], [0, 0, 0.2, 0.2], rtol=1e-6
+    )
     np.testing.assert_allclose([s.consistency(t) for t in (39_999, 40_000)], [0.0, 4.0])
     assert float(GANSchedule(perceptual_warmup=None, perceptual_weight=0.5).perceptual(3)) == 0.5
-    assert float(jax.jit(s.adversarial)(jnp.int32(40_000))) == pytest.approx(0.2)  # traced steps work
+    # traced steps work
+    assert float(jax.jit(s.adversarial)(jnp.int32(40_000))) == pytest.approx(0.2)
 
 
 def test_discriminator_loss_composition():
@@ -80,8 +102,12 @@ def test_patchgan_shapes_and_one_step_moves_d_the_right_way():
     opt = optax.adam(1e-3)
 
     def loss_fn(params, stats):
-        logits, upd = disc.apply({"params": params, "batch_stats": stats}, jnp.concatenate([real, fake]),
-                                 train=True, mutable=["batch_stats"])
+        logits, upd = disc.apply(
+            {"params": params, "batch_stats": stats},
+            jnp.concatenate([real, fake]),
+            train=True,
+            mutable=["batch_stats"],
+        )
         return hinge_d_loss(logits[:4], logits[4:]), (logits, upd["batch_stats"])
 
     @jax.jit
@@ -98,4 +124,5 @@ def test_patchgan_shapes_and_one_step_moves_d_the_right_way():
     assert float(loss1) < float(loss0)
     margin = lambda lg: float(lg[:4].mean() - lg[4:].mean())  # noqa: E731
     assert margin(logits1) > margin(logits0)
-    assert not np.allclose(stats2["norm_1"]["mean"], stats["norm_1"]["mean"])  # running stats were updated
+    # running stats were updated
+    assert not np.allclose(stats2["norm_1"]["mean"], stats["norm_1"]["mean"])

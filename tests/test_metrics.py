@@ -13,7 +13,7 @@ def _random_cov(rng, d, rank=None):
     return a @ a.T / d
 
 
-# ---- streaming statistics -----------------------------------------------------------------------------------------
+# ---- streaming statistics ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_running_stats_equal_numpy(offset):
@@ -30,7 +30,7 @@ def test_running_stats_equal_numpy(offset):
         stats.update(np.zeros((2, 5)))
 
 
-# ---- Fréchet distance --------------------------------------------------------------------------------------------
+# ---- Fréchet distance ----------------------------------------------------------------------------
 
 def test_fid_of_a_set_with_itself_is_zero():
     rng = np.random.default_rng(1)
@@ -44,7 +44,8 @@ def test_fid_closed_form_for_commuting_covariances():
     rng = np.random.default_rng(2)
     q, _ = np.linalg.qr(rng.normal(size=(32, 32)))
     a, b = rng.uniform(0.0, 4.0, 32), rng.uniform(0.0, 4.0, 32)
-    a[:5] = 0.0  # singular covariance: no NaN, no eps retry (sqrt of round-off-sized eigenvalues ~1e-8 each)
+    # singular covariance: no NaN, no eps retry (sqrt of round-off-sized eigenvalues ~1e-8 each)
+    a[:5] = 0.0
     mu1, mu2 = rng.normal(size=32), rng.normal(size=32)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     got = frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
@@ -54,7 +55,10 @@ def test_fid_closed_form_for_commuting_covariances():
 def test_fid_matches_scipy_sqrtm_on_random_features():
     linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.default_rng(3)
-    x, y = rng.normal(size=(400, 48)), rng.normal(size=(300, 48)) @ rng.normal(size=(48, 48)) * 0.3 + 0.5
+    x, y = (
+        rng.normal(size=(400, 48)),
+        rng.normal(size=(300, 48)) @ rng.normal(size=(48, 48)) * 0.3 + 0.5,
+    )
     mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2).real
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
@@ -66,7 +70,7 @@ def test_fid_rejects_mismatched_statistics():
         frechet_distance(np.zeros(4), np.eye(4), np.zeros(5), np.eye(5))
 
 
-# ---- Inception Score ---------------------------------------------------------------------------------------------
+# ---- Inception Score -----------------------------------------------------------------------------
 
 def _adm_inception_score(logits, split_size):
     """The ADM evaluator's formula, on softmax probabilities."""
@@ -100,7 +104,7 @@ def test_streamed_inception_score_matches_adm_formula():
     np.testing.assert_allclose(acc.result(), _adm_inception_score(logits, 100), rtol=1e-10)
 
 
-# ---- precision / recall ------------------------------------------------------------------------------------------
+# ---- precision / recall --------------------------------------------------------------------------
 
 def _line(xs):
     return np.stack([np.asarray(xs, np.float32), np.zeros(len(xs), np.float32)], axis=1)
@@ -116,8 +120,9 @@ def test_precision_recall_identical_and_far_apart_sets():
 def test_precision_recall_hand_computed_line():
     """Real points 0..7 on a line, k=3: squared radii 9 at both ends, 4 inside.
 
-    Fake points: 3.5 (inside), 9.9 (8.41 <= 9 from 7: inside), 11 (16 > 9: outside), -3 (exactly 9 from 0: inside,
-    ADM counts the boundary). Every fake ball (radius = distance to the farthest other fake) covers all real points.
+    Fake points: 3.5 (inside), 9.9 (8.41 <= 9 from 7: inside), 11 (16 > 9: outside), -3 (exactly 9
+    from 0: inside, ADM counts the boundary). Every fake ball (radius = distance to the farthest
+    other fake) covers all real points.
     """
     real, fake = _line(range(8)), _line([3.5, 9.9, 11.0, -3.0])
     np.testing.assert_array_equal(manifold_radii(real, k=3), [9, 4, 4, 4, 4, 4, 4, 9])
@@ -143,7 +148,7 @@ def test_precision_recall_matches_brute_force_for_any_block_size():
         np.testing.assert_allclose(precision_recall(real, fake, block_size=block_size), expected)
 
 
-# ---- ADM reference-batch format ----------------------------------------------------------------------------------
+# ---- ADM reference-batch format ------------------------------------------------------------------
 
 def test_reference_batch_round_trip(tmp_path):
     rng = np.random.default_rng(7)
@@ -154,8 +159,13 @@ def test_reference_batch_round_trip(tmp_path):
     with np.load(tmp_path / "ref.npz") as data:
         assert sorted(data.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
     back = rs.load_reference_batch(tmp_path / "ref.npz", with_images=True)
-    for a, b in ((back.pool.mu, ref.pool.mu), (back.pool.sigma, ref.pool.sigma), (back.spatial.mu, ref.spatial.mu),
-                 (back.spatial.sigma, ref.spatial.sigma), (back.images, ref.images)):
+    for a, b in (
+        (back.pool.mu, ref.pool.mu),
+        (back.pool.sigma, ref.pool.sigma),
+        (back.spatial.mu, ref.spatial.mu),
+        (back.spatial.sigma, ref.spatial.sigma),
+        (back.images, ref.images),
+    ):
         np.testing.assert_array_equal(a, b)
     assert rs.load_reference_batch(tmp_path / "ref.npz").images is None
     np.savez(tmp_path / "bad.npz", arr_0=ref.images)
@@ -181,7 +191,9 @@ def test_image_sources_stream_in_batches(tmp_path, source):
     assert [len(b) for b in batches] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(batches), images)
     assert rs.count_images(str(path)) == 7
-    np.testing.assert_array_equal(np.concatenate(list(rs.iter_images(str(path), 4, limit=5))), images[:5])
+    np.testing.assert_array_equal(
+        np.concatenate(list(rs.iter_images(str(path), 4, limit=5))), images[:5]
+    )
 
 
 def test_collect_features_streams_statistics():
@@ -190,17 +202,29 @@ def test_collect_features_streams_statistics():
     proj_pool, proj_spatial = rng.normal(size=(12, 2048)), rng.normal(size=(12, 2023))
     calls = []
 
-    def fake_extractor(batch):  # linear features of the pixels, so the expected statistics are exact
+    # linear features of the pixels, so the expected statistics are exact
+    def fake_extractor(batch):
         calls.append(len(batch))
         flat = batch.reshape(len(batch), -1).astype(np.float64) / 255
-        return {"pool": flat @ proj_pool, "spatial": flat @ proj_spatial, "logits_unbiased": flat[:, :10] * 5}
+        return {
+            "pool": flat @ proj_pool,
+            "spatial": flat @ proj_spatial,
+            "logits_unbiased": flat[:, :10] * 5,
+        }
 
     batches = (images[i:i + 4] for i in range(0, 11, 4))
-    summary = rs.collect_features(batches, fake_extractor, batch_size=4, keep_pool_features=True, total=11)
+    summary = rs.collect_features(
+        batches, fake_extractor, batch_size=4, keep_pool_features=True, total=11
+    )
     assert calls == [4, 4, 4]  # last batch padded: one compiled shape
     flat = images.reshape(11, -1).astype(np.float64) / 255
-    np.testing.assert_allclose(summary.pool.mean(), (flat @ proj_pool).mean(0), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(summary.spatial.cov(), np.cov(flat @ proj_spatial, rowvar=False), rtol=1e-8,
-                               atol=1e-8)
+    np.testing.assert_allclose(
+        summary.pool.mean(), (flat @ proj_pool).mean(0), rtol=1e-10, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        summary.spatial.cov(), np.cov(flat @ proj_spatial, rowvar=False), rtol=1e-8, atol=1e-8
+    )
     np.testing.assert_allclose(summary.pool_features, flat @ proj_pool, rtol=1e-6)
-    np.testing.assert_allclose(summary.inception_score.result(), inception_score(flat[:, :10] * 5), rtol=1e-12)
+    np.testing.assert_allclose(
+        summary.inception_score.result(), inception_score(flat[:, :10] * 5), rtol=1e-12
+    )

@@ -1,11 +1,12 @@
 """Multi-host runs on one machine, and the checks that guard them.
 
-Two JAX processes on 127.0.0.1 (4 simulated CPU devices each, one global (2, 2, 2) mesh of 8), started by
-launch/local.sh, train the tokenizer (the real trainer, with a checkpoint and a resume) and the GPT (save, restore,
-continue), and must end with the same losses and parameters as one process with 8 devices; the checkpoint they wrote
-together restores onto another mesh in this process; their data slices are disjoint and cover the epoch. Without
-processes: mesh configs are validated against the device count and every sharded dimension before allocation, and
-start-up reads its settings from flags and the environment.
+Two JAX processes on 127.0.0.1 (4 simulated CPU devices each, one global (2, 2, 2) mesh of 8),
+started by launch/local.sh, train the tokenizer (the real trainer, with a checkpoint and a resume)
+and the GPT (save, restore, continue), and must end with the same losses and parameters as one
+process with 8 devices; the checkpoint they wrote together restores onto another mesh in this
+process; their data slices are disjoint and cover the epoch. Without processes: mesh configs are
+validated against the device count and every sharded dimension before allocation, and start-up reads
+its settings from flags and the environment.
 """
 
 import json
@@ -41,7 +42,15 @@ TIMEOUT_S = 900
 def _launch(out: pathlib.Path, *local_args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "DETAILFLOW_", "JAX_"))}
     env["PYTHON"] = sys.executable
-    command = ["bash", "launch/local.sh", *local_args, "--", "tests.multiprocess_worker", "--out", str(out)]
+    command = [
+        "bash",
+        "launch/local.sh",
+        *local_args,
+        "--",
+        "tests.multiprocess_worker",
+        "--out",
+        str(out),
+    ]
     with open(out.with_suffix(".log"), "w") as log:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -56,9 +65,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _run_both(base: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """(one process x 8 devices, two processes x 4 devices) output directories; both runs go at once."""
+    """(one process x 8 devices, two processes x 4 devices) output directories; both runs go at
+    once."""
     one, two = base / "one", base / "two"
-    procs = {one: _launch(one, "--fake-devices", "8"), two: _launch(two, "--processes", "2", "--fake-devices", "4")}
+    procs = {
+        one: _launch(one, "--fake-devices", "8"),
+        two: _launch(two, "--processes", "2", "--fake-devices", "4"),
+    }
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while time.monotonic() < deadline:
@@ -69,7 +82,10 @@ def _run_both(base: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
         for out, proc in procs.items():
             if proc.poll() != 0:
                 log = out.with_suffix(".log").read_text()[-6000:]
-                pytest.fail(f"{out.name} run failed (exit {proc.returncode}; None: over {TIMEOUT_S} s):\n{log}")
+                pytest.fail(
+                    f"{out.name} run failed (exit {proc.returncode}; None: over {TIMEOUT_S} "
+                    f"s):\n{log}"
+                )
     finally:
         for proc in procs.values():
             _stop(proc)
@@ -81,9 +97,15 @@ def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows]
 
 
-def _assert_same_updates(out_a: pathlib.Path, out_b: pathlib.Path, part: str, num_terms: int) -> None:
-    with np.load(out_a / f"{part}_start.npz") as start, np.load(out_b / f"{part}_start.npz") as start_b, \
-            np.load(out_a / f"{part}_params.npz") as a, np.load(out_b / f"{part}_params.npz") as b:
+def _assert_same_updates(
+    out_a: pathlib.Path, out_b: pathlib.Path, part: str, num_terms: int
+) -> None:
+    with (
+        np.load(out_a / f"{part}_start.npz") as start,
+        np.load(out_b / f"{part}_start.npz") as start_b,
+        np.load(out_a / f"{part}_params.npz") as a,
+        np.load(out_b / f"{part}_params.npz") as b,
+    ):
         assert sorted(a.files) == sorted(b.files) == sorted(start.files)
         for key in start.files:
             np.testing.assert_array_equal(start[key], start_b[key], err_msg=key)
@@ -95,7 +117,8 @@ def _check_training_matches(one: pathlib.Path, two: pathlib.Path) -> None:
     # metrics.jsonl is written by process 0 only: each step once, across the stop and the resume.
     tok_one, tok_two = _losses(one / "tokenizer"), _losses(two / "tokenizer")
     assert [s for s, _ in tok_two] == steps and [s for s, _ in tok_one] == steps
-    # Every gradient element sums over the batch's pixels (tokenizer) or its logits (GPT): tests/float_tolerance.py.
+    # Every gradient element sums over the batch's pixels (tokenizer) or its logits (GPT):
+    # tests/float_tolerance.py.
     tok_config = worker.tokenizer_config()
     tok_terms = tok_config.batch_size * tok_config.model.image_size ** 2 * 3
     np.testing.assert_allclose([v for _, v in tok_two], [v for _, v in tok_one],
@@ -112,7 +135,8 @@ def _check_training_matches(one: pathlib.Path, two: pathlib.Path) -> None:
 
 def _check_restore_onto_another_mesh(two: pathlib.Path) -> None:
     config = worker.tokenizer_config()
-    with pytest.MonkeyPatch.context() as patch:  # the workers' optimiser, so the optimiser states have one structure
+    # the workers' optimiser, so the optimiser states have one structure
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(optim, "adam", plain_sgd())
         # written on (2, 2, 2) by two processes
         program = make_tokenizer_step(config, sharding.make_mesh((1, 4, 2)), FrozenNets({}))
@@ -141,18 +165,27 @@ def _check_data_slices(one: pathlib.Path, two: pathlib.Path) -> None:
 
 @pytest.mark.multiprocess
 def test_two_processes_on_localhost(tmp_path):
-    # One test, not three sharing a fixture: pytest-xdist would run a shared fixture once per worker.
+    # One test, not three sharing a fixture: pytest-xdist would run a shared fixture once per
+    # worker.
     one, two = _run_both(tmp_path)
     _check_training_matches(one, two)
     _check_restore_onto_another_mesh(two)
     _check_data_slices(one, two)
 
 
-# ---------------------------------------------------------------------------------------------- mesh validation
+# ---------------------------------------------------------------------------------- mesh validation
 
 # Devices of each named slice, as JAX counts them (TPU v4/v5p names count TensorCores, 2 per chip).
-SLICE_DEVICES = {"1xgpu": 1, "8xH100": 8, "2x8xH100": 16, "v4-8": 4, "v4-128": 64, "v5e-8": 8, "v5e-256": 256,
-                 "v5p-128": 64}
+SLICE_DEVICES = {
+    "1xgpu": 1,
+    "8xH100": 8,
+    "2x8xH100": 16,
+    "v4-8": 4,
+    "v4-128": 64,
+    "v5e-8": 8,
+    "v5e-256": 256,
+    "v5p-128": 64,
+}
 
 
 def test_mesh_recipes_fit_their_slices():
@@ -179,8 +212,11 @@ def test_indivisible_parameter_dimension_is_named_before_allocation(tmp_path):
     config.model.encoder.width = 36  # the encoder's "embed" dimension, split over fsdp
     config.mesh = mesh_config((1, 8, 1))
     before = len(jax.live_arrays())
-    with pytest.raises(MeshError, match=r"\['encoder'\].*: dimension \d has size 36, which mesh axes \('fsdp',\) "
-                                        r"\(8 devices\) do not divide"):
+    with pytest.raises(
+        MeshError,
+        match=r"\['encoder'\].*: dimension \d has size 36, which mesh axes \('fsdp',\) "
+        r"\(8 devices\) do not divide",
+    ):
         tokenizer_train.train(config, str(tmp_path))
     assert len(jax.live_arrays()) <= before
 
@@ -194,14 +230,16 @@ def test_indivisible_batch_is_named(tmp_path):
         tokenizer_train.train(config, str(tmp_path))
 
 
-# ---------------------------------------------------------------------------------------------- start-up settings
+# -------------------------------------------------------------------------------- start-up settings
 
 @pytest.fixture
 def fake_initialize(monkeypatch):
     """Records jax.distributed.initialize calls instead of starting a distributed runtime."""
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(
+        jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs))
+    )
     for name in list(os.environ):
         if name.startswith(("SLURM_", "TPU_", "DETAILFLOW_")) or name == "CUDA_VISIBLE_DEVICES":
             monkeypatch.delenv(name)
@@ -221,20 +259,25 @@ def test_explicit_settings_from_the_environment(fake_initialize, monkeypatch):
         distributed.maybe_initialize()
     monkeypatch.setenv("DETAILFLOW_NUM_PROCESSES", "4")
     monkeypatch.setenv("DETAILFLOW_PROCESS_ID", "4")
-    with pytest.raises(ValueError, match=r"process id 4 must lie in \[0, number of processes = 4\)"):
+    with pytest.raises(
+        ValueError, match=r"process id 4 must lie in \[0, number of processes = 4\)"
+    ):
         distributed.maybe_initialize()
     monkeypatch.setenv("DETAILFLOW_PROCESS_ID", "3")
     monkeypatch.setenv("DETAILFLOW_LOCAL_DEVICE_IDS", "4,5,6,7")
     assert distributed.maybe_initialize()
     assert fake_initialize == [(("10.0.0.1:1234", 4, 3, [4, 5, 6, 7]), {})]
-    assert distributed.maybe_initialize(process_id=0) and fake_initialize[-1][0][2] == 0  # arguments win
+    # arguments win
+    assert distributed.maybe_initialize(process_id=0) and fake_initialize[-1][0][2] == 0
 
 
 def test_explicit_settings_from_command_line_flags(fake_initialize, monkeypatch):
     monkeypatch.setenv("DETAILFLOW_PROCESS_ID", "0")  # a flag beats the environment
     flags.FLAGS.mark_as_parsed()
     try:
-        with flagsaver.flagsaver(coordinator_address="h:1", num_processes=2, process_id=1, local_device_ids=["2"]):
+        with flagsaver.flagsaver(
+            coordinator_address="h:1", num_processes=2, process_id=1, local_device_ids=["2"]
+        ):
             assert distributed.maybe_initialize()
     finally:
         flags.FLAGS.unparse_flags()
@@ -242,12 +285,18 @@ def test_explicit_settings_from_command_line_flags(fake_initialize, monkeypatch)
 
 
 def test_slurm_with_one_task_per_node_gets_all_local_gpus(fake_initialize, monkeypatch):
-    for key, value in dict(SLURM_JOB_ID="9", SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_STEP_NUM_NODES="2",
-                           CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7").items():
+    for key, value in dict(
+        SLURM_JOB_ID="9",
+        SLURM_NTASKS="2",
+        SLURM_NNODES="2",
+        SLURM_STEP_NUM_NODES="2",
+        CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7",
+    ).items():
         monkeypatch.setenv(key, value)
     assert distributed.maybe_initialize()
     assert fake_initialize == [((), {"local_device_ids": list(range(8))})]
-    monkeypatch.setenv("SLURM_NTASKS", "16")  # one task per GPU: JAX's own choice (SLURM_LOCALID) stands
+    # one task per GPU: JAX's own choice (SLURM_LOCALID) stands
+    monkeypatch.setenv("SLURM_NTASKS", "16")
     distributed.maybe_initialize()
     assert fake_initialize[-1] == ((), {"local_device_ids": None})
     monkeypatch.setenv("DETAILFLOW_DISTRIBUTED", "0")

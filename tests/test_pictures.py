@@ -1,4 +1,5 @@
-"""Readable pictures: nearest-neighbour upscaling, label bands with text in them, class-name rows, GIF frames."""
+"""Readable pictures: nearest-neighbour upscaling, label bands with text in them, class-name rows,
+GIF frames."""
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ def test_upscale_turns_every_pixel_into_a_block():
     big = pictures.upscale(images, 28)
     assert big.shape == (2, 28, 28, 3)
     np.testing.assert_array_equal(big, images.repeat(4, axis=1).repeat(4, axis=2))
-    odd = pictures.upscale(images, 10)  # not a whole factor: still every output pixel copies its nearest input
+    # not a whole factor: still every output pixel copies its nearest input
+    odd = pictures.upscale(images, 10)
     np.testing.assert_array_equal(odd[:, 9, 9], images[:, 6, 6])
     np.testing.assert_array_equal(odd[:, 0, 0], images[:, 0, 0])
 
@@ -42,16 +44,25 @@ def test_grid_geometry_and_tiles():
     pixels = np.asarray(plain)
     for i, image in enumerate(images):
         x, y = layout.origin(*divmod(i, 3))
-        np.testing.assert_array_equal(pixels[y:y + 112, x:x + 112], image.repeat(4, axis=0).repeat(4, axis=1))
+        np.testing.assert_array_equal(
+            pixels[y : y + 112, x : x + 112], image.repeat(4, axis=0).repeat(4, axis=1)
+        )
 
-    labelled = pictures.image_grid(images, columns=3, row_labels=["Trouser", "Ankle boot"], column_labels=list("abc"),
-                                   title="t = 4 tokens")
+    labelled = pictures.image_grid(
+        images,
+        columns=3,
+        row_labels=["Trouser", "Ankle boot"],
+        column_labels=list("abc"),
+        title="t = 4 tokens",
+    )
     layout = pictures.grid_layout(2, 3, 112, ["Trouser", "Ankle boot"], list("abc"), "t = 4 tokens")
     assert layout.left > 0 and layout.title_height > 0 and layout.header_height > 0
     assert labelled.size == (plain.size[0] + layout.left, plain.size[1] + layout.top)
     x, y = layout.origin(1, 2)  # the tiles move by the bands, unchanged
-    np.testing.assert_array_equal(np.asarray(labelled)[y:y + 112, x:x + 112], pixels[-(112 + layout.pad):-layout.pad,
-                                                                                     -(112 + layout.pad):-layout.pad])
+    np.testing.assert_array_equal(
+        np.asarray(labelled)[y : y + 112, x : x + 112],
+        pixels[-(112 + layout.pad) : -layout.pad, -(112 + layout.pad) : -layout.pad],
+    )
     longer = pictures.grid_layout(2, 3, 112, ["Trouser", "Ankle boot, leather"])
     assert longer.left > layout.left
 
@@ -69,7 +80,8 @@ def test_text_is_drawn_in_the_label_bands():
         _, y = layout.origin(r, 0)
         band = image[y:y + 128, :layout.left]
         assert not is_background(band).all()
-        assert is_background(band[:, :layout.margin // 2]).all()  # text keeps its margin off the edge
+        # text keeps its margin off the edge
+        assert is_background(band[:, :layout.margin // 2]).all()
     between_rows = image[layout.origin(0, 0)[1] + 128:layout.origin(1, 0)[1], :layout.left]
     assert is_background(between_rows).all()
 
@@ -77,20 +89,28 @@ def test_text_is_drawn_in_the_label_bands():
 def test_class_labels_follow_the_class_order():
     assert pictures.class_labels([9, 0, 5], CLASS_NAMES) == ["Ankle boot", "T-shirt/top", "Sandal"]
     assert pictures.class_labels([3, 12], None) == ["class 3", "class 12"]
-    assert pictures.class_labels([1, 2], ["tench, Tinca tinca", "goldfish"]) == ["goldfish", "class 2"]
-    assert pictures.class_labels([0], ["great grey owl, great gray owl, Strix nebulosa"]) == ["great grey owl"]
+    assert pictures.class_labels([1, 2], ["tench, Tinca tinca", "goldfish"]) == [
+        "goldfish",
+        "class 2",
+    ]
+    assert pictures.class_labels([0], ["great grey owl, great gray owl, Strix nebulosa"]) == [
+        "great grey owl"
+    ]
 
 
 def test_spread_keeps_both_ends():
     counts = [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
     picked = pictures.spread(counts, 8)
-    assert len(picked) == 8 and picked[0] == 1 and picked[-1] == 32 and picked == sorted(set(picked))
+    assert (
+        len(picked) == 8 and picked[0] == 1 and picked[-1] == 32 and picked == sorted(set(picked))
+    )
     assert pictures.spread(counts, 20) == counts
 
 
 @pytest.fixture
 def sample_previews():
-    """Coarse-to-fine previews of 3 classes x 2 samples: canvases growing with t, the last with all 32 tokens."""
+    """Coarse-to-fine previews of 3 classes x 2 samples: canvases growing with t, the last with all
+    32 tokens."""
     rng = np.random.default_rng(3)
     return [(t, gray(rng, 6, canvas)) for t, canvas in ((1, 4), (4, 8), (12, 16), (32, 32))]
 
@@ -99,19 +119,29 @@ def test_sample_pictures_grid_strip_and_refinement_gif(tmp_path, sample_previews
     labels = pictures.class_labels([5, 7, 9], CLASS_NAMES)
     made = pictures.sample_pictures(sample_previews, per_class=2, row_labels=labels)
     paths = made.save(tmp_path / "out", suffix="_7")
-    assert sorted(p.name for p in paths.values()) == ["coarse_to_fine_7.png", "samples_7.gif", "samples_7.png"]
+    assert sorted(p.name for p in paths.values()) == [
+        "coarse_to_fine_7.png",
+        "samples_7.gif",
+        "samples_7.png",
+    ]
 
     grid = np.asarray(Image.open(paths["samples"]).convert("RGB"))
     layout = pictures.grid_layout(3, 2, 128, labels)
     assert grid.shape[:2] == (layout.height, layout.width)
     x, y = layout.origin(2, 1)  # the last sample of the last class, all tokens
-    np.testing.assert_array_equal(grid[y:y + 128, x:x + 128], pictures.upscale(sample_previews[-1][1][5], 128))
+    np.testing.assert_array_equal(
+        grid[y : y + 128, x : x + 128], pictures.upscale(sample_previews[-1][1][5], 128)
+    )
 
     strip = np.asarray(Image.open(paths["coarse_to_fine"]).convert("RGB"))
-    layout = pictures.grid_layout(3, 4, 128, labels, [pictures.token_label(t) for t, _ in sample_previews])
+    layout = pictures.grid_layout(
+        3, 4, 128, labels, [pictures.token_label(t) for t, _ in sample_previews]
+    )
     assert strip.shape[:2] == (layout.height, layout.width)
     x, y = layout.origin(1, 0)  # class 7's first sample from 1 token: a 4-px canvas in 32-px blocks
-    np.testing.assert_array_equal(strip[y:y + 128, x:x + 128], pictures.upscale(sample_previews[0][1][2], 128))
+    np.testing.assert_array_equal(
+        strip[y : y + 128, x : x + 128], pictures.upscale(sample_previews[0][1][2], 128)
+    )
 
     gif = Image.open(paths["refinement"])
     assert gif.n_frames == len(sample_previews)
@@ -123,7 +153,8 @@ def test_sample_pictures_grid_strip_and_refinement_gif(tmp_path, sample_previews
     assert durations[-1] > max(durations[:-1])  # the finished grid is held longer
     assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
     title = pictures.grid_layout(3, 2, 128, labels, title=pictures.frame_title(32)).title_height
-    np.testing.assert_array_equal(frames[-1][title:], grid)  # the last frame is the full-token grid, titled
+    # the last frame is the full-token grid, titled
+    np.testing.assert_array_equal(frames[-1][title:], grid)
     assert not is_background(frames[0][:title]).all()
 
 

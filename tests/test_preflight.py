@@ -55,7 +55,9 @@ def _json_line(stdout):
 def _recording(monkeypatch, module, name):
     """Records what ``module.name`` returns while the test runs."""
     made, original = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args, **kwargs: made.append(original(*args, **kwargs)) or made[-1])
+    monkeypatch.setattr(
+        module, name, lambda *args, **kwargs: made.append(original(*args, **kwargs)) or made[-1]
+    )
     return made
 
 
@@ -122,14 +124,17 @@ def test_restore_target_is_the_same_from_real_or_abstract_dino_weights():
     real = tokenizer_step.FrozenNets({"dino": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                                                            abstract.params["dino"])})
     describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
-    state_of = lambda frozen: tokenizer_step.make_tokenizer_step(config, mesh, frozen).abstract_state
+    state_of = lambda frozen: (
+        tokenizer_step.make_tokenizer_step(config, mesh, frozen).abstract_state
+    )
     assert describe(state_of(abstract)) == describe(state_of(real))
 
 
 @pytest.mark.parametrize("canvas_t", [1, 32])
 def test_analytic_tokenizer_flops_match_xlas_count_of_the_step(canvas_t):
-    """The analytic count leaves out only small terms (patch embedding, quantizer, norms, softmax): it is at most
-    XLA's count of the lowered step and within 10% of it — so no pass of the step is missed."""
+    """The analytic count leaves out only small terms (patch embedding, quantizer, norms, softmax):
+    it is at most XLA's count of the lowered step and within 10% of it — so no pass of the step is
+    missed."""
     from detailflow_jax.preflight import model_flops
     config = tokenizer_fashion_mnist.get_config()
     mesh = sharding.make_mesh((-1, 1, 1))
@@ -143,12 +148,20 @@ def test_analytic_tokenizer_flops_match_xlas_count_of_the_step(canvas_t):
     assert 0.9 * xla <= analytic <= xla
 
 
-# 256 rows per chip (x 2 with CFG) x g = 8 slots x an 8,192-way vocabulary: before the argmax's barrier
-# (ar/logits.py first_argmax) the TPU compiler fused the head matmul and the Gumbel noise into the index
-# reduction and asked for more than v5e's 16 MiB of scoped VMEM (CompileTimeScopedVmemOom).
-VMEM_SAMPLER = ["--program", "sample", "--config.model.vocab_size=8192", "--config.model.num_tokens=16",
-                "--config.model.group_size=8", "--config.model.causal_num=8", "--config.model.n_layer=1",
-                "--config.batch_size=1024"]
+# 256 rows per chip (x 2 with CFG) x g = 8 slots x an 8,192-way vocabulary: before the argmax's
+# barrier (ar/logits.py first_argmax) the TPU compiler fused the head matmul and the Gumbel noise
+# into the index reduction and asked for more than v5e's 16 MiB of scoped VMEM
+# (CompileTimeScopedVmemOom).
+VMEM_SAMPLER = [
+    "--program",
+    "sample",
+    "--config.model.vocab_size=8192",
+    "--config.model.num_tokens=16",
+    "--config.model.group_size=8",
+    "--config.model.causal_num=8",
+    "--config.model.n_layer=1",
+    "--config.batch_size=1024",
+]
 
 
 @needs_libtpu
@@ -160,8 +173,9 @@ def test_sampler_compiles_for_v5e_2x2_at_a_batch_that_overflowed_vmem():
 
 
 def test_sampler_cost_counts_every_loop_iteration():
-    """XLA's cost analysis counts a loop body once; the preflight adds the other iterations, so the cached
-    sampler's FLOPs match the model's and the reference sampler's exceed them (it recomputes every prefix)."""
+    """XLA's cost analysis counts a loop body once; the preflight adds the other iterations, so the
+    cached sampler's FLOPs match the model's and the reference sampler's exceed them (it recomputes
+    every prefix)."""
     config = ar_fashion_mnist.get_config("smoke")
     cached = preflight.run(config, "cpu:8", "sample")
     reference = preflight.run(config, "cpu:8", "sample_reference")
@@ -176,4 +190,6 @@ def test_decoder_compiles_on_cpu8_and_programs_need_their_kind_of_config():
     report = preflight.run(tokenizer_fashion_mnist.get_config("smoke"), "cpu:8", "decode")
     assert report["fits"] and report["flops_per_chip"] > 0 and report["roofline_examples_per_s"] > 0
     with pytest.raises(config_lib.ConfigError, match="pass an AR config"):
-        programs.build(tokenizer_fashion_mnist.get_config("smoke"), sharding.make_mesh((8, 1, 1)), "sample")
+        programs.build(
+            tokenizer_fashion_mnist.get_config("smoke"), sharding.make_mesh((8, 1, 1)), "sample"
+        )

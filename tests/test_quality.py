@@ -1,7 +1,9 @@
-"""The quality check: classifier training, accuracy vs requested labels, Fréchet distance, and the report.
+"""The quality check: classifier training, accuracy vs requested labels, Fréchet distance, and the
+report.
 
-Synthetic data: three classes of noisy stripes (horizontal, vertical, diagonal) with random phase, which a CNN
-separates after a few dozen steps. One classifier is trained per session and shared by every test.
+Synthetic data: three classes of noisy stripes (horizontal, vertical, diagonal) with random phase,
+which a CNN separates after a few dozen steps. One classifier is trained per session and shared by
+every test.
 """
 
 import json
@@ -16,7 +18,8 @@ NUM_SYNTHETIC_CLASSES = 3
 
 
 def stripes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 (n, 32, 32, 3) images in [-1, 1], int labels (n,)) of noisy stripes, one orientation per class."""
+    """(float32 (n, 32, 32, 3) images in [-1, 1], int labels (n,)) of noisy stripes, one orientation
+    per class."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_SYNTHETIC_CLASSES, n)
     yy, xx = np.mgrid[:32, :32].astype(np.float32)
@@ -30,7 +33,9 @@ def stripes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def trained():
     images, labels = stripes(512, seed=0)
-    return classifier.train_classifier(images, labels, steps=120, batch_size=32, seed=0, log_every=0)
+    return classifier.train_classifier(
+        images, labels, steps=120, batch_size=32, seed=0, log_every=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,9 @@ def test_uint8_and_float_inputs_agree(trained, held_out):
     b = classifier.classify(trained, as_uint8)
     assert a["features"].shape == (50, classifier.FEATURE_DIM)
     assert a["logits"].shape == (50, classifier.NUM_CLASSES)
-    np.testing.assert_allclose(a["features"], b["features"], atol=0.05 * np.abs(a["features"]).max())
+    np.testing.assert_allclose(
+        a["features"], b["features"], atol=0.05 * np.abs(a["features"]).max()
+    )
 
 
 def test_accuracy_follows_requested_labels(trained, held_out):
@@ -74,20 +81,29 @@ def test_frechet_distance_zero_for_same_set_and_grows_with_shift(trained, held_o
     fresh_images, fresh_labels = stripes(400, seed=2)
     fresh = quality.features_frechet_distance(
         quality.score_images(trained, fresh_images, fresh_labels)["features"], reference)
-    shifted = [quality.features_frechet_distance(
-        quality.score_images(trained, np.clip(images + delta, -1, 1), labels)["features"], reference)
-        for delta in (0.3, 0.6)]
-    assert abs(same) < 1e-3 < fresh < shifted[0] < shifted[1]  # same set: 0 up to eigen-solver round-off
+    shifted = [
+        quality.features_frechet_distance(
+            quality.score_images(trained, np.clip(images + delta, -1, 1), labels)["features"],
+            reference,
+        )
+        for delta in (0.3, 0.6)
+    ]
+    # same set: 0 up to eigen-solver round-off
+    assert abs(same) < 1e-3 < fresh < shifted[0] < shifted[1]
 
 
 def test_quality_report_rows_json_and_table(trained, held_out, tmp_path, capsys):
     real_images, real_labels = stripes(200, seed=3)
     images, labels = held_out
-    blurred = (images + np.roll(images, 1, 1) + np.roll(images, 1, 2) + np.roll(images, (1, 1), (1, 2))) / 4
+    blurred = (
+        images + np.roll(images, 1, 1) + np.roll(images, 1, 2) + np.roll(images, (1, 1), (1, 2))
+    ) / 4
     mislabelled = (images[:30], (labels[:30] + 1) % NUM_SYNTHETIC_CLASSES)
     rows = {"exact": (images, labels), "blurred": (blurred, labels), "mislabelled": mislabelled}
     path = tmp_path / "quality.json"
-    report = quality.quality_report(trained, rows, real_images, real_labels, classifier_accuracy=0.9, path=path)
+    report = quality.quality_report(
+        trained, rows, real_images, real_labels, classifier_accuracy=0.9, path=path
+    )
 
     assert json.loads(path.read_text()) == report
     assert list(report["rows"]) == [quality.REAL_ROW, "exact", "blurred", "mislabelled"]
@@ -102,9 +118,13 @@ def test_quality_report_rows_json_and_table(trained, held_out, tmp_path, capsys)
     assert report["rows"]["exact"]["accuracy"] == exact["accuracy"]
     assert report["rows"]["exact"]["frechet_distance"] == pytest.approx(
         quality.features_frechet_distance(exact["features"], reference), rel=1e-9)
-    assert report["rows"][quality.REAL_ROW]["accuracy"] == classifier.accuracy(trained, held_images, held_labels)
+    assert report["rows"][quality.REAL_ROW]["accuracy"] == classifier.accuracy(
+        trained, held_images, held_labels
+    )
     assert report["rows"]["mislabelled"]["accuracy"] <= 0.1
-    assert report["rows"]["blurred"]["frechet_distance"] > report["rows"]["exact"]["frechet_distance"]
+    assert (
+        report["rows"]["blurred"]["frechet_distance"] > report["rows"]["exact"]["frechet_distance"]
+    )
 
     table = capsys.readouterr().out
     assert "90.00% held-out accuracy" in table and "vs 100 real test images" in table
@@ -122,23 +142,41 @@ def test_bad_inputs_are_explained(trained):
     with pytest.raises(ValueError, match="one requested class per image"):
         quality.score_images(trained, np.zeros((4, 32, 32, 3), np.uint8), np.zeros(3))
     with pytest.raises(ValueError, match="reserved"):
-        quality.quality_report(trained, {quality.REAL_ROW: (None, None)}, np.zeros((8, 32, 32, 3), np.uint8),
-                               np.zeros(8), echo=False)
+        quality.quality_report(
+            trained,
+            {quality.REAL_ROW: (None, None)},
+            np.zeros((8, 32, 32, 3), np.uint8),
+            np.zeros(8),
+            echo=False,
+        )
 
 
 def test_load_or_train_trains_once_then_restores(tmp_path):
-    # The synthetic source (what smoke runs use) stands in for Fashion-MNIST; 64 images cap the batch at 64.
-    data_cfg = default_data_config(name="synthetic", image_size=32, synthetic_examples=64, num_threads=2)
+    # The synthetic source (what smoke runs use) stands in for Fashion-MNIST; 64 images cap the
+    # batch at 64.
+    data_cfg = default_data_config(
+        name="synthetic", image_size=32, synthetic_examples=64, num_threads=2
+    )
     params, info = classifier.load_or_train_classifier(tmp_path, data_cfg, steps=3)
-    assert set(info) == {"test_accuracy", "train_seconds", "steps", "batch_size", "seed", "test_images"}
+    assert set(info) == {
+        "test_accuracy",
+        "train_seconds",
+        "steps",
+        "batch_size",
+        "seed",
+        "test_images",
+    }
     assert (info["steps"], info["batch_size"], info["test_images"]) == (3, 64, 64)
     val_images, val_labels = classifier.load_split(data_cfg, "val")
     assert info["test_accuracy"] == classifier.accuracy(params, val_images, val_labels)
     assert (tmp_path / classifier.CLASSIFIER_DIR / "params").is_dir()
 
-    restored, restored_info = classifier.load_or_train_classifier(tmp_path, data_cfg, steps=1000)  # no training
+    # no training
+    restored, restored_info = classifier.load_or_train_classifier(tmp_path, data_cfg, steps=1000)
     assert restored_info == info
     np.testing.assert_array_equal(classifier.classify(restored, val_images)["logits"],
                                   classifier.classify(params, val_images)["logits"])
     with pytest.raises(ValueError, match="takes 32x32 images"):
-        classifier.load_or_train_classifier(tmp_path, default_data_config(name="synthetic", image_size=64))
+        classifier.load_or_train_classifier(
+            tmp_path, default_data_config(name="synthetic", image_size=64)
+        )

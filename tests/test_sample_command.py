@@ -1,5 +1,6 @@
-"""End to end on a tiny tokenizer and GPT: extraction -> AR training (with its sample grids) -> the sampling command
-(PNG grid with one row per class, coarse-to-fine strip, ADM npz), EMA weights by default, converted directories."""
+"""End to end on a tiny tokenizer and GPT: extraction -> AR training (with its sample grids) -> the
+sampling command (PNG grid with one row per class, coarse-to-fine strip, ADM npz), EMA weights by
+default, converted directories."""
 
 import subprocess
 import sys
@@ -41,13 +42,17 @@ def trained(tmp_path_factory):
 def test_training_writes_class_grids_from_the_ema_weights(trained):
     root, state = trained
     grid = Image.open(root / "ar" / "images" / "samples_2.png")
-    # smoke: 1 sample per class, 10 classes of 32 px shown at 128, rows labelled with the codes' class names
+    # smoke: 1 sample per class, 10 classes of 32 px shown at 128, rows labelled with the codes'
+    # class names
     names = read_metadata(str(root / "codes")).class_names
     layout = pictures.grid_layout(10, 1, 128, pictures.class_labels(range(10), names))
     assert grid.size == (layout.width, layout.height)
     assert (root / "ar" / "images" / "coarse_to_fine_2.png").is_file()
-    counts = ResolutionTables.from_model_config(tokenizer_fashion_mnist.get_config("smoke").model).token_counts
-    assert Image.open(root / "ar" / "images" / "samples_2.gif").n_frames == len(counts)  # one per token count
+    counts = ResolutionTables.from_model_config(
+        tokenizer_fashion_mnist.get_config("smoke").model
+    ).token_counts
+    # one per token count
+    assert Image.open(root / "ar" / "images" / "samples_2.gif").n_frames == len(counts)
     mesh = sharding.make_mesh((-1, 1, 1))
     for ema, key in ((True, "ema"), (False, "params")):
         _, params, _ = load_gpt(str(root / "ar"), mesh, ema=ema)
@@ -61,15 +66,29 @@ def test_sample_command_writes_grid_strip_and_adm_npz(trained):
     gpt_dir = save_params(root / "gpt_ema", state["ema"])
     names = root / "names.txt"
     names.write_text("".join(f"garment {k}\n" for k in range(10)))
-    paths = sample(gpt_dir, str(root / "samples"), tokenizer=str(root / "tok"), gpt_config=GPT_CONFIG,
-                   tokenizer_config=TOKENIZER_CONFIG, classes=[3, 1, 4], num_per_class=2, num_samples=11, npz=True,
-                   batch_size=8, cfg_scale=1.5, top_k=10, class_names_file=str(names))
+    paths = sample(
+        gpt_dir,
+        str(root / "samples"),
+        tokenizer=str(root / "tok"),
+        gpt_config=GPT_CONFIG,
+        tokenizer_config=TOKENIZER_CONFIG,
+        classes=[3, 1, 4],
+        num_per_class=2,
+        num_samples=11,
+        npz=True,
+        batch_size=8,
+        cfg_scale=1.5,
+        top_k=10,
+        class_names_file=str(names),
+    )
     grid = Image.open(paths["samples"])
-    labels = ["garment 3", "garment 1", "garment 4"]  # the rows, in the order asked for, named from the file
+    # the rows, in the order asked for, named from the file
+    labels = ["garment 3", "garment 1", "garment 4"]
     layout = pictures.grid_layout(3, 2, 128, labels)
     assert grid.size == (layout.width, layout.height)
     strip = np.asarray(Image.open(paths["coarse_to_fine"]))
-    assert strip.shape[0] == pictures.grid_layout(3, 1, 128, labels, ["t = 1"]).height  # one row per class
+    # one row per class
+    assert strip.shape[0] == pictures.grid_layout(3, 1, 128, labels, ["t = 1"]).height
     assert Image.open(paths["refinement"]).n_frames > 1
     with np.load(paths["npz"]) as data:
         assert data["arr_0"].shape == (11, 32, 32, 3) and data["arr_0"].dtype == np.uint8
@@ -81,8 +100,12 @@ def test_generator_from_the_ar_workdir_finds_its_tokenizer_and_settings(trained)
     mesh = sharding.make_mesh((-1, 1, 1))
     generator, config = load_generator(str(root / "ar"), mesh, top_k=7)
     tok_params = restore_params(root / "tok")
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(generator.decoder.params), tok_params)
-    assert generator.settings.cfg_scale == config.sampling.cfg_scale and generator.settings.top_k == 7
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(generator.decoder.params), tok_params
+    )
+    assert (
+        generator.settings.cfg_scale == config.sampling.cfg_scale and generator.settings.top_k == 7
+    )
 
 
 @pytest.mark.parametrize("args, message", [
@@ -90,8 +113,12 @@ def test_generator_from_the_ar_workdir_finds_its_tokenizer_and_settings(trained)
     (["--gpt", "/nonexistent", "--out", "/tmp/x", "--tokenizer", "/nonexistent"], "does not exist"),
 ])
 def test_command_line_errors_are_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "detailflow_jax.eval.sample", *args], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "detailflow_jax.eval.sample", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,5 +1,5 @@
-"""The lr and the schedule lengths follow the global batch and the dataset size, as in the official trainers,
-without the config being changed; explicit step counts win."""
+"""The lr and the schedule lengths follow the global batch and the dataset size, as in the official
+trainers, without the config being changed; explicit step counts win."""
 
 import copy
 
@@ -24,28 +24,34 @@ def _tokenizer(batch, **overrides):
 def test_imagenet_tokenizer_scales_lr_and_counts_epochs_with_the_batch():
     at_256 = optim.resolve_tokenizer_schedule(_tokenizer(256), IMAGENET_TRAIN)
     at_512 = optim.resolve_tokenizer_schedule(_tokenizer(512), IMAGENET_TRAIN)
-    # train_tokenizer.py: lr x B/256, min lr 0.1x that, 1 warm-up epoch, 250 epochs of len(loader) = N // B steps.
+    # train_tokenizer.py: lr x B/256, min lr 0.1x that, 1 warm-up epoch, 250 epochs of len(loader) =
+    # N // B steps.
     assert (at_256.steps_per_epoch, at_512.steps_per_epoch) == (5_004, 2_502)
     assert (at_256.warmup_steps, at_256.total_steps) == (5_004, 1_251_000)
     assert (at_512.warmup_steps, at_512.total_steps) == (2_502, 625_500)
     assert np.isclose(at_256.lr, 1e-4) and np.isclose(at_512.lr, 2e-4)
     assert np.isclose(at_256.min_lr, 1e-5) and np.isclose(at_512.min_lr, 2e-5)
-    assert at_256.warmup_lr == at_512.warmup_lr == 1e-5  # timm's warmup_lr_init is absolute, not scaled
+    # timm's warmup_lr_init is absolute, not scaled
+    assert at_256.warmup_lr == at_512.warmup_lr == 1e-5
 
 
 def test_the_schedule_function_follows_the_resolved_numbers():
     s = optim.resolve_tokenizer_schedule(_tokenizer(512), IMAGENET_TRAIN)
     lr = optim.tokenizer_schedule(s)
     assert np.isclose(lr(0), 1e-5)
-    assert np.isclose(lr(s.warmup_steps), s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + np.cos(np.pi * 2_502 / 625_500)),
-                      rtol=1e-6)
+    assert np.isclose(
+        lr(s.warmup_steps),
+        s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + np.cos(np.pi * 2_502 / 625_500)),
+        rtol=1e-6,
+    )
     assert np.isclose(lr(s.total_steps), 2e-5, rtol=1e-6)
 
 
 def test_resolving_does_not_change_the_config():
-    for config, resolve, size in ((_tokenizer(512), optim.resolve_tokenizer_schedule, IMAGENET_TRAIN),
-                                  (ar_imagenet.get_config("N=128,batch=512"), optim.resolve_ar_schedule,
-                                   IMAGENET_TRAIN)):
+    for config, resolve, size in (
+        (_tokenizer(512), optim.resolve_tokenizer_schedule, IMAGENET_TRAIN),
+        (ar_imagenet.get_config("N=128,batch=512"), optim.resolve_ar_schedule, IMAGENET_TRAIN),
+    ):
         before = copy.deepcopy(config.to_dict())
         resolve(config, size)
         assert config.to_dict() == before
@@ -69,23 +75,34 @@ def test_epochs_need_the_dataset_size_and_say_so():
 
 
 def test_imagenet_ar_keeps_the_lr_and_counts_epochs_with_the_batch():
-    # train_c2i.py: no lr scaling, 300 epochs of N // B steps, int(5%) warm-up from 0.005 lr, cosine to 0.01 lr.
+    # train_c2i.py: no lr scaling, 300 epochs of N // B steps, int(5%) warm-up from 0.005 lr, cosine
+    # to 0.01 lr.
     for batch, per_epoch in ((256, 5_004), (512, 2_502)):
-        s = optim.resolve_ar_schedule(ar_imagenet.get_config(f"N=128,batch={batch}"), IMAGENET_TRAIN)
+        s = optim.resolve_ar_schedule(
+            ar_imagenet.get_config(f"N=128,batch={batch}"), IMAGENET_TRAIN
+        )
         assert (s.steps_per_epoch, s.total_steps) == (per_epoch, 300 * per_epoch)
         assert s.warmup_steps == int(0.05 * 300 * per_epoch)
-        assert np.isclose(s.lr, 1e-4) and np.isclose(s.min_lr, 1e-6) and np.isclose(s.warmup_lr, 5e-7)
+        assert (
+            np.isclose(s.lr, 1e-4) and np.isclose(s.min_lr, 1e-6) and np.isclose(s.warmup_lr, 5e-7)
+        )
 
 
 def test_fashion_mnist_recipes_resolve_to_their_stated_numbers():
     tok = optim.resolve_tokenizer_schedule(tokenizer_fashion_mnist.get_config(), 60_000)
     assert (tok.total_steps, tok.warmup_steps, tok.steps_per_epoch) == (4000, 200, 3750)
     assert np.isclose(tok.lr, 2e-3) and np.isclose(tok.min_lr, 2e-4) and tok.warmup_lr == 1e-5
-    ar = optim.resolve_ar_schedule(ar_fashion_mnist.get_config(), 20_000)  # one record per extracted image
+    # one record per extracted image
+    ar = optim.resolve_ar_schedule(ar_fashion_mnist.get_config(), 20_000)
     assert (ar.total_steps, ar.warmup_steps) == (2_000, 100)
-    assert np.isclose(ar.lr, 1e-3) and np.isclose(ar.min_lr, 1e-5) and np.isclose(ar.warmup_lr, 5e-6)
+    assert (
+        np.isclose(ar.lr, 1e-3) and np.isclose(ar.min_lr, 1e-5) and np.isclose(ar.warmup_lr, 5e-6)
+    )
     # The explicit counts need no dataset size (tests and tools build the steps without data).
-    assert optim.resolve_tokenizer_schedule(tokenizer_fashion_mnist.get_config(), None).total_steps == 4000
+    assert (
+        optim.resolve_tokenizer_schedule(tokenizer_fashion_mnist.get_config(), None).total_steps
+        == 4000
+    )
 
 
 def test_the_preflight_stand_in_resolves_every_recipe_without_data():

@@ -12,15 +12,36 @@ from detailflow_jax.tokenizer.config import from_fixture_config, validate
 @pytest.mark.parametrize("variant,n", [("DF-16", 128), ("DF-32", 256), ("DF-64", 512)])
 def test_released_variants(variant, n):
     cfg = validate(get_config(variant).model)
-    assert (cfg.image_size, cfg.patch_size, cfg.num_latent_tokens, cfg.group_size, cfg.causal_num) == (256, 16, n, 8, 8)
+    assert (
+        cfg.image_size,
+        cfg.patch_size,
+        cfg.num_latent_tokens,
+        cfg.group_size,
+        cfg.causal_num,
+    ) == (256, 16, n, 8, 8)
     assert (cfg.codebook_size, cfg.codebook_dim, cfg.noise_top_k) == (8192, 8, 50)
-    assert (cfg.encoder.width, cfg.encoder.depth, cfg.encoder.heads, cfg.encoder.mlp_dim) == (1152, 12, 16, 4304)
-    assert (cfg.decoder.width, cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.mlp_dim) == (768, 12, 12, 3072)
+    assert (cfg.encoder.width, cfg.encoder.depth, cfg.encoder.heads, cfg.encoder.mlp_dim) == (
+        1152,
+        12,
+        16,
+        4304,
+    )
+    assert (cfg.decoder.width, cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.mlp_dim) == (
+        768,
+        12,
+        12,
+        3072,
+    )
 
 
 def test_argument_overrides():
     cfg = get_config("DF-16,N=64,g=4,C=8,K=1024,dec_depth=6,enc_heads=8,dtype=bfloat16,remat").model
-    assert (cfg.num_latent_tokens, cfg.group_size, cfg.causal_num, cfg.codebook_size) == (64, 4, 8, 1024)
+    assert (cfg.num_latent_tokens, cfg.group_size, cfg.causal_num, cfg.codebook_size) == (
+        64,
+        4,
+        8,
+        1024,
+    )
     assert (cfg.decoder.depth, cfg.encoder.heads, cfg.dtype, cfg.remat) == (6, 8, "bfloat16", True)
     assert cfg.encoder.width == 1152  # untouched
     validate(cfg)

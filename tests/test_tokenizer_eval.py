@@ -1,6 +1,6 @@
-"""Tokenizer evaluation: SSIM (against an independent scipy version of skimage's algorithm), the coarse-to-fine curve
-over the admissible token counts, the keep-mask batching and the command end to end (tiny random tokenizer,
-synthetic images, the fixture FID Inception)."""
+"""Tokenizer evaluation: SSIM (against an independent scipy version of skimage's algorithm), the
+coarse-to-fine curve over the admissible token counts, the keep-mask batching and the command end to
+end (tiny random tokenizer, synthetic images, the fixture FID Inception)."""
 
 import json
 import sys
@@ -21,12 +21,14 @@ sys.path.insert(0, ".")
 
 def _smooth_images(n, size=32, seed=0):
     rng = np.random.default_rng(seed)
-    return ndimage.gaussian_filter(rng.uniform(size=(n, size, size, 3)), sigma=(0, 2, 2, 0)).astype(np.float32)
+    return ndimage.gaussian_filter(rng.uniform(size=(n, size, size, 3)), sigma=(0, 2, 2, 0)).astype(
+        np.float32
+    )
 
 
 def _skimage_ssim(a, b, s: ssim_lib.SSIMSettings):
-    """skimage.metrics.structural_similarity(a, b, channel_axis=-1, ...) re-derived with scipy: filter every
-    channel (reflect mode), combine, crop (win - 1) // 2 from the borders, average."""
+    """skimage.metrics.structural_similarity(a, b, channel_axis=-1, ...) re-derived with scipy:
+    filter every channel (reflect mode), combine, crop (win - 1) // 2 from the borders, average."""
     if s.window == "gaussian":
         filt = lambda x: ndimage.gaussian_filter(x, s.sigma, truncate=3.5, mode="reflect")  # noqa: E731
     else:
@@ -37,7 +39,11 @@ def _skimage_ssim(a, b, s: ssim_lib.SSIMSettings):
     for c in range(a.shape[-1]):
         x, y = a[..., c].astype(np.float64), b[..., c].astype(np.float64)
         ux, uy = filt(x), filt(y)
-        vx, vy, vxy = norm * (filt(x * x) - ux * ux), norm * (filt(y * y) - uy * uy), norm * (filt(x * y) - ux * uy)
+        vx, vy, vxy = (
+            norm * (filt(x * x) - ux * ux),
+            norm * (filt(y * y) - uy * uy),
+            norm * (filt(x * y) - ux * uy),
+        )
         c1, c2 = (s.k1 * s.data_range) ** 2, (s.k2 * s.data_range) ** 2
         smap = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
         pad = (s.win_size - 1) // 2
@@ -45,10 +51,14 @@ def _skimage_ssim(a, b, s: ssim_lib.SSIMSettings):
     return np.mean(values)
 
 
-@pytest.mark.parametrize("settings", [ssim_lib.STANDARD, ssim_lib.OFFICIAL], ids=["standard", "official"])
+@pytest.mark.parametrize(
+    "settings", [ssim_lib.STANDARD, ssim_lib.OFFICIAL], ids=["standard", "official"]
+)
 def test_ssim_matches_the_skimage_algorithm(settings):
     clean = _smooth_images(2)
-    noisy = np.clip(clean + np.random.default_rng(1).normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
+    noisy = np.clip(clean + np.random.default_rng(1).normal(0, 0.05, clean.shape), 0, 1).astype(
+        np.float32
+    )
     ours = np.asarray(ssim_lib.ssim(clean, noisy, settings))
     expected = [_skimage_ssim(clean[i], noisy[i], settings) for i in range(2)]
     np.testing.assert_allclose(ours, expected, atol=2e-5)
@@ -62,7 +72,8 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise():
     scores = [float(ssim_lib.ssim(clean, x)[0]) for x in noisy]
     assert scores[0] == pytest.approx(1.0, abs=1e-6)
     assert scores[0] > scores[1] > scores[2] > scores[3]
-    # data_range=2 (the official call) makes the constants 4x larger, so the same noise scores higher.
+    # data_range=2 (the official call) makes the constants 4x larger, so the same noise scores
+    # higher.
     noisy = np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
     loose = ssim_lib.SSIMSettings(data_range=2.0)
     assert float(ssim_lib.ssim(clean, noisy, loose)[0]) > float(ssim_lib.ssim(clean, noisy)[0])
@@ -71,7 +82,10 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise():
 def test_keep_mask_drops_padding_and_stops_at_num_images():
     from detailflow_jax.sharding import make_mesh
     mesh = make_mesh((-1, 1, 1))
-    stream = [{"image": np.ones((8, 16, 16, 3), np.float32)}, {"image": np.ones((3, 16, 16, 3), np.float32)}]
+    stream = [
+        {"image": np.ones((8, 16, 16, 3), np.float32)},
+        {"image": np.ones((3, 16, 16, 3), np.float32)},
+    ]
     out = list(tokenizer_eval.padded_global_batches(stream, 8, mesh))
     assert [x.shape for x, _ in out] == [(8, 16, 16, 3)] * 2
     assert [int(k.sum()) for _, k in out] == [8, 3] and out[1][1][:3].all()
@@ -95,14 +109,24 @@ def test_curve_covers_every_admissible_token_count(tiny_tokenizer):
     rows, noisy = tokenizer_eval.evaluate_tokenizer(evaluator, params, [(images, keep)],
                                                     progress=False)
     assert noisy == []
-    assert [r["tokens"] for r in rows] == evaluator.tables.token_counts == [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
-    assert [r["canvas"] for r in rows] == [evaluator.tables.canvas[t] for t in evaluator.tables.token_counts]
+    assert (
+        [r["tokens"] for r in rows]
+        == evaluator.tables.token_counts
+        == [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
+    )
+    assert [r["canvas"] for r in rows] == [
+        evaluator.tables.canvas[t] for t in evaluator.tables.token_counts
+    ]
     full = rows[-1]
-    psnr = np.asarray(evaluator.decode_and_score(params, evaluator.encode(params, images), images, 64, 32)[0])
+    psnr = np.asarray(
+        evaluator.decode_and_score(params, evaluator.encode(params, images), images, 64, 32)[0]
+    )
     assert full["psnr"] == pytest.approx(float(psnr[:6].mean()), rel=1e-5)  # padding rows excluded
     assert all(np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 and r["rfid"] is None for r in rows)
     with pytest.raises(ValueError, match="not admissible"):
-        tokenizer_eval.evaluate_tokenizer(evaluator, params, [(images, keep)], counts=[5], progress=False)
+        tokenizer_eval.evaluate_tokenizer(
+            evaluator, params, [(images, keep)], counts=[5], progress=False
+        )
 
 
 def test_command_end_to_end(tiny_tokenizer, tmp_path, large_fixtures, capsys):
@@ -111,11 +135,30 @@ def test_command_end_to_end(tiny_tokenizer, tmp_path, large_fixtures, capsys):
     save_params(tmp_path / "tok", params)
     inception = large_fixtures / "fid_inception" / "inception_state_dict_fp16.npz"
     out = tmp_path / "eval"
-    rows, noisy = tokenizer_eval.main([
-        "--tokenizer", str(tmp_path / "tok"), "--tokenizer_config", "configs/tokenizer.py:tiny",
-        "--data", "synthetic", "--image_size", "64", "--inception", str(inception), "--out", str(out),
-        "--num_images", "6", "--batch_size", "8", "--token_counts", "4,32", "--official_ssim",
-        "--noisy_eval"])
+    rows, noisy = tokenizer_eval.main(
+        [
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--tokenizer_config",
+            "configs/tokenizer.py:tiny",
+            "--data",
+            "synthetic",
+            "--image_size",
+            "64",
+            "--inception",
+            str(inception),
+            "--out",
+            str(out),
+            "--num_images",
+            "6",
+            "--batch_size",
+            "8",
+            "--token_counts",
+            "4,32",
+            "--official_ssim",
+            "--noisy_eval",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "tokens  canvas" in printed and "data_range=2.0" in printed
     assert "noise_idx  tokens  canvas" in printed

@@ -1,4 +1,5 @@
-"""Attention masks (docs/model.md#attention-masks) and the patch orders (docs/model.md#encoder, #decoder)."""
+"""Attention masks (docs/model.md#attention-masks) and the patch orders (docs/model.md#encoder,
+#decoder)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,8 @@ def test_patchify_order_row_col_channel():
     images = np.arange(2 * 32 * 48 * 3, dtype=np.float32).reshape(2, 32, 48, 3)
     patches = np.asarray(patchify(jnp.asarray(images), 16))
     assert patches.shape == (2, 6, 768)
-    # Patch 4 = grid row 1, column 1; its element (row 2, col 5, channel 1) sits at (2*16 + 5)*3 + 1.
+    # Patch 4 = grid row 1, column 1; its element (row 2, col 5, channel 1) sits at (2*16 + 5)*3 +
+    # 1.
     assert patches[1, 4, (2 * 16 + 5) * 3 + 1] == images[1, 16 + 2, 16 + 5, 1]
     square = images[:, :, :32]
     np.testing.assert_array_equal(unpatchify(patchify(jnp.asarray(square), 16), 16), square)

@@ -1,6 +1,6 @@
-"""The discriminator side of the tokenizer step as the official code runs it: every DINO call draws its own crop,
-every train-mode call's spectral-norm power iteration and BatchNorm update is kept, and the t = 1 discriminator
-sees only the B clean reconstructions."""
+"""The discriminator side of the tokenizer step as the official code runs it: every DINO call draws
+its own crop, every train-mode call's spectral-norm power iteration and BatchNorm update is kept,
+and the t = 1 discriminator sees only the B clean reconstructions."""
 
 import dataclasses
 
@@ -18,22 +18,33 @@ from detailflow_jax.tokenizer.degradation import degradation_matrix
 from detailflow_jax.train.tokenizer_step import FrozenNets, TokenizerLosses, make_tokenizer_step
 from test_tokenizer_training import _batch, tiny_config
 
-# A tiny DINO discriminator whose 16-px input is smaller than the 32-px canvas, so every call may crop.
+# A tiny DINO discriminator whose 16-px input is smaller than the 32-px canvas, so every call may
+# crop.
 TINY_DINO = dict(width=32, heads=2, patch=8, img_size=16, key_depths=(0,))
 
 
 def _tiny_dino_program(config, frozen):
     """The step of ``config`` with the tiny DINO discriminator (a fresh program: a fresh trace)."""
-    losses = dataclasses.replace(TokenizerLosses.from_config(config), disc=DinoDiscriminator(**TINY_DINO))
-    return make_tokenizer_step(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), frozen, losses=losses)
+    losses = dataclasses.replace(
+        TokenizerLosses.from_config(config), disc=DinoDiscriminator(**TINY_DINO)
+    )
+    return make_tokenizer_step(
+        config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), frozen, losses=losses
+    )
 
 
 def _one_step(config, state, frozen, t, noise):
     program = _tiny_dino_program(config, frozen)
     tables = program.tables
-    return program.steps[tables.canvas[t]](state, frozen.params, _batch(config), np.int32(t),
-                                            jnp.asarray(degradation_matrix(t, tables)), np.int32(noise[0]),
-                                            np.int32(noise[1]))
+    return program.steps[tables.canvas[t]](
+        state,
+        frozen.params,
+        _batch(config),
+        np.int32(t),
+        jnp.asarray(degradation_matrix(t, tables)),
+        np.int32(noise[0]),
+        np.int32(noise[1]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +85,8 @@ def _power_iterations(kernel, u, n):
 
 
 def test_every_train_mode_call_keeps_its_power_iteration(tiny_dino_step):
-    """Official: one generator-side call and four discriminator-side calls per step (``losses/vq_loss.py``), all in
-    train mode, each updating u, v in place; all five are kept."""
+    """Official: one generator-side call and four discriminator-side calls per step
+    (``losses/vq_loss.py``), all in train mode, each updating u, v in place; all five are kept."""
     config, state, frozen = tiny_dino_step
     before = jax.device_get(state["disc"])
     new, _ = _one_step(config, jax.tree.map(jnp.copy, state), frozen, 32, (4, 8))
@@ -85,8 +96,11 @@ def test_every_train_mode_call_keeps_its_power_iteration(tiny_dino_step):
             kernel = before["params"][head][conv]["kernel"]
             u0 = before["batch_stats"][head][conv]["u"]
             expected = _power_iterations(kernel, u0, 5)
-            assert not np.allclose(_power_iterations(kernel, u0, 2), expected, atol=1e-4)  # the test can tell
-            np.testing.assert_allclose(after[head][conv]["u"], expected, atol=1e-5, err_msg=f"{head}/{conv}")
+            # the test can tell
+            assert not np.allclose(_power_iterations(kernel, u0, 2), expected, atol=1e-4)
+            np.testing.assert_allclose(
+                after[head][conv]["u"], expected, atol=1e-5, err_msg=f"{head}/{conv}"
+            )
 
 
 def _close(got, want):
@@ -96,8 +110,9 @@ def _close(got, want):
 
 @pytest.mark.parametrize("kind", ["dino", "patchgan"])
 def test_masked_samples_are_absent_from_the_discriminator_batch(kind):
-    """At t = 1 the official discriminator sees the B clean reconstructions alone; the project's 2B batch with a
-    zero-weight half must give the same logits for the B and the same BatchNorm statistics."""
+    """At t = 1 the official discriminator sees the B clean reconstructions alone; the project's 2B
+    batch with a zero-weight half must give the same logits for the B and the same BatchNorm
+    statistics."""
     b = 2
     x = jax.random.uniform(jax.random.key(0), (b, 16, 16, 3), minval=-1, maxval=1)
     junk = 3.0 * jax.random.normal(jax.random.key(1), (b, 16, 16, 3))
@@ -111,7 +126,9 @@ def test_masked_samples_are_absent_from_the_discriminator_batch(kind):
         disc = PatchGANDiscriminator(ndf=8, n_layers=2)
         args = (True,)
         variables = jax.jit(lambda: disc.init(jax.random.key(3), x, False))()
-    run = jax.jit(lambda images, m: disc.apply(variables, images, *args, m, mutable=["batch_stats"]))
+    run = jax.jit(
+        lambda images, m: disc.apply(variables, images, *args, m, mutable=["batch_stats"])
+    )
     alone, stats_alone = run(x, None)
     masked, stats_masked = run(both, mask)
     _close(masked[:b], alone)

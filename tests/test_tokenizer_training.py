@@ -1,5 +1,5 @@
-"""Tokenizer training: the loss goes down, the sharded step equals the one-device step, resume is exact, and bad
-inputs give clear errors."""
+"""Tokenizer training: the loss goes down, the sharded step equals the one-device step, resume is
+exact, and bad inputs give clear errors."""
 
 import subprocess
 import sys
@@ -32,7 +32,9 @@ def tiny_config(**overrides):
 
 def _batch(config, seed=0):
     size = config.model.image_size
-    return jax.random.uniform(jax.random.key(seed), (config.batch_size, size, size, 3), minval=-1, maxval=1)
+    return jax.random.uniform(
+        jax.random.key(seed), (config.batch_size, size, size, 3), minval=-1, maxval=1
+    )
 
 
 def _program(config, shape=(1, 1, 1), devices=None):
@@ -48,7 +50,9 @@ def _run_steps(program, state, images, num_steps, t=None, noise=(1, 2)):
     matrix = jnp.asarray(degradation_matrix(t, tables))
     losses = []
     for _ in range(num_steps):
-        state, metrics = fn(state, {}, images, np.int32(t), matrix, np.int32(noise[0]), np.int32(noise[1]))
+        state, metrics = fn(
+            state, {}, images, np.int32(t), matrix, np.int32(noise[0]), np.int32(noise[1])
+        )
         losses.append(float(metrics["loss"]))
     return state, losses
 
@@ -69,18 +73,28 @@ def test_entropy_loss_joins_the_step_loss_when_weighted():
         program, _ = _program(tiny_config(**{"model.entropy_loss_ratio": ratio}))
         tables = program.tables
         fn = program.steps[tables.canvas[tables.num_tokens]]
-        _, metrics[ratio] = fn(program.init(0), {}, images, np.int32(tables.num_tokens),
-                               jnp.asarray(degradation_matrix(tables.num_tokens, tables)), np.int32(1), np.int32(2))
+        _, metrics[ratio] = fn(
+            program.init(0),
+            {},
+            images,
+            np.int32(tables.num_tokens),
+            jnp.asarray(degradation_matrix(tables.num_tokens, tables)),
+            np.int32(1),
+            np.int32(2),
+        )
     assert "entropy_loss" not in metrics[0.0]
     # Same init and data: the weighted run's loss is the unweighted one plus its entropy term.
-    np.testing.assert_allclose(metrics[0.5]["loss"], metrics[0.0]["loss"] + metrics[0.5]["entropy_loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics[0.5]["loss"], metrics[0.0]["loss"] + metrics[0.5]["entropy_loss"], rtol=1e-5
+    )
     assert float(metrics[0.5]["entropy_loss"]) != 0.0
 
 
 @pytest.mark.parametrize("disc_type", ["none", "patchgan"])
 def test_sharded_step_equals_single_device_step(disc_type, monkeypatch):
-    """Two steps on a (2, 2, 2) mesh and on one device: the same losses and the same updates, within what float32
-    summation order allows (tests/float_tolerance.py). Plain SGD, so the updates are linear in the gradients."""
+    """Two steps on a (2, 2, 2) mesh and on one device: the same losses and the same updates, within
+    what float32 summation order allows (tests/float_tolerance.py). Plain SGD, so the updates are
+    linear in the gradients."""
     monkeypatch.setattr(optim, "adam", plain_sgd())
     config = tiny_config(**{"losses.disc_type": disc_type, "losses.disc_start": 0, "batch_size": 8})
     images = _batch(config)
@@ -93,7 +107,8 @@ def test_sharded_step_equals_single_device_step(disc_type, monkeypatch):
         state, losses = _run_steps(program, state, sharded_images, 2, t=8, noise=(4, 8))
         results.append((start, jax.device_get(state), losses))
     (start_1, single, loss_1), (start_8, multi, loss_8) = results
-    jax.tree.map(np.testing.assert_array_equal, start_1["params"], start_8["params"])  # born-sharded init
+    # born-sharded init
+    jax.tree.map(np.testing.assert_array_equal, start_1["params"], start_8["params"])
     # Every gradient element is a sum over the pixels of the batch the loss averages.
     num_terms = int(np.prod(images.shape))
     np.testing.assert_allclose(loss_1, loss_8, rtol=reorder_tolerance(num_terms, 1.0))
@@ -108,7 +123,9 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
     stopped, curve = tokenizer_train.train(config, str(tmp_path / "b"), stop_at=3)
     assert curve == {} and int(stopped["step"]) == 3
     resumed, curve = tokenizer_train.train(config, str(tmp_path / "b"))
-    assert int(resumed["step"]) == 6 and len(curve) == len(ResolutionTables.from_model_config(config.model).canvas)
+    assert int(resumed["step"]) == 6 and len(curve) == len(
+        ResolutionTables.from_model_config(config.model).canvas
+    )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  jax.device_get(uninterrupted), jax.device_get(resumed))
     assert (tmp_path / "b" / "images" / "coarse_to_fine_6.png").is_file()
@@ -132,8 +149,13 @@ def test_missing_weights_say_which_file_to_pass(tmp_path):
 
 
 def test_missing_fashion_mnist_data_is_a_clear_error(tmp_path):
-    config = tiny_config(**{"data.name": "fashion_mnist", "data.data_dir": str(tmp_path / "nowhere"),
-                            "data.pad_to": 32})
+    config = tiny_config(
+        **{
+            "data.name": "fashion_mnist",
+            "data.data_dir": str(tmp_path / "nowhere"),
+            "data.pad_to": 32,
+        }
+    )
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         tokenizer_train.train(config, str(tmp_path / "w"))
 
@@ -143,8 +165,16 @@ def test_missing_fashion_mnist_data_is_a_clear_error(tmp_path):
     ("--config.batch_size=big", "batch_size"),
 ])
 def test_command_line_rejects_unknown_keys_and_wrong_types(tmp_path, override, message):
-    cmd = [sys.executable, "-m", "detailflow_jax.train.tokenizer",
-           "--config", "configs/tokenizer_fashion_mnist.py:smoke", "--workdir", str(tmp_path), override]
+    cmd = [
+        sys.executable,
+        "-m",
+        "detailflow_jax.train.tokenizer",
+        "--config",
+        "configs/tokenizer_fashion_mnist.py:smoke",
+        "--workdir",
+        str(tmp_path),
+        override,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -161,14 +191,17 @@ def test_finetune_decoder_only_moves_only_the_decoder():
     state, _ = _run_steps(program, state, images, 3)
     after = jax.tree.map(np.asarray, state["params"])
     trained = {"decoder", "post_quant_conv"}
-    assert trained < set(before) and {"encoder", "quant_conv", "quantizer", "refine_conv"} <= set(before)
+    assert trained < set(before) and {"encoder", "quant_conv", "quantizer", "refine_conv"} <= set(
+        before
+    )
     for part in before:
         same = jax.tree.leaves(jax.tree.map(np.array_equal, before[part], after[part]))
         if part in trained:
             assert not any(same), f"{part}: some parameters did not move"
         else:
             assert all(same), f"{part}: frozen parameters moved"
-    # Adam moments exist for the trained parts only (the frozen ones have no optimiser state, as in PyTorch).
+    # Adam moments exist for the trained parts only (the frozen ones have no optimiser state, as in
+    # PyTorch).
     moments = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
     trained_size = sum(x.size for p in trained for x in jax.tree.leaves(before[p]))
     assert moments == 2 * trained_size
@@ -176,18 +209,30 @@ def test_finetune_decoder_only_moves_only_the_decoder():
 
 def test_finetune_decoder_only_freezes_the_alignment_projection():
     from detailflow_jax.train.tokenizer_step import _is_decoder_param
-    tree = {"tokenizer": {"decoder": jnp.ones(2), "encoder": jnp.ones(2)}, "align_proj": {"w": jnp.ones(2)}}
+
+    tree = {
+        "tokenizer": {"decoder": jnp.ones(2), "encoder": jnp.ones(2)},
+        "align_proj": {"w": jnp.ones(2)},
+    }
     tx = optim.train_only(optax.sgd(1.0), _is_decoder_param)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
     assert float(updates["tokenizer"]["decoder"][0]) == -1.0
-    assert float(updates["tokenizer"]["encoder"][0]) == 0.0 and float(updates["align_proj"]["w"][0]) == 0.0
+    assert (
+        float(updates["tokenizer"]["encoder"][0]) == 0.0
+        and float(updates["align_proj"]["w"][0]) == 0.0
+    )
 
 
 def test_a_decoder_only_run_has_a_restore_target_like_its_state():
-    """The masked optimiser's frozen part holds no arrays; the restore target still mirrors the state, so a
-    decoder-only fine-tune resumes."""
+    """The masked optimiser's frozen part holds no arrays; the restore target still mirrors the
+    state, so a decoder-only fine-tune resumes."""
     program, _ = _program(tiny_config(finetune_decoder_only=True))
     state = program.init(0)
     assert jax.tree.structure(program.abstract_state) == jax.tree.structure(state)
-    jax.tree.map(lambda x, target: x.sharding.is_equivalent_to(target.sharding, x.ndim) or pytest.fail(str(x)),
-                 state, program.abstract_state)
+    jax.tree.map(
+        lambda x, target: (
+            x.sharding.is_equivalent_to(target.sharding, x.ndim) or pytest.fail(str(x))
+        ),
+        state,
+        program.abstract_state,
+    )

@@ -32,8 +32,12 @@ def test_checkpoint_restores_state_and_data_order_onto_another_mesh(tmp_path):
     expected_next = [next(it).tolist() for _ in range(2)]
 
     mesh_b = sharding.make_mesh((1, 1, 8))
-    target = {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(mesh_b, P(None, "tensor"))),
-              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh_b, P()))}
+    target = {
+        "w": jax.ShapeDtypeStruct(
+            (8, 8), jnp.float32, sharding=NamedSharding(mesh_b, P(None, "tensor"))
+        ),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh_b, P())),
+    }
     fresh = _iterator()
     restored = Checkpointer(str(tmp_path / "ckpt")).restore(target, fresh)
     np.testing.assert_array_equal(restored["w"], np.arange(64.0).reshape(8, 8))
@@ -49,8 +53,16 @@ def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_tokenizer_schedule_matches_timm_formula():
-    s = optim.tokenizer_schedule(optim.ResolvedSchedule(lr=1e-4, min_lr=1e-5, warmup_lr=1e-5, warmup_steps=10,
-                                                        total_steps=100, steps_per_epoch=10))
+    s = optim.tokenizer_schedule(
+        optim.ResolvedSchedule(
+            lr=1e-4,
+            min_lr=1e-5,
+            warmup_lr=1e-5,
+            warmup_steps=10,
+            total_steps=100,
+            steps_per_epoch=10,
+        )
+    )
     assert np.isclose(s(0), 1e-5) and np.isclose(s(5), 1e-5 + 5 * 9e-5 / 10)
     # After warm-up the cosine runs over the whole run (not offset by the warm-up).
     assert np.isclose(s(50), 1e-5 + 0.5 * 9e-5 * (1 + np.cos(np.pi * 0.5)))
@@ -58,8 +70,16 @@ def test_tokenizer_schedule_matches_timm_formula():
 
 
 def test_ar_schedule_endpoints():
-    s = optim.ar_schedule(optim.ResolvedSchedule(lr=1e-4, min_lr=1e-6, warmup_lr=5e-7, warmup_steps=50,
-                                                 total_steps=1000, steps_per_epoch=10))
+    s = optim.ar_schedule(
+        optim.ResolvedSchedule(
+            lr=1e-4,
+            min_lr=1e-6,
+            warmup_lr=5e-7,
+            warmup_steps=50,
+            total_steps=1000,
+            steps_per_epoch=10,
+        )
+    )
     assert np.isclose(s(0), 5e-7) and np.isclose(s(50), 1e-4) and np.isclose(s(1000), 1e-6)
 
 
@@ -73,18 +93,33 @@ def test_adamw_decays_only_matrices():
 
 
 def test_adamw_decays_the_same_parameters_with_scanned_layers():
-    """A scan_layers GPT stacks each layer's RMSNorm scale to (L, D): it must stay undecayed, as unrolled."""
-    tiny = dict(dim=32, n_layer=2, n_head=2, num_tokens=16, group_size=4, causal_num=4, vocab_size=32,
-                num_classes=5, multiple_of=16)
+    """A scan_layers GPT stacks each layer's RMSNorm scale to (L, D): it must stay undecayed, as
+    unrolled."""
+    tiny = dict(
+        dim=32,
+        n_layer=2,
+        n_head=2,
+        num_tokens=16,
+        group_size=4,
+        causal_num=4,
+        vocab_size=32,
+        num_classes=5,
+        multiple_of=16,
+    )
     tx = optim.adamw(lambda _: 1.0, weight_decay=0.5, clip_norm=None)
 
     def decayed(scan_layers):
         """{parameter path: moved by weight decay under a zero gradient}, per layer."""
-        params = nn.unbox(init_params(GPT(GPTConfig(**tiny, scan_layers=scan_layers)), jax.random.key(0)))
+        params = nn.unbox(
+            init_params(GPT(GPTConfig(**tiny, scan_layers=scan_layers)), jax.random.key(0))
+        )
         updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
         moved = jax.tree.map(lambda u: u != 0, updates)
         moved = unstack_layers(moved, tiny["n_layer"]) if scan_layers else moved
-        return {jax.tree_util.keystr(k): bool(np.any(v)) for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+        return {
+            jax.tree_util.keystr(k): bool(np.any(v))
+            for k, v in jax.tree_util.tree_leaves_with_path(moved)
+        }
 
     flat_u, flat_s = decayed(False), decayed(True)
     assert flat_s == flat_u

@@ -1,5 +1,6 @@
-"""The ViT blocks compute only the rows that are used (the last block of the tokenizer's encoder and decoder, the
-self-correction re-encode) with the same values and gradients as the full computation."""
+"""The ViT blocks compute only the rows that are used (the last block of the tokenizer's encoder and
+decoder, the self-correction re-encode) with the same values and gradients as the full
+computation."""
 
 import flax.linen as nn
 import jax
@@ -27,10 +28,10 @@ def _setup():
 
 
 def _assert_close(got, want, scale=None):
-    # Row by row the same float32 operations, in another summation order at most: each of the DEPTH blocks adds
-    # the rounding of its longest dot product (the MLP's), relative to the largest value (of the whole gradient
-    # for gradients: the attention's key bias has an exactly-zero gradient, so its rounding is of the others'
-    # size).
+    # Row by row the same float32 operations, in another summation order at most: each of the DEPTH
+    # blocks adds the rounding of its longest dot product (the MLP's), relative to the largest value
+    # (of the whole gradient for gradients: the attention's key bias has an exactly-zero gradient,
+    # so its rounding is of the others' size).
     scale = float(np.abs(want).max()) if scale is None else scale
     np.testing.assert_allclose(got, want, rtol=0, atol=DEPTH * dot_product_tolerance(MLP) * scale)
 
@@ -45,15 +46,17 @@ def test_keep_rows_computes_those_rows_of_the_full_stack():
 
 
 def test_a_second_pass_over_the_first_pass_patch_states_matches_recomputing_them():
-    # The self-correction re-encode: other latent queries over the same patches. Patches never attend to
-    # latents, so the first pass's patch states serve the second; values and parameter gradients of both passes
-    # together equal those of two full passes.
+    # The self-correction re-encode: other latent queries over the same patches. Patches never
+    # attend to latents, so the first pass's patch states serve the second; values and parameter
+    # gradients of both passes together equal those of two full passes.
     x, mask, params = _setup()
     second_queries = jax.random.normal(jax.random.key(2), (2, LATENTS, WIDTH))
     loss = lambda a, b: jnp.sum(jnp.sin(a)) + jnp.sum(jnp.cos(b))
 
     def reusing(params):
-        first, inputs = _stack(keep_rows=LATENT_ROWS).apply({"params": params}, x, mask, return_inputs=True)
+        first, inputs = _stack(keep_rows=LATENT_ROWS).apply(
+            {"params": params}, x, mask, return_inputs=True
+        )
         second = _stack().apply({"params": params}, second_queries, mask,
                                 contexts=[h[:, :PATCHES] for h in inputs])
         return first, second
@@ -70,4 +73,5 @@ def test_a_second_pass_over_the_first_pass_patch_states_matches_recomputing_them
     g_want = jax.grad(lambda p: loss(*recomputing(p)))(params)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_want))
     jax.tree.map(lambda a, b: _assert_close(a, b, scale), g_got, g_want)
-    assert float(jnp.abs(g_want["layers_0"]["mlp"]["fc1"]["kernel"]).max()) > 0  # the patch path is trained
+    # the patch path is trained
+    assert float(jnp.abs(g_want["layers_0"]["mlp"]["fc1"]["kernel"]).max()) > 0

@@ -1,4 +1,5 @@
-"""One run per work directory: a second one stops naming the holder, a dead holder's lock is taken over."""
+"""One run per work directory: a second one stops naming the holder, a dead holder's lock is taken
+over."""
 
 import json
 import logging
@@ -20,13 +21,23 @@ def _dead_pid() -> int:
 
 def _write_lock(workdir, pid: int, host: str = None) -> None:
     os.makedirs(workdir, exist_ok=True)
-    (workdir / LOCK_FILE).write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
-                                                 "since": "2026-01-01T00:00:00+00:00", "token": "x"}))
+    (workdir / LOCK_FILE).write_text(
+        json.dumps(
+            {
+                "host": host or socket.gethostname(),
+                "pid": pid,
+                "since": "2026-01-01T00:00:00+00:00",
+                "token": "x",
+            }
+        )
+    )
 
 
 def test_a_second_run_is_refused_naming_the_holder(tmp_path):
     with WorkdirLock(str(tmp_path)):
-        with pytest.raises(WorkdirBusyError, match=rf"in use by another run .*{LOCK_FILE}: pid {os.getpid()} on "):
+        with pytest.raises(
+            WorkdirBusyError, match=rf"in use by another run .*{LOCK_FILE}: pid {os.getpid()} on "
+        ):
             WorkdirLock(str(tmp_path)).acquire()
     assert not (tmp_path / LOCK_FILE).exists()  # released
 

@@ -30,7 +30,9 @@ class RMSNorm(nn.Module, kw_only=True):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
-        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        normed = (
+            x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        ).astype(x.dtype)
         return normed * scale.astype(x.dtype)
 
 
@@ -48,8 +50,14 @@ class SwiGLU(nn.Module, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         def dense(features, names, name):
-            return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, names), name=name)
+            return nn.Dense(
+                features,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, names),
+                name=name,
+            )
 
         gate = dense(self.hidden_dim, ("embed", "mlp"), "w1")(x)  # (B, L, D) -> (B, L, F)
         h = constrain(nn.silu(gate) * dense(self.hidden_dim, ("embed", "mlp"), "w3")(x), HIDDEN)

@@ -1,13 +1,17 @@
-"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, official `Transformer`).
+"""The class-conditional group-parallel GPT of DetailFlow (LlamaGen architecture, official
+`Transformer`).
 
-The sequence is [cls, t_0 .. t_{C-1}, s_0 .. s_{g-2}, t_C ..] with g - 1 learned special tokens, the group-causal
-mask (`masks.py`) and 2D RoPE over (group, slot) (`rope.py`); docs/model.md#gpt-sequence-layout has the table.
-Training feeds N - g tokens, so the length is N and output position i predicts t_i.
+The sequence is [cls, t_0 .. t_{C-1}, s_0 .. s_{g-2}, t_C ..] with g - 1 learned special tokens, the
+group-causal mask (`masks.py`) and 2D RoPE over (group, slot) (`rope.py`);
+docs/model.md#gpt-sequence-layout has the table. Training feeds N - g tokens, so the length is N and
+output position i predicts t_i.
 
 Two entry points share every parameter:
-  * ``GPT.__call__(tokens, labels, train)``: the teacher-forced forward (training, reference sampler);
-  * ``GPT.decode(h, positions, cache, write_index)``: embedded inputs at given positions against an explicit
-    per-layer KV cache of length N, writing their keys/values at ``write_index`` (the cached sampler).
+  * ``GPT.__call__(tokens, labels, train)``: the teacher-forced forward (training, reference
+    sampler);
+  * ``GPT.decode(h, positions, cache, write_index)``: embedded inputs at given positions against an
+    explicit per-layer KV cache of length N, writing their keys/values at ``write_index`` (the
+    cached sampler).
 """
 
 from __future__ import annotations
@@ -37,17 +41,22 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     "XXXL": (48, 40, 2560),
 }
 
-# What a rematerialised block saves for the backward pass (jax.checkpoint_policies, MaxText's names): "full" keeps
-# only the block's input and recomputes everything; the dots_* policies keep matmul outputs (all of them, or those of
-# the weight matmuls, not attention's batched q k^T and p v), trading memory for less recomputation.
+# What a rematerialised block saves for the backward pass (jax.checkpoint_policies, MaxText's
+# names): "full" keeps only the block's input and recomputes everything; the dots_* policies keep
+# matmul outputs (all of them, or those of the weight matmuls, not attention's batched q k^T and p
+# v), trading memory for less recomputation.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Logical axes of one KV-cache chunk (`init_cache`); keys are stored transposed (see `cached_attention`).
-CACHE_AXES = {"k": ("cache_batch", "cache_heads", "kv", "length"), "v": ("cache_batch", "cache_heads", "length", "kv")}
+# Logical axes of one KV-cache chunk (`init_cache`); keys are stored transposed (see
+# `cached_attention`).
+CACHE_AXES = {
+    "k": ("cache_batch", "cache_heads", "kv", "length"),
+    "v": ("cache_batch", "cache_heads", "length", "kv"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +69,8 @@ class GPTConfig:
     group_size: int = 8            # g
     causal_num: int = 8            # C: length of the token-causal prefix, a multiple of g
     vocab_size: int = 8192         # tokenizer codebook size
-    num_classes: int = 1000        # the class table has num_classes + 1 rows; the last is the CFG null class
+    num_classes: int = 1000        # the class table has num_classes + 1 rows; the last is the CFG
+                                   # null class
     multiple_of: int = 256         # SwiGLU hidden-size rounding
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
@@ -69,8 +79,9 @@ class GPTConfig:
     ffn_dropout: float = 0.1
     class_dropout: float = 0.1
     dtype: str = "float32"         # compute dtype ("bfloat16" for speed); params stay param_dtype
-    # Embeddings, residual stream and RMSNorm outputs. float32 is what the official bf16 autocast training does
-    # (only Linear layers run in bf16); set it to the compute dtype to keep the whole stream in bf16.
+    # Embeddings, residual stream and RMSNorm outputs. float32 is what the official bf16 autocast
+    # training does (only Linear layers run in bf16); set it to the compute dtype to keep the whole
+    # stream in bf16.
     residual_dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False      # nn.scan over layers (params get a leading "layers" axis)
@@ -80,14 +91,25 @@ class GPTConfig:
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "GPTConfig":
         if variant not in VARIANTS:
-            raise config_lib.ConfigError(f"variant={variant!r}: unknown GPT variant; choose one of {sorted(VARIANTS)}")
+            raise config_lib.ConfigError(
+                f"variant={variant!r}: unknown GPT variant; choose one of {sorted(VARIANTS)}"
+            )
         n_layer, n_head, dim = VARIANTS[variant]
         return cls(**{"n_layer": n_layer, "n_head": n_head, "dim": dim, **overrides})
 
     def validate(self) -> "GPTConfig":
         req = config_lib.require
-        for key in ("dim", "n_layer", "n_head", "num_tokens", "group_size", "causal_num", "vocab_size",
-                    "num_classes", "multiple_of"):
+        for key in (
+            "dim",
+            "n_layer",
+            "n_head",
+            "num_tokens",
+            "group_size",
+            "causal_num",
+            "vocab_size",
+            "num_classes",
+            "multiple_of",
+        ):
             req(getattr(self, key) > 0, key, getattr(self, key), "must be positive")
         req(self.dim % self.n_head == 0, "n_head", self.n_head, f"must divide dim={self.dim}")
         req(self.head_dim % 4 == 0, "n_head", self.n_head,
@@ -141,24 +163,33 @@ class GPTConfig:
 
 
 def _lookup(table: nn.Embed, ids: jax.Array, train: bool) -> jax.Array:
-    """Embedding rows; in training as a one-hot matmul (MaxText's iota embedding), whose gradient XLA partitions as
-    a matmul (a reduce-scatter into the sharded table). A gather's gradient is a scatter that the SPMD partitioner
-    could only reach by replicating the whole (batch, length, dim) cotangent on every device. Same values: each
-    output sums exactly one row."""
+    """Embedding rows; in training as a one-hot matmul (MaxText's iota embedding), whose gradient
+    XLA partitions as a matmul (a reduce-scatter into the sharded table). A gather's gradient is a
+    scatter that the SPMD partitioner could only reach by replicating the whole (batch, length, dim)
+    cotangent on every device. Same values: each output sums exactly one row."""
     if not train:
         return table(ids)
-    # Pinned batch-sharded like the ids: unpinned, the partitioner gathered the whole one-hot batch (to shard the
-    # product over embed, like the table) instead of gathering the table.
+    # Pinned batch-sharded like the ids: unpinned, the partitioner gathered the whole one-hot batch
+    # (to shard the product over embed, like the table) instead of gathering the table.
     one_hot = jax.nn.one_hot(ids, table.num_embeddings, dtype=table.dtype)
-    one_hot = constrain(one_hot, ("activation_batch",) + (None,) * (ids.ndim - 1) + ("activation_vocab",))
-    # HIGHEST: a float32 row must come out exact on TPUs too, whose default float32 matmul rounds inputs to bf16.
+    one_hot = constrain(
+        one_hot, ("activation_batch",) + (None,) * (ids.ndim - 1) + ("activation_vocab",)
+    )
+    # HIGHEST: a float32 row must come out exact on TPUs too, whose default float32 matmul rounds
+    # inputs to bf16.
     return jnp.einsum("...v,vd->...d", one_hot, table.embedding.astype(table.dtype),
                       precision=jax.lax.Precision.HIGHEST)
 
 
 def _dense(cfg: GPTConfig, features: int, names: tuple, name: str, init=DEFAULT_INIT) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                    kernel_init=nn.with_logical_partitioning(init, names), name=name)
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(init, names),
+        name=name,
+    )
 
 
 # One layer's KV cache ({"k": chunks, "v": chunks}, `init_cache`) and where a decode step writes
@@ -191,8 +222,9 @@ class Attention(nn.Module, kw_only=True):
             # (B, S, H, Dh) x (B, S, H, Dh) -> (B, S, H, Dh)
             out = dot_product_attention(q, k, v, mask)
         else:
-            # Written in place (the cache is a loop carry) into chunk `chunk` (static) at slot `index`, then the
-            # chunks up to it are attended as they lie; unwritten slots are in every query's future (masked).
+            # Written in place (the cache is a loop carry) into chunk `chunk` (static) at slot
+            # `index`, then the chunks up to it are attended as they lie; unwritten slots are in
+            # every query's future (masked).
             chunk, index = write_at
             ks, vs = list(cache["k"]), list(cache["v"])
             # k (B, S, H, Dh) -> (B, H, Dh, S), written into (B, H, Dh, n)
@@ -211,12 +243,13 @@ class Attention(nn.Module, kw_only=True):
 
 
 class Block(nn.Module, kw_only=True):
-    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Also returns the layer's updated cache.
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)). Also returns the layer's
+    updated cache.
 
-    The stream h keeps its dtype (``residual_dtype``): the norms return it and each sum promotes the layers'
-    compute-dtype outputs to it, as torch's autocast does. ``train`` (dropout on) is a field, so
-    `nn.remat` needs no static arguments; the call arguments stay positional because `nn.scan` maps
-    them by position."""
+    The stream h keeps its dtype (``residual_dtype``): the norms return it and each sum promotes the
+    layers' compute-dtype outputs to it, as torch's autocast does. ``train`` (dropout on) is a
+    field, so `nn.remat` needs no static arguments; the call arguments stay positional because
+    `nn.scan` maps them by position."""
     cfg: GPTConfig
     train: bool = False
 
@@ -243,27 +276,49 @@ class GPT(nn.Module):
     def setup(self):
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
-        self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.stream_dtype, param_dtype=pdt,
-                                       embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
-        self.cls_embedding = nn.Embed(cfg.num_classes + 1, cfg.dim, dtype=cfg.stream_dtype, param_dtype=pdt,
-                                      embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, (None, "embed")))
+        self.tok_embeddings = nn.Embed(
+            cfg.vocab_size,
+            cfg.dim,
+            dtype=cfg.stream_dtype,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")),
+        )
+        self.cls_embedding = nn.Embed(
+            cfg.num_classes + 1,
+            cfg.dim,
+            dtype=cfg.stream_dtype,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, (None, "embed")),
+        )
         # Created after the official initialize_weights(), so it keeps torch's default N(0, 1) init.
         self.spe_tok_embeddings = self.param(
-            "spe_tok_embeddings", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
-            (cfg.group_size - 1, cfg.dim), pdt)
+            "spe_tok_embeddings",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            (cfg.group_size - 1, cfg.dim),
+            pdt,
+        )
         # The layers are built by `_stack` (the one compact method), where `train` is known.
         self.token_dropout = nn.Dropout(rate=cfg.token_dropout)
         self.norm = RMSNorm(eps=cfg.norm_eps, param_dtype=pdt)
-        self.output = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "output", init=nn.initializers.zeros)
-        self.rope_table = jnp.asarray(rope_table_2d(cfg.num_groups, cfg.group_size, cfg.head_dim, cfg.rope_base))
-        self.mask_table = jnp.asarray(group_causal_mask(cfg.num_tokens, cfg.group_size, cfg.causal_num))
+        self.output = _dense(
+            cfg, cfg.vocab_size, ("embed", "vocab"), "output", init=nn.initializers.zeros
+        )
+        self.rope_table = jnp.asarray(
+            rope_table_2d(cfg.num_groups, cfg.group_size, cfg.head_dim, cfg.rope_base)
+        )
+        self.mask_table = jnp.asarray(
+            group_causal_mask(cfg.num_tokens, cfg.group_size, cfg.causal_num)
+        )
 
-    # ---- embeddings -------------------------------------------------------------------------------------------
+    # ---- embeddings ------------------------------------------------------------------------------
 
     def embed_class(self, labels: jax.Array, train: bool = False) -> jax.Array:
-        """(B,) labels -> (B, 1, D). In training each label becomes the null class with prob class_dropout."""
+        """(B,) labels -> (B, 1, D). In training each label becomes the null class with prob
+        class_dropout."""
         if train and self.cfg.class_dropout > 0:
-            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.cfg.class_dropout
+            drop = (
+                jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.cfg.class_dropout
+            )
             labels = jnp.where(drop, self.cfg.num_classes, labels)
         return _lookup(self.cls_embedding, labels, train)[:, None, :]
 
@@ -274,19 +329,23 @@ class GPT(nn.Module):
         """(g - 1, D): the learned queries of the first parallel group."""
         return self.spe_tok_embeddings.astype(self.cfg.stream_dtype)
 
-    def training_sequence(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
+    def training_sequence(
+        self, tokens: jax.Array, labels: jax.Array, train: bool = False
+    ) -> jax.Array:
         """The embedded official sequence for a prefix of T tokens (see module docstring)."""
         cfg = self.cfg
         parts = [self.embed_class(labels, train)]
         emb = self.embed_tokens(tokens, train)
         if tokens.shape[1] >= cfg.causal_num:
-            spe = jnp.broadcast_to(self.special_tokens()[None], (tokens.shape[0], cfg.group_size - 1, cfg.dim))
+            spe = jnp.broadcast_to(
+                self.special_tokens()[None], (tokens.shape[0], cfg.group_size - 1, cfg.dim)
+            )
             parts += [emb[:, :cfg.causal_num], spe, emb[:, cfg.causal_num:]]
         else:
             parts.append(emb)
         return jnp.concatenate(parts, axis=1)
 
-    # ---- transformer ------------------------------------------------------------------------------------------
+    # ---- transformer -----------------------------------------------------------------------------
 
     @nn.compact
     def _stack(self, h: jax.Array, cache: list[LayerCache] | None, positions: jax.Array,
@@ -316,27 +375,38 @@ class GPT(nn.Module):
                 h, layer_cache = layer(h, None if cache is None else cache[i], rope, mask, write_at)
                 new_cache.append(layer_cache)
             cache = None if cache is None else new_cache
-        logits = constrain(self.output(self.norm(h)), ("activation_batch", "activation_length", "activation_vocab"))
+        logits = constrain(
+            self.output(self.norm(h)), ("activation_batch", "activation_length", "activation_vocab")
+        )
         logits = logits.astype(jnp.float32)
         return logits, cache
 
     def __call__(self, tokens: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
-        """Teacher-forced forward over a token prefix (B, T); returns float32 logits (B, L, vocab)."""
+        """Teacher-forced forward over a token prefix (B, T); returns float32 logits (B, L,
+        vocab)."""
         h = self.training_sequence(tokens, labels, train)
         h = constrain(self.token_dropout(h, deterministic=not train), STREAM)
         positions = jnp.arange(h.shape[1])
         logits, _ = self._stack(h, None, positions, positions, None, train)
         return logits
 
-    def decode(self, h: jax.Array, positions: jax.Array, cache: list, write_index: jax.Array, chunk: int = 0):
-        """Runs embedded inputs h (B, S, D) at consecutive sequence `positions` (S,) starting at `write_index`.
+    def decode(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        cache: list,
+        write_index: jax.Array,
+        chunk: int = 0,
+    ):
+        """Runs embedded inputs h (B, S, D) at consecutive sequence `positions` (S,) starting at
+        `write_index`.
 
-        ``cache`` is `init_cache`'s: per layer, the keys/values of key positions 0..N-1 in equal chunks. The inputs'
-        keys/values are written at ``write_index``, which must lie in chunk ``chunk`` (a Python int, so that the
-        chunk to write and the chunks to read are static); queries attend to chunks 0..chunk through the
-        group-causal mask — later chunks hold only future positions. Returns (float32 logits (B, S, vocab),
-        updated cache). Needs unrolled layers: run a ``scan_layers`` checkpoint through `unrolled` /
-        `unstack_layers`.
+        ``cache`` is `init_cache`'s: per layer, the keys/values of key positions 0..N-1 in equal
+        chunks. The inputs' keys/values are written at ``write_index``, which must lie in chunk
+        ``chunk`` (a Python int, so that the chunk to write and the chunks to read are static);
+        queries attend to chunks 0..chunk through the group-causal mask — later chunks hold only
+        future positions. Returns (float32 logits (B, S, vocab), updated cache). Needs unrolled
+        layers: run a ``scan_layers`` checkpoint through `unrolled` / `unstack_layers`.
         """
         if self.cfg.scan_layers:
             raise ValueError("GPT.decode needs unrolled layers: build GPT(unrolled(cfg)) and pass "
@@ -345,26 +415,37 @@ class GPT(nn.Module):
         if not 0 <= chunk < len(cache[0]["v"]):
             raise ValueError(f"chunk={chunk} is outside the cache's {len(cache[0]['v'])} chunks")
         key_positions = jnp.arange((chunk + 1) * chunk_len)
-        return self._stack(h, cache, positions, key_positions, (chunk, write_index - chunk * chunk_len), False)
+        return self._stack(
+            h, cache, positions, key_positions, (chunk, write_index - chunk * chunk_len), False
+        )
 
 
 def init_cache(cfg: GPTConfig, batch: int, num_chunks: int = 1, dtype: Any = None) -> list:
-    """Zero KV cache: per layer {"k": [(batch, heads, head_dim, n)] * num_chunks, "v": [(batch, heads, n,
-    head_dim)] * num_chunks} in the compute dtype, chunk i holding key positions i n .. (i + 1) n - 1.
+    """Zero KV cache: per layer {"k": [(batch, heads, head_dim, n)] * num_chunks, "v": [(batch,
+    heads, n, head_dim)] * num_chunks} in the compute dtype, chunk i holding key positions i n .. (i
+    + 1) n - 1.
 
-    One buffer per layer and chunk (not a stacked array), so that a write is an in-place update of a loop carry and
-    attention reads exactly the chunks that hold visible keys, with no slice copies. Keys are stored transposed
-    (see `cached_attention`).
+    One buffer per layer and chunk (not a stacked array), so that a write is an in-place update of a
+    loop carry and attention reads exactly the chunks that hold visible keys, with no slice copies.
+    Keys are stored transposed (see `cached_attention`).
     """
     n = cfg.num_tokens // max(num_chunks, 1)
-    config_lib.require(num_chunks >= 1 and n * num_chunks == cfg.num_tokens and n % cfg.group_size == 0,
-                       "num_chunks", num_chunks,
-                       f"must split num_tokens={cfg.num_tokens} into chunks of a multiple of group_size="
-                       f"{cfg.group_size} positions")
+    config_lib.require(
+        num_chunks >= 1 and n * num_chunks == cfg.num_tokens and n % cfg.group_size == 0,
+        "num_chunks",
+        num_chunks,
+        f"must split num_tokens={cfg.num_tokens} into chunks of a multiple of group_size="
+        f"{cfg.group_size} positions",
+    )
     dtype = cfg.compute_dtype if dtype is None else dtype
     zeros = lambda *shape: [jnp.zeros(shape, dtype) for _ in range(num_chunks)]  # noqa: E731
-    return [{"k": zeros(batch, cfg.n_head, cfg.head_dim, n), "v": zeros(batch, cfg.n_head, n, cfg.head_dim)}
-            for _ in range(cfg.n_layer)]
+    return [
+        {
+            "k": zeros(batch, cfg.n_head, cfg.head_dim, n),
+            "v": zeros(batch, cfg.n_head, n, cfg.head_dim),
+        }
+        for _ in range(cfg.n_layer)
+    ]
 
 
 def unrolled(cfg: GPTConfig) -> GPTConfig:
@@ -373,7 +454,8 @@ def unrolled(cfg: GPTConfig) -> GPTConfig:
 
 
 def unstack_layers(params: Any, n_layer: int) -> Any:
-    """Params of a ``scan_layers`` model ({"layers": stacked}) -> per-layer {"layers_i"}; others unchanged."""
+    """Params of a ``scan_layers`` model ({"layers": stacked}) -> per-layer {"layers_i"}; others
+    unchanged."""
     if "layers" not in params:
         return params
     params = dict(params)
@@ -383,11 +465,12 @@ def unstack_layers(params: Any, n_layer: int) -> Any:
 
 
 def decoding_params(params: Any, cfg: GPTConfig) -> Any:
-    """Params as the cached decoder runs them: per layer (`unstack_layers`), Linear kernels in the compute dtype and
-    embeddings and norm scales in the residual stream's dtype.
+    """Params as the cached decoder runs them: per layer (`unstack_layers`), Linear kernels in the
+    compute dtype and embeddings and norm scales in the residual stream's dtype.
 
-    Every module casts its weights to those dtypes before use, so casting them once up front gives the same
-    numbers; inside a sampling loop it saves re-reading float32 weights and converting them at every step.
+    Every module casts its weights to those dtypes before use, so casting them once up front gives
+    the same numbers; inside a sampling loop it saves re-reading float32 weights and converting them
+    at every step.
     """
     def cast(path, x):
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -399,7 +482,8 @@ def decoding_params(params: Any, cfg: GPTConfig) -> Any:
 
 
 def stack_layers(params: Any, n_layer: int) -> Any:
-    """The inverse of `unstack_layers`: per-layer {"layers_i"} -> {"layers": stacked} for a ``scan_layers`` model."""
+    """The inverse of `unstack_layers`: per-layer {"layers_i"} -> {"layers": stacked} for a
+    ``scan_layers`` model."""
     params = dict(params)
     layers = [params.pop(f"layers_{i}") for i in range(n_layer)]
     params["layers"] = jax.tree.map(lambda *x: jnp.stack(x), *layers)

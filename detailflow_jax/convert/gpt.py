@@ -15,7 +15,7 @@ Key map (PyTorch `Linear.weight` is [out, in], a Flax kernel [in, out]):
     norm.weight / output.weight                   -> norm/scale / output/kernel
 
 With `scan_layers` the per-layer arrays are stacked on a leading axis under `layers/...`.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -30,8 +30,13 @@ from absl import flags
 
 from detailflow_jax import cli, cli_errors, config_lib
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params
-from detailflow_jax.convert.state_dict import (ConversionError, StateDictReader, assign_to_tree, leaf_shapes,
-                                              load_state_dict)
+from detailflow_jax.convert.state_dict import (
+    ConversionError,
+    StateDictReader,
+    assign_to_tree,
+    leaf_shapes,
+    load_state_dict,
+)
 
 _GLOBAL_KEYS = {
     ("cls_embedding", "embedding"): ("cls_embedding.embedding_table.weight", False),
@@ -51,14 +56,18 @@ _LAYER_KEYS = {
 }
 
 
-def convert_gpt_state_dict(state: Mapping[str, np.ndarray], cfg: GPTConfig, name: str = "GPT checkpoint") -> Any:
-    """{torch key: array} -> Flax params for `GPT(cfg)`. Missing/unexpected keys, wrong shapes (in the checkpoint's
-    layout), NaN/inf values and integer tensors raise ConversionError naming the checkpoint key."""
+def convert_gpt_state_dict(
+    state: Mapping[str, np.ndarray], cfg: GPTConfig, name: str = "GPT checkpoint"
+) -> Any:
+    """{torch key: array} -> Flax params for `GPT(cfg)`. Missing/unexpected keys, wrong shapes (in
+    the checkpoint's layout), NaN/inf values and integer tensors raise ConversionError naming the
+    checkpoint key."""
     abstract = jax.eval_shape(lambda: init_params(GPT(cfg), jax.random.key(0)))
     shapes = leaf_shapes(abstract)
 
     def expected(path: tuple[str, ...], linear: bool) -> tuple[int, ...] | None:
-        """The checkpoint-layout shape of the Flax leaf at ``path`` ([out, in] for a Linear weight)."""
+        """The checkpoint-layout shape of the Flax leaf at ``path`` ([out, in] for a Linear
+        weight)."""
         shape = shapes.get(path)
         if shape is None and path[0].startswith("layers_") and cfg.scan_layers:
             shape = shapes[("layers",) + path[1:]][1:]
@@ -73,11 +82,15 @@ def convert_gpt_state_dict(state: Mapping[str, np.ndarray], cfg: GPTConfig, name
     for i in range(n_layer):
         for path, (suffix, linear) in _LAYER_KEYS.items():
             take = reader.linear_kernel if linear else reader.take
-            per_layer[path].append(take(f"layers.{i}.{suffix}", expected((f"layers_{i}",) + path, linear)))
+            per_layer[path].append(
+                take(f"layers.{i}.{suffix}", expected((f"layers_{i}",) + path, linear))
+            )
     reader.finish()
     if n_layer != cfg.n_layer:
-        raise ConversionError(f"{name} has {n_layer} layers (layers.0 .. layers.{n_layer - 1}) but the config has "
-                              f"n_layer={cfg.n_layer}; pick the matching variant")
+        raise ConversionError(
+            f"{name} has {n_layer} layers (layers.0 .. layers.{n_layer - 1}) but the config has "
+            f"n_layer={cfg.n_layer}; pick the matching variant"
+        )
     for path, arrays in per_layer.items():
         if cfg.scan_layers:
             flat[("layers",) + path] = np.stack(arrays)
@@ -88,12 +101,15 @@ def convert_gpt_state_dict(state: Mapping[str, np.ndarray], cfg: GPTConfig, name
 
 
 def _checkpoint_layers(state: Mapping[str, np.ndarray]) -> int:
-    ids = {int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    ids = {
+        int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.split(".")[1].isdigit()
+    }
     return max(ids) + 1 if ids else 0
 
 
 def load_gpt_checkpoint(path: str, cfg: GPTConfig, entry: str | None = None) -> Any:
-    """Reads a .pt/.npz/.safetensors GPT checkpoint (the `model` entry by default, or e.g. `ema`)."""
+    """Reads a .pt/.npz/.safetensors GPT checkpoint (the `model` entry by default, or e.g.
+    `ema`)."""
     return convert_gpt_state_dict(load_state_dict(path, entry), cfg, name=os.path.basename(path))
 
 
@@ -117,7 +133,9 @@ def main(argv=None) -> str:
     cfg = GPTConfig(**config.model).validate()
     params = jax.tree.map(jnp.asarray, load_gpt_checkpoint(args.checkpoint, cfg, args.entry))
     out = save_params(args.out, params, force=args.force)
-    print(f"wrote {sum(x.size for x in jax.tree_util.tree_leaves(params)):,} GPT parameters to {out}")
+    print(
+        f"wrote {sum(x.size for x in jax.tree_util.tree_leaves(params)):,} GPT parameters to {out}"
+    )
     return out
 
 

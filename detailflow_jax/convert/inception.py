@@ -1,10 +1,11 @@
-"""Imports the pytorch-fid FID Inception-v3 weights (``pt_inception-2015-12-05-6726825d.pth``) into ``InceptionV3``.
+"""Imports the pytorch-fid FID Inception-v3 weights (``pt_inception-2015-12-05-6726825d.pth``) into
+``InceptionV3``.
 
-The ``.pth`` is a plain PyTorch state dict (download it yourself from the pytorch-fid release page; it is read
-without torch). A ``.npz``/``.safetensors`` with the same keys works too.
+The ``.pth`` is a plain PyTorch state dict (download it yourself from the pytorch-fid release page;
+it is read without torch). A ``.npz``/``.safetensors`` with the same keys works too.
 
     python -m detailflow_jax.convert.inception --checkpoint pt_inception-2015-12-05-6726825d.pth --out DIR
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def _torch_key_and_layout(path: tuple[str, ...]) -> tuple[str, str]:
 
 
 def convert_state_dict(state: dict[str, np.ndarray], name: str = "Inception checkpoint") -> Any:
-    """PyTorch state dict of pytorch-fid's ``fid_inception_v3()`` -> ``InceptionV3`` params (fp32 numpy tree)."""
-    # BatchNorm counters carry no weights; AuxLogits exists only in torchvision-style dumps and is unused for FID.
+    """PyTorch state dict of pytorch-fid's ``fid_inception_v3()`` -> ``InceptionV3`` params (fp32
+    numpy tree)."""
+    # BatchNorm counters carry no weights; AuxLogits exists only in torchvision-style dumps and is
+    # unused for FID.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     reader = StateDictReader(state, skip_prefixes=("AuxLogits.",), name=name)
     abstract = abstract_params()
@@ -59,7 +62,8 @@ def convert_state_dict(state: dict[str, np.ndarray], name: str = "Inception chec
 
 
 def load_inception_params(path: str | os.PathLike) -> Any:
-    """Inception params from an orbax directory written by this module's CLI, or from a state-dict file."""
+    """Inception params from an orbax directory written by this module's CLI, or from a state-dict
+    file."""
     path = os.fspath(path)
     if storage.path(path).is_dir():
         return restore_params(path)
@@ -75,7 +79,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, _define_flags)
-    params = convert_state_dict(load_state_dict(args.checkpoint), name=os.path.basename(args.checkpoint))
+    params = convert_state_dict(
+        load_state_dict(args.checkpoint), name=os.path.basename(args.checkpoint)
+    )
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"converted {n:,} parameters -> {save_params(args.out, params, force=args.force)}")
 

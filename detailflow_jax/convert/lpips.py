@@ -1,13 +1,15 @@
-"""Converts LPIPS-VGG16 weights (torchvision VGG16 + LPIPS linear heads) to an orbax parameter directory.
+"""Converts LPIPS-VGG16 weights (torchvision VGG16 + LPIPS linear heads) to an orbax parameter
+directory.
 
     python -m detailflow_jax.convert.lpips --vgg vgg16-397923af.pth --lpips vgg.pth --out /ckpt/lpips_vgg
 
 Accepted namings (the same file may be given to both flags when it holds everything):
-  * VGG convs: torchvision ``features.{i}.weight|bias``, or LPIPS's ``net.slice{s}.{j}.weight|bias`` with j counted
-    inside the slice (DetailFlow) or over the whole stack (richzhang/PerceptualSimilarity);
-    ``classifier.*`` is ignored.
-  * heads: ``lin{k}.model.1.weight`` (taming-transformers ``vgg.pth``, LPIPS with dropout) or ``lin{k}.model.0.weight``.
-"""
+  * VGG convs: torchvision ``features.{i}.weight|bias``, or LPIPS's ``net.slice{s}.{j}.weight|bias``
+    with j counted inside the slice (DetailFlow) or over the whole stack
+    (richzhang/PerceptualSimilarity); ``classifier.*`` is ignored.
+  * heads: ``lin{k}.model.1.weight`` (taming-transformers ``vgg.pth``, LPIPS with dropout) or
+    ``lin{k}.model.0.weight``.
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -38,17 +40,22 @@ def _conv_key(reader: StateDictReader, index: int, kind: str) -> str:
 
 def convert_lpips(vgg_state: dict[str, np.ndarray], lpips_state: dict[str, np.ndarray]) -> dict:
     """State dicts -> the ``params`` tree of ``LPIPS`` (float32)."""
-    vgg = StateDictReader(vgg_state, skip_prefixes=_IGNORED + ("lin",), name="VGG16 weights (--vgg)")
+    vgg = StateDictReader(
+        vgg_state, skip_prefixes=_IGNORED + ("lin",), name="VGG16 weights (--vgg)"
+    )
     heads = StateDictReader(lpips_state, skip_prefixes=_IGNORED + ("features.", "net."),
                             name="LPIPS head weights (--lpips)")
     flat = {}
     for name, index in TORCHVISION_INDEX.items():
         w = vgg.take(_conv_key(vgg, index, "weight"))
-        flat[("vgg", name, "kernel")] = None if w is None else np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
+        # OIHW -> HWIO
+        flat[("vgg", name, "kernel")] = None if w is None else np.transpose(w, (2, 3, 1, 0))
         flat[("vgg", name, "bias")] = vgg.take(_conv_key(vgg, index, "bias"))
     for k in range(len(TAPS)):
-        key = next((c for c in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight") if heads.has(c)),
-                   f"lin{k}.model.1.weight")
+        key = next(
+            (c for c in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight") if heads.has(c)),
+            f"lin{k}.model.1.weight",
+        )
         w = heads.take(key)
         flat[(f"lin{k}",)] = None if w is None else w.reshape(-1)
     vgg.finish()

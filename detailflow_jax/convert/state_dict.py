@@ -7,7 +7,7 @@ Every converter in this package follows the same pattern:
     flat = {("encoder", "layer_0", "kernel"): reader.linear_kernel("encoder.fc.weight"), ...}
     reader.finish()                                     # unexpected keys -> ConversionError
     params = assign_to_tree(flat, abstract_params)      # missing leaves / shape mismatches -> ConversionError
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
 
     Args:
       path: the checkpoint file.
-      entry: the top-level entry to read from a wrapped checkpoint (e.g. ``"ema"`` for GPT checkpoints). When None,
-        the first of ``wrappers`` present is used, or the file itself when it is a flat state dict.
+      entry: the top-level entry to read from a wrapped checkpoint (e.g. ``"ema"`` for GPT
+        checkpoints). When None, the first of ``wrappers`` present is used, or the file itself when
+        it is a flat state dict.
     """
     path = os.fspath(path)
     if not storage.path(path).exists():
@@ -53,7 +54,9 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None,
             chosen = _unwrap(ckpt.tree, entry, tuple(wrappers), path)
             return {key: _as_float32(ckpt.materialize(value)) for key, value in chosen.items()}
     else:
-        raise ConversionError(f"{path!r}: unknown checkpoint format {suffix!r}; use .pt, .npz or .safetensors")
+        raise ConversionError(
+            f"{path!r}: unknown checkpoint format {suffix!r}; use .pt, .npz or .safetensors"
+        )
     chosen = _unwrap(raw, entry, tuple(wrappers), path)
     return {key: np.asarray(value) for key, value in chosen.items()}
 
@@ -99,13 +102,17 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
                               "truncated, download it again") from None
 
 
-def _unwrap(raw: Mapping[str, Any], entry: str | None, wrappers: tuple[str, ...], path: str) -> Mapping[str, Any]:
+def _unwrap(
+    raw: Mapping[str, Any], entry: str | None, wrappers: tuple[str, ...], path: str
+) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
         raise ConversionError(
             f"{path!r} holds a {type(raw).__name__}, not a state dict {{name: tensor}}")
     if entry is not None:
         if entry not in raw or not isinstance(raw[entry], Mapping):
-            raise ConversionError(f"{path!r} has no entry {entry!r}; top-level keys: {sorted(raw)[:20]}")
+            raise ConversionError(
+                f"{path!r} has no entry {entry!r}; top-level keys: {sorted(raw)[:20]}"
+            )
         return raw[entry]
     for w in wrappers:
         if w in raw and isinstance(raw[w], Mapping):
@@ -116,7 +123,12 @@ def _unwrap(raw: Mapping[str, Any], entry: str | None, wrappers: tuple[str, ...]
 class StateDictReader:
     """Hands out state-dict tensors and remembers which were used, so leftovers can be reported."""
 
-    def __init__(self, state: Mapping[str, np.ndarray], skip_prefixes: Iterable[str] = (), name: str = "checkpoint"):
+    def __init__(
+        self,
+        state: Mapping[str, np.ndarray],
+        skip_prefixes: Iterable[str] = (),
+        name: str = "checkpoint",
+    ):
         self.state = dict(state)
         self.name = name
         self.skip_prefixes = tuple(skip_prefixes)
@@ -127,35 +139,48 @@ class StateDictReader:
     def has(self, key: str) -> bool:
         return key in self.state
 
-    def take(self, key: str, shape: tuple[int, ...] | None = None, floating: bool = True) -> np.ndarray:
-        """The tensor ``key``; ``shape``: what the model expects, in the checkpoint's layout. Problems (a wrong
-        shape, NaN/inf values, an integer tensor where weights are floats unless ``floating=False``) are
-        collected and reported by ``finish()`` with the key."""
+    def take(
+        self, key: str, shape: tuple[int, ...] | None = None, floating: bool = True
+    ) -> np.ndarray:
+        """The tensor ``key``; ``shape``: what the model expects, in the checkpoint's layout.
+        Problems (a wrong shape, NaN/inf values, an integer tensor where weights are floats unless
+        ``floating=False``) are collected and reported by ``finish()`` with the key."""
         if key not in self.state:
             self.missing.append(key)
             return None  # reported all together by finish()
         self.used.add(key)
         value = self.state[key]
         if shape is not None and tuple(value.shape) != tuple(shape):
-            self.bad.append(f"{key}: checkpoint {tuple(value.shape)}, the model expects {tuple(shape)}")
+            self.bad.append(
+                f"{key}: checkpoint {tuple(value.shape)}, the model expects {tuple(shape)}"
+            )
         if not _is_floating(value.dtype):
             if floating:
-                self.bad.append(f"{key}: {value.dtype} values where the model expects floating-point weights")
+                self.bad.append(
+                    f"{key}: {value.dtype} values where the model expects floating-point weights"
+                )
         elif not np.isfinite(value).all():
-            self.bad.append(f"{key}: {int(np.size(value) - np.isfinite(value).sum())} NaN/inf values")
+            self.bad.append(
+                f"{key}: {int(np.size(value) - np.isfinite(value).sum())} NaN/inf values"
+            )
         return value
 
     def linear_kernel(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """PyTorch Linear.weight [out, in] -> Flax Dense kernel [in, out]; ``shape``: the expected [out, in]."""
+        """PyTorch Linear.weight [out, in] -> Flax Dense kernel [in, out]; ``shape``: the expected
+        [out, in]."""
         w = self.take(key, shape)
         return None if w is None else np.ascontiguousarray(w.T)
 
     def skipped(self) -> list[str]:
-        return sorted(k for k in self.state if k not in self.used and k.startswith(self.skip_prefixes))
+        return sorted(
+            k for k in self.state if k not in self.used and k.startswith(self.skip_prefixes)
+        )
 
     def finish(self) -> list[str]:
         """Raises on missing or unexpected keys; returns the keys skipped on purpose."""
-        unexpected = sorted(k for k in self.state if k not in self.used and not k.startswith(self.skip_prefixes))
+        unexpected = sorted(
+            k for k in self.state if k not in self.used and not k.startswith(self.skip_prefixes)
+        )
         problems = []
         if self.missing:
             problems.append(f"missing keys ({len(self.missing)}): " + ", ".join(self.missing[:20]))
@@ -165,15 +190,23 @@ class StateDictReader:
             problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(
                 f"{k} {tuple(self.state[k].shape)}" for k in unexpected[:20]))
         if problems:
-            raise ConversionError(f"{self.name} does not match the model:\n  " + "\n  ".join(problems))
+            raise ConversionError(
+                f"{self.name} does not match the model:\n  " + "\n  ".join(problems)
+            )
         return self.skipped()
 
 
-def assign_to_tree(flat: Mapping[tuple[str, ...], np.ndarray], abstract: Any, name: str = "checkpoint",
-                   dtype=np.float32) -> Any:
-    """Builds a params tree shaped like ``abstract`` (e.g. from ``jax.eval_shape(model.init, ...)``).
+def assign_to_tree(
+    flat: Mapping[tuple[str, ...], np.ndarray],
+    abstract: Any,
+    name: str = "checkpoint",
+    dtype=np.float32,
+) -> Any:
+    """Builds a params tree shaped like ``abstract`` (e.g. from ``jax.eval_shape(model.init,
+    ...)``).
 
-    Every leaf of ``abstract`` must be provided, with the same shape; extra entries of ``flat`` are errors too.
+    Every leaf of ``abstract`` must be provided, with the same shape; extra entries of ``flat`` are
+    errors too.
     """
     abstract = nn.unbox(abstract)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
@@ -189,16 +222,23 @@ def assign_to_tree(flat: Mapping[tuple[str, ...], np.ndarray], abstract: Any, na
             continue
         value = np.asarray(value)
         if tuple(value.shape) != tuple(leaf.shape):
-            mismatched.append(f"{'/'.join(key)}: checkpoint {tuple(value.shape)} vs model {tuple(leaf.shape)}")
+            mismatched.append(
+                f"{'/'.join(key)}: checkpoint {tuple(value.shape)} vs model {tuple(leaf.shape)}"
+            )
         out.append(value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value)
     extra = sorted("/".join(k) for k in flat if k not in expected)
     problems = []
     if missing:
-        problems.append(f"model parameters with no checkpoint value ({len(missing)}): " + ", ".join(missing[:20]))
+        problems.append(
+            f"model parameters with no checkpoint value ({len(missing)}): "
+            + ", ".join(missing[:20])
+        )
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
     if extra:
-        problems.append(f"mapped values the model has no parameter for ({len(extra)}): " + ", ".join(extra[:20]))
+        problems.append(
+            f"mapped values the model has no parameter for ({len(extra)}): " + ", ".join(extra[:20])
+        )
     if problems:
         raise ConversionError(f"{name} does not match the model:\n  " + "\n  ".join(problems))
     return jax.tree_util.tree_unflatten(treedef, out)

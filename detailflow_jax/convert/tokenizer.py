@@ -1,12 +1,14 @@
-r"""Import an official DetailFlow tokenizer state dict (official ``VQModel``) into the Flax parameter tree.
+r"""Import an official DetailFlow tokenizer state dict (official ``VQModel``) into the Flax
+parameter tree.
 
     python -m detailflow_jax.convert.tokenizer --checkpoint 128.pt --config configs/tokenizer.py:DF-16 \
         --out /ckpt/df16_params [--force] [--config.model.dtype=bfloat16]
 
-Accepts .pt (flat or wrapped in {"model": …}; read without torch), .npz and .safetensors. Train-only tensors —
-``repa_model.*`` (the frozen 27-layer SigLIP2 of the alignment loss), ``global_token_proj.*`` and
-``quantize.codebook_used`` — are reported and skipped, or returned in a side dict with ``keep_train_only``.
-"""
+Accepts .pt (flat or wrapped in {"model": …}; read without torch), .npz and .safetensors. Train-only
+tensors — ``repa_model.*`` (the frozen 27-layer SigLIP2 of the alignment loss),
+``global_token_proj.*`` and ``quantize.codebook_used`` — are reported and skipped, or returned in a
+side dict with ``keep_train_only``.
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -23,8 +25,14 @@ from detailflow_jax.tokenizer.config import TokenizerConfig, validate
 
 TRAIN_ONLY_PREFIXES = ("repa_model.", "global_token_proj.", "quantize.codebook_used")
 
-_BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-                  "mlp.fc2")
+_BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +45,12 @@ class KeySource:
         return tuple(reversed(flax_shape)) if self.transpose else tuple(flax_shape)
 
 
-def read_mapped(reader: StateDictReader, key_map: Mapping[tuple[str, ...], KeySource], abstract: Any,
-                name: str) -> dict[tuple[str, ...], np.ndarray]:
+def read_mapped(
+    reader: StateDictReader, key_map: Mapping[tuple[str, ...], KeySource], abstract: Any, name: str
+) -> dict[tuple[str, ...], np.ndarray]:
     """{Flax path: array in Flax layout} for every entry of ``key_map``; missing keys are left to
-    ``reader.finish()``, shape mismatches (checkpoint vs model, in the checkpoint's layout) raise ConversionError."""
+    ``reader.finish()``, shape mismatches (checkpoint vs model, in the checkpoint's layout) raise
+    ConversionError."""
     flat, mismatched = {}, []
     for path, source in key_map.items():
         value = reader.take(source.torch_key)
@@ -48,7 +58,9 @@ def read_mapped(reader: StateDictReader, key_map: Mapping[tuple[str, ...], KeySo
             continue
         expected = source.torch_shape(_leaf(abstract, path).shape)
         if tuple(value.shape) != expected:
-            mismatched.append(f"{source.torch_key}: checkpoint {tuple(value.shape)} vs model {expected}")
+            mismatched.append(
+                f"{source.torch_key}: checkpoint {tuple(value.shape)} vs model {expected}"
+            )
             continue
         flat[path] = np.ascontiguousarray(value.T) if source.transpose else value
     if mismatched:
@@ -79,7 +91,9 @@ def state_dict_key_map(model_cfg: Any) -> dict[tuple[str, ...], KeySource]:
             for name in _BLOCK_LINEARS:
                 linear(path + tuple(name.split(".")), f"{key}.{name}")
         norm((part, "post_layernorm"), f"{base}.post_layernorm")
-        out[(part, "position_embedding")] = KeySource(f"{base}.embeddings.position_embedding.weight")
+        out[(part, "position_embedding")] = KeySource(
+            f"{base}.embeddings.position_embedding.weight"
+        )
         out[(part, "latent_pos_embed")] = KeySource(f"{part}.latent_pos_embed")
 
     vit("encoder", cfg.encoder.depth)
@@ -104,8 +118,8 @@ class TokenizerImport:
 
 def convert_tokenizer_state_dict(state: Mapping[str, np.ndarray], model_cfg: Any,
                                  keep_train_only: bool = False) -> TokenizerImport:
-    """Maps every official key onto the Flax tree; ConversionError names missing / unexpected keys and shape
-    mismatches (checkpoint shape vs model shape, in the checkpoint's layout)."""
+    """Maps every official key onto the Flax tree; ConversionError names missing / unexpected keys
+    and shape mismatches (checkpoint shape vs model shape, in the checkpoint's layout)."""
     from detailflow_jax.tokenizer.model import abstract_params
 
     cfg = validate(model_cfg)
@@ -122,7 +136,9 @@ def convert_tokenizer_state_dict(state: Mapping[str, np.ndarray], model_cfg: Any
 def _leaf(tree, path):
     for key in path:
         if key not in tree:
-            raise ConversionError(f"the model has no parameter {'/'.join(path)} (key map out of date?)")
+            raise ConversionError(
+                f"the model has no parameter {'/'.join(path)} (key map out of date?)"
+            )
         tree = tree[key]
     return tree
 

@@ -1,19 +1,23 @@
-"""An image-folder tree (the ImageNet layout) -> a TFDS ArrayRecord dataset, built offline and without TensorFlow.
+"""An image-folder tree (the ImageNet layout) -> a TFDS ArrayRecord dataset, built offline and
+without TensorFlow.
 
-Input layout: ``<root>/train/<class>/*.{jpg,jpeg,png,...}`` and optionally ``<root>/val/<class>/*``; one folder per
-class. Labels are the positions of the class folders of ``train`` in sorted order (torchvision ``ImageFolder``'s rule,
-so ImageNet synsets get the usual 0..999 labels). ``val`` may hold a subset of the train classes, never others.
+Input layout: ``<root>/train/<class>/*.{jpg,jpeg,png,...}`` and optionally ``<root>/val/<class>/*``;
+one folder per class. Labels are the positions of the class folders of ``train`` in sorted order
+(torchvision ``ImageFolder``'s rule, so ImageNet synsets get the usual 0..999 labels). ``val`` may
+hold a subset of the train classes, never others.
 
 Output: ``<data_dir>/imagefolder/1.0.0/imagefolder-{train,val}.array_record-*`` with features
-``image`` (the file's original encoded bytes, decoded later with PIL in the grain map), ``label`` (ClassLabel) and
-``file_name`` ("<class>/<file>").
+``image`` (the file's original encoded bytes, decoded later with PIL in the grain map), ``label``
+(ClassLabel) and ``file_name`` ("<class>/<file>").
 
-Corrupt images. Every file gets a cheap ``PIL.Image.verify()`` at build time (header and, for PNG, chunk CRCs; no
-full decode); those that fail are skipped, counted, logged by name, and listed in the build summary. ``verify`` does not
-decode JPEG scans, so a truncated JPEG can still pass; the grain map decodes fully and skips and counts what fails
-there (``pipeline.SkipCounter``). Nothing is ever silently dropped or silently turned into a wrong batch.
+Corrupt images. Every file gets a cheap ``PIL.Image.verify()`` at build time (header and, for PNG,
+chunk CRCs; no full decode); those that fail are skipped, counted, logged by name, and listed in the
+build summary. ``verify`` does not decode JPEG scans, so a truncated JPEG can still pass; the grain
+map decodes fully and skips and counts what fails there (``pipeline.SkipCounter``). Nothing is ever
+silently dropped or silently turned into a wrong batch.
 
-CLI: ``python -m detailflow_jax.data.imagefolder --root DIR --data_dir OUT`` (TFDS shows a progress bar per split).
+CLI: ``python -m detailflow_jax.data.imagefolder --root DIR --data_dir OUT`` (TFDS shows a progress
+bar per split).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ _READ_CHUNK = 512  # files read and verified concurrently; bounds the bytes held
 
 
 class ImageFolderError(ValueError):
-    """A folder tree that does not have the expected layout, or a built dataset that cannot be found."""
+    """A folder tree that does not have the expected layout, or a built dataset that cannot be
+    found."""
 
 
 @dataclasses.dataclass
@@ -87,30 +92,42 @@ def read_verified(path: pathlib.Path) -> tuple[bytes | None, str | None]:
 def check_layout(root: pathlib.Path) -> tuple[list[str], list[str]]:
     """(class names, splits present); raises ImageFolderError naming what is wrong with the tree."""
     if not root.is_dir():
-        raise ImageFolderError(f"image-folder root {str(root)!r} does not exist or is not a directory")
+        raise ImageFolderError(
+            f"image-folder root {str(root)!r} does not exist or is not a directory"
+        )
     train = root / "train"
     if not train.is_dir():
         raise ImageFolderError(
-            f"{str(root)!r} has no 'train' folder; expected <root>/train/<class>/*.jpg (and optionally <root>/val/...)")
+            f"{str(root)!r} has no 'train' folder; expected <root>/train/<class>/*.jpg (and "
+            "optionally <root>/val/...)"
+        )
     class_names = list_classes(train)
     if not class_names:
-        raise ImageFolderError(f"{str(train)!r} has no class sub-folders; expected one folder per class")
+        raise ImageFolderError(
+            f"{str(train)!r} has no class sub-folders; expected one folder per class"
+        )
     splits = [s for s in SPLITS if (root / s).is_dir()]
     if "val" in splits:
         unknown = sorted(set(list_classes(root / "val")) - set(class_names))
         if unknown:
-            raise ImageFolderError(f"{str(root / 'val')!r} has classes missing from train: {unknown[:10]}")
+            raise ImageFolderError(
+                f"{str(root / 'val')!r} has classes missing from train: {unknown[:10]}"
+            )
     return class_names, splits
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder over a local image-folder tree; stores the original encoded bytes (no re-encoding)."""
+    """TFDS builder over a local image-folder tree; stores the original encoded bytes (no
+    re-encoding)."""
 
     name = NAME
     VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: "Image-folder tree with original encoded bytes, label and file name."}
-    # Only used to locate download checksums (we download nothing). TFDS 4.9.10's lookup for builders inside a
-    # package touches the `importlib_resources` backport, which Python >= 3.9 installs do not have.
+    RELEASE_NOTES = {
+        DATASET_VERSION: "Image-folder tree with original encoded bytes, label and file name."
+    }
+    # Only used to locate download checksums (we download nothing). TFDS 4.9.10's lookup for
+    # builders inside a package touches the `importlib_resources` backport, which Python >= 3.9
+    # installs do not have.
     code_path = None
 
     def __init__(self, *, root: str | os.PathLike, **kwargs):
@@ -121,8 +138,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        # A builder outside a TFDS dataset package must build DatasetInfo itself (dataset_info_from_configs needs
-        # the package's metadata folder and raises NotADirectoryError).
+        # A builder outside a TFDS dataset package must build DatasetInfo itself
+        # (dataset_info_from_configs needs the package's metadata folder and raises
+        # NotADirectoryError).
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Image folder {self._root}",
@@ -143,10 +161,14 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         log.info("%s: %d image files in %d classes", split, len(files), len(self._class_names))
         skipped = self.report.skipped.setdefault(split, [])
         kept = 0
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, (os.cpu_count() or 1) * 4)
+        ) as pool:
             for start in range(0, len(files), _READ_CHUNK):
                 chunk = files[start:start + _READ_CHUNK]
-                for (path, class_name), (data, error) in zip(chunk, pool.map(read_verified, [p for p, _ in chunk])):
+                for (path, class_name), (data, error) in zip(
+                    chunk, pool.map(read_verified, [p for p, _ in chunk])
+                ):
                     file_name = f"{class_name}/{path.name}"
                     if data is None:
                         log.warning("skipping unreadable image %s (%s)", path, error)
@@ -160,8 +182,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
 
 def source_fingerprint(root: pathlib.Path, class_names: list[str], splits: list[str]) -> dict:
-    """What a build depends on: the class list and, per split, the image files' names and sizes (a count, a
-    byte total and a SHA-256 of the sorted "class/file size" lines)."""
+    """What a build depends on: the class list and, per split, the image files' names and sizes (a
+    count, a byte total and a SHA-256 of the sorted "class/file size" lines)."""
     out = {"classes": class_names, "splits": {}}
     for split in splits:
         digest, total, files = hashlib.sha256(), 0, list_images(root / split, class_names)
@@ -174,7 +196,9 @@ def source_fingerprint(root: pathlib.Path, class_names: list[str], splits: list[
 
 
 def _describe(fingerprint: dict) -> str:
-    splits = ", ".join(f"{s}: {v['files']} files, {v['bytes']} bytes" for s, v in fingerprint["splits"].items())
+    splits = ", ".join(
+        f"{s}: {v['files']} files, {v['bytes']} bytes" for s, v in fingerprint["splits"].items()
+    )
     return f"{len(fingerprint['classes'])} classes ({', '.join(fingerprint['classes'][:5])}" + \
         f"{', ...' if len(fingerprint['classes']) > 5 else ''}); {splits}"
 
@@ -183,20 +207,29 @@ def _check_source(built: epath.Path, fingerprint: dict, root: str | os.PathLike)
     """Refuses to reuse a dataset built from another tree than ``fingerprint`` describes."""
     record = built / SOURCE_FILE
     if not record.exists():
-        log.warning("%s holds no record of the tree it was built from (built before it was recorded); reusing "
-                    "it unchecked (pass --rebuild to build it again from %s)", built, root)
+        log.warning(
+            "%s holds no record of the tree it was built from (built before it was recorded); "
+            "reusing "
+            "it unchecked (pass --rebuild to build it again from %s)",
+            built,
+            root,
+        )
         return
     old = json.loads(record.read_text())
     if {k: old[k] for k in ("classes", "splits")} != fingerprint:
         raise ImageFolderError(
-            f"{built} was built from another tree ({old.get('root')}: {_describe(old)}) than {root} is now "
-            f"({_describe(fingerprint)}); pass --rebuild to build it again, or a new --data_dir")
+            f"{built} was built from another tree ({old.get('root')}: {_describe(old)}) than {root}"
+            " is now "
+            f"({_describe(fingerprint)}); pass --rebuild to build it again, or a new --data_dir"
+        )
 
 
-def build_imagefolder(root: str | os.PathLike, data_dir: str | os.PathLike, rebuild: bool = False) -> ImageFolder:
-    """Builds ``<data_dir>/imagefolder/1.0.0`` from the tree at ``root``, or reuses it when it was built from the
-    same tree (same classes, file names and sizes); a dataset built from another tree is refused, or with
-    ``rebuild`` built again."""
+def build_imagefolder(
+    root: str | os.PathLike, data_dir: str | os.PathLike, rebuild: bool = False
+) -> ImageFolder:
+    """Builds ``<data_dir>/imagefolder/1.0.0`` from the tree at ``root``, or reuses it when it was
+    built from the same tree (same classes, file names and sizes); a dataset built from another tree
+    is refused, or with ``rebuild`` built again."""
     builder = ImageFolder(root=root, data_dir=os.fspath(data_dir), file_format="array_record")
     built = epath.Path(builder.data_dir)
     if (built / "dataset_info.json").exists() and not rebuild:
@@ -205,7 +238,9 @@ def build_imagefolder(root: str | os.PathLike, data_dir: str | os.PathLike, rebu
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=mode.FORCE_REDOWNLOAD if rebuild else mode.REUSE_DATASET_IF_EXISTS))
     if builder.report.num_examples:  # built now, not reused
-        (built / SOURCE_FILE).write_text(json.dumps({"root": os.path.abspath(root), **builder.fingerprint}, indent=1))
+        (built / SOURCE_FILE).write_text(
+            json.dumps({"root": os.path.abspath(root), **builder.fingerprint}, indent=1)
+        )
     for split, names in builder.report.skipped.items():
         if names:
             log.warning("%s: skipped %d unreadable images, e.g. %s", split, len(names), names[:5])
@@ -213,15 +248,19 @@ def build_imagefolder(root: str | os.PathLike, data_dir: str | os.PathLike, rebu
 
 
 def dataset_dir(data_dir: str | os.PathLike) -> epath.Path:
-    """The folder holding ``dataset_info.json``: ``data_dir`` itself or ``<data_dir>/imagefolder/<version>``."""
+    """The folder holding ``dataset_info.json``: ``data_dir`` itself or
+    ``<data_dir>/imagefolder/<version>``."""
     data_dir = storage.path(data_dir)  # a bucket too: TFDS and the ArrayRecord reader read gs://
     for candidate in (data_dir, data_dir / NAME / DATASET_VERSION):
         if (candidate / "dataset_info.json").is_file():
             return candidate
     raise ImageFolderError(
-        f"no built image-folder dataset under {str(data_dir)!r} (looked for dataset_info.json there and in "
-        f"{NAME}/{DATASET_VERSION}/); build it with `python -m detailflow_jax.data.imagefolder --root <tree> "
-        f"--data_dir {data_dir}`")
+        f"no built image-folder dataset under {str(data_dir)!r} (looked for dataset_info.json "
+        "there and in "
+        f"{NAME}/{DATASET_VERSION}/); build it with `python -m detailflow_jax.data.imagefolder "
+        "--root <tree> "
+        f"--data_dir {data_dir}`"
+    )
 
 
 def open_imagefolder(data_dir: str | os.PathLike, split: str):
@@ -248,11 +287,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         builder = build_imagefolder(args.root, args.data_dir, args.rebuild)
-    except ImageFolderError as e:  # run as __main__, this module's errors are not the ones cli_errors knows
+    # run as __main__, this module's errors are not the ones cli_errors knows
+    except ImageFolderError as e:
         cli_errors.fail(e)
     for split, info in builder.info.splits.items():
         skipped = builder.report.skipped.get(split)
-        note = "already built, reused" if skipped is None else f"{len(skipped)} unreadable files skipped"
+        note = (
+            "already built, reused"
+            if skipped is None
+            else f"{len(skipped)} unreadable files skipped"
+        )
         print(f"{split}: {info.num_examples} examples ({note})")
     print(f"classes: {builder.info.features['label'].num_classes}; written to {builder.data_dir}")
 

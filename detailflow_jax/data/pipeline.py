@@ -1,44 +1,53 @@
 """grain input pipelines for tokenizer training, evaluation and code extraction.
 
-``make_train_iter(data_cfg, batch_size, seed)`` / ``make_eval_iter(data_cfg, batch_size)`` return a ``DataStream``
-whose ``iterator`` yields per-process batches ``{"image": float32 (b, S, S, C) in [-1, 1], "label": int32 (b,),
-"index": int32 (b,)}`` (``index``: position of the image in the source split; ten-crop images are (b, 10, S, S, C)).
-``b = batch_size // process_count``: ``batch_size`` is the *global* batch. ``global_batch.to_global`` turns a batch into
-sharded global arrays. The iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` and orbax
+``make_train_iter(data_cfg, batch_size, seed)`` / ``make_eval_iter(data_cfg, batch_size)`` return a
+``DataStream`` whose ``iterator`` yields per-process batches ``{"image": float32 (b, S, S, C) in
+[-1, 1], "label": int32 (b,), "index": int32 (b,)}`` (``index``: position of the image in the source
+split; ten-crop images are (b, 10, S, S, C)). ``b = batch_size // process_count``: ``batch_size`` is
+the *global* batch. ``global_batch.to_global`` turns a batch into sharded global arrays. The
+iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` and orbax
 ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` resume on the exact next batch.
 
-Train order (``MapDataset``, lazy): source -> attach index -> seeded global shuffle, reshuffled every epoch -> repeat
-forever -> decode + augment with a per-element RNG from (seed, global position) -> this process's slice
-``[process_index::process_count]`` -> threads (and optionally worker processes) -> drop corrupt images -> batch with
-``drop_remainder``. Every process shuffles the same way and takes a disjoint stride, so together they cover each epoch.
-Eval: no shuffle, no augmentation, one pass; the split is cut to a multiple of ``process_count`` so every process
-yields the same number of batches (the at most ``process_count - 1`` last images are dropped).
+Train order (``MapDataset``, lazy): source -> attach index -> seeded global shuffle, reshuffled
+every epoch -> repeat forever -> decode + augment with a per-element RNG from (seed, global
+position) -> this process's slice ``[process_index::process_count]`` -> threads (and optionally
+worker processes) -> drop corrupt images -> batch with ``drop_remainder``. Every process shuffles
+the same way and takes a disjoint stride, so together they cover each epoch. Eval: no shuffle, no
+augmentation, one pass; the split is cut to a multiple of ``process_count`` so every process yields
+the same number of batches (the at most ``process_count - 1`` last images are dropped).
 
-Corrupt or unreadable images are skipped *before* batching (batches stay full), logged with their file name, and
-counted in ``DataStream.skipped`` (main process; counts images decoded so far, including read-ahead). If more than
-half of 1,000 consecutive records are unreadable the iterator raises instead of searching forever.
+Corrupt or unreadable images are skipped *before* batching (batches stay full), logged with their
+file name, and counted in ``DataStream.skipped`` (main process; counts images decoded so far,
+including read-ahead). If more than half of 1,000 consecutive records are unreadable the iterator
+raises instead of searching forever.
 
 ``data_cfg`` fields (``default_data_config()`` holds the defaults; unknown fields are errors):
   name            "synthetic" | "fashion_mnist" | "imagefolder".
-  data_dir        imagefolder: the TFDS data_dir written by ``python -m detailflow_jax.data.imagefolder``;
-                  fashion_mnist: a directory with the IDX files (None: $DETAILFLOW_FASHION_MNIST_DIR, then
-                  /usr/share/datasets/fashion-mnist). Unused by synthetic.
+  data_dir        imagefolder: the TFDS data_dir written by ``python -m
+                  detailflow_jax.data.imagefolder``;
+                  fashion_mnist: a directory with the IDX files (None:
+                  $DETAILFLOW_FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist). Unused by
+                  synthetic.
   image_size      output side S (the official tokenizer uses 256).
   pad_to          fashion_mnist only: zero-pad 28x28 to pad_to x pad_to first (e.g. 32).
   rgb             fashion_mnist only: repeat the gray channel to 3 channels (default True).
   train_split     default "train".
   eval_split      None: "val" (imagefolder, synthetic) or "test" (fashion_mnist).
-  train_crop      "adm_random" (official ``random_crop_arr``, default) | "center" (ADM centre crop; no scale
-                  augmentation).
-  min_crop_frac / max_crop_frac   ADM random crop range; short side ~ U{ceil(S/max)..ceil(S/min)} (0.8 / 1.0).
+  train_crop      "adm_random" (official ``random_crop_arr``, default) | "center" (ADM centre crop;
+                  no scale augmentation).
+  min_crop_frac / max_crop_frac   ADM random crop range; short side ~ U{ceil(S/max)..ceil(S/min)}
+                                  (0.8 / 1.0).
   flip            random horizontal flip p=0.5 in training (default True).
-  eval_crop       "center" (ADM ``center_crop_arr``) | "ten_crop" (official extraction: centre crop to
-                  int(S*ten_crop_scale), then TenCrop(S): 4 corners + centre, and the same of the mirror image).
+  eval_crop       "center" (ADM ``center_crop_arr``) | "ten_crop" (official extraction: centre crop
+                  to int(S*ten_crop_scale), then TenCrop(S): 4 corners + centre, and the same of the
+                  mirror image).
   ten_crop_scale  1.1.
   num_threads     decode/augment threads per process (grain ReadOptions.num_threads), default 16.
   prefetch        elements buffered per process (ReadOptions.prefetch_buffer_size), default 256.
-  num_workers     >0: also decode in that many worker processes (grain ``mp_prefetch``); 0 (default): threads only.
-  synthetic_examples / synthetic_classes / synthetic_seed   size of the synthetic source (64 / 10 / 0).
+  num_workers     >0: also decode in that many worker processes (grain ``mp_prefetch``); 0
+                  (default): threads only.
+  synthetic_examples / synthetic_classes / synthetic_seed   size of the synthetic source (64 / 10 /
+                                                            0).
 """
 
 from __future__ import annotations
@@ -63,14 +72,16 @@ log = logging.getLogger(__name__)
 TRAIN_CROPS = ("adm_random", "center")
 EVAL_CROPS = ("center", "ten_crop")
 _ERROR_KEY = "error"  # marks a record whose image could not be decoded; removed before batching
-# Raise (grain checks every 1,000 records) instead of spinning forever when most images are unreadable.
+# Raise (grain checks every 1,000 records) instead of spinning forever when most images are
+# unreadable.
 _MAX_CORRUPT_FRACTION = 0.5
 # Fields whose default is None ("not set"), with the type a command-line override gives them.
 _OPTIONAL_FIELDS = {"data_dir": str, "pad_to": int, "eval_split": str}
 
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
-    """The data fields with their defaults (see the module docstring), updated with ``overrides``."""
+    """The data fields with their defaults (see the module docstring), updated with
+    ``overrides``."""
     fields: dict[str, Any] = dict(
         name="synthetic", data_dir=None, image_size=256, pad_to=None, rgb=True,
         train_split="train", eval_split=None,
@@ -91,8 +102,15 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
 def complete_config(data_cfg) -> ml_collections.ConfigDict:
     cfg = default_data_config(**dict(data_cfg.items()))
     require(cfg.image_size > 0, "data.image_size", cfg.image_size, "must be positive")
-    require(cfg.train_crop in TRAIN_CROPS, "data.train_crop", cfg.train_crop, f"must be one of {TRAIN_CROPS}")
-    require(cfg.eval_crop in EVAL_CROPS, "data.eval_crop", cfg.eval_crop, f"must be one of {EVAL_CROPS}")
+    require(
+        cfg.train_crop in TRAIN_CROPS,
+        "data.train_crop",
+        cfg.train_crop,
+        f"must be one of {TRAIN_CROPS}",
+    )
+    require(
+        cfg.eval_crop in EVAL_CROPS, "data.eval_crop", cfg.eval_crop, f"must be one of {EVAL_CROPS}"
+    )
     require(0 < cfg.min_crop_frac <= cfg.max_crop_frac <= 1, "data.min_crop_frac/max_crop_frac",
             (cfg.min_crop_frac, cfg.max_crop_frac), "need 0 < min_crop_frac <= max_crop_frac <= 1")
     require(cfg.ten_crop_scale >= 1, "data.ten_crop_scale", cfg.ten_crop_scale, "must be >= 1")
@@ -100,7 +118,8 @@ def complete_config(data_cfg) -> ml_collections.ConfigDict:
 
 
 class SkipCounter:
-    """Counts (thread-safely) and logs the images the pipeline skipped because they could not be decoded."""
+    """Counts (thread-safely) and logs the images the pipeline skipped because they could not be
+    decoded."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -156,7 +175,9 @@ class TrainTransform(grain.transforms.RandomMap):
         if error is not None:
             return error
         if self.crop == "adm_random":
-            arr = transforms.random_crop_arr(pil, self.image_size, rng, self.min_crop_frac, self.max_crop_frac)
+            arr = transforms.random_crop_arr(
+                pil, self.image_size, rng, self.min_crop_frac, self.max_crop_frac
+            )
         else:
             arr = transforms.center_crop_arr(pil, self.image_size)
         if self.flip:
@@ -183,7 +204,8 @@ class EvalTransform(grain.transforms.Map):
 
 @dataclasses.dataclass
 class AttachIndex(grain.transforms.MapWithIndex):
-    """Adds the record's position in the source; MapDataset indices past the end wrap around (repeat)."""
+    """Adds the record's position in the source; MapDataset indices past the end wrap around
+    (repeat)."""
     num_examples: int
 
     def map_with_index(self, index: int, record: dict) -> dict:
@@ -208,10 +230,13 @@ def _per_process_batch(batch_size: int, process_count: int) -> int:
 def finish_dataset(map_ds: grain.MapDataset, batch_size: int, cfg, counter: SkipCounter,
             drop_remainder: bool = True) -> grain.IterDataset:
     """Threads (+ worker processes) -> drop corrupt records in this process -> batch."""
-    ds = map_ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+    ds = map_ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    )
     if cfg.num_workers > 0:
         from absl import flags
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
+        # grain's workers read absl flags; outside an absl app use their defaults
+        if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     ds = ds.filter(DropCorrupt(counter)).batch(batch_size, drop_remainder=drop_remainder)
@@ -221,16 +246,36 @@ def finish_dataset(map_ds: grain.MapDataset, batch_size: int, cfg, counter: Skip
 
 def train_dataset(source, cfg, batch_size: int, seed: int, process_index: int, process_count: int,
                   counter: SkipCounter) -> grain.IterDataset:
-    """The training pipeline over ``source`` with per-process batch ``batch_size`` (see the module docstring)."""
-    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source))).seed(seed).shuffle().repeat()
-    # Augment before slicing so each element's RNG depends on its global position, not on the process.
-    ds = ds.random_map(TrainTransform(cfg.image_size, cfg.train_crop, cfg.flip, cfg.min_crop_frac, cfg.max_crop_frac))
+    """The training pipeline over ``source`` with per-process batch ``batch_size`` (see the module
+    docstring)."""
+    ds = (
+        grain.MapDataset.source(source)
+        .map_with_index(AttachIndex(len(source)))
+        .seed(seed)
+        .shuffle()
+        .repeat()
+    )
+    # Augment before slicing so each element's RNG depends on its global position, not on the
+    # process.
+    ds = ds.random_map(
+        TrainTransform(
+            cfg.image_size, cfg.train_crop, cfg.flip, cfg.min_crop_frac, cfg.max_crop_frac
+        )
+    )
     return finish_dataset(ds[process_index::process_count], batch_size, cfg, counter)
 
 
-def eval_dataset(source, cfg, batch_size: int, process_index: int, process_count: int, counter: SkipCounter,
-                 drop_remainder: bool = True) -> grain.IterDataset:
-    """One ordered pass over ``source``; every process gets ``len(source) // process_count`` images."""
+def eval_dataset(
+    source,
+    cfg,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    counter: SkipCounter,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """One ordered pass over ``source``; every process gets ``len(source) // process_count``
+    images."""
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source)))
     ds = ds[:len(ds) // process_count * process_count][process_index::process_count]
     ds = ds.map(EvalTransform(cfg.image_size, cfg.eval_crop, cfg.ten_crop_scale))
@@ -240,7 +285,8 @@ def eval_dataset(source, cfg, batch_size: int, process_index: int, process_count
 @dataclasses.dataclass
 class DataStream:
     """A per-process batch iterator plus what the trainer needs to know about the data."""
-    iterator: grain.DatasetIterator  # checkpointable: get_state/set_state, grain.checkpoint.CheckpointSave
+    # checkpointable: get_state/set_state, grain.checkpoint.CheckpointSave
+    iterator: grain.DatasetIterator
     class_names: list[str]
     num_examples: int  # images in the split (all processes; before skipping corrupt ones)
     batch_size: int  # per process
@@ -257,13 +303,15 @@ class DataStream:
         return next(self.iterator)
 
     def close(self) -> None:
-        """Stops read-ahead threads and worker processes (otherwise they are torn down noisily at exit)."""
+        """Stops read-ahead threads and worker processes (otherwise they are torn down noisily at
+        exit)."""
         self.iterator.close()
 
 
 def make_train_iter(data_cfg, batch_size: int, seed: int, process_index: int | None = None,
                     process_count: int | None = None) -> DataStream:
-    """Endless shuffled, augmented training batches of ``batch_size // process_count`` images for this process."""
+    """Endless shuffled, augmented training batches of ``batch_size // process_count`` images for
+    this process."""
     cfg = complete_config(data_cfg)
     process_index, process_count = _process_slot(process_index, process_count)
     local_batch = _per_process_batch(batch_size, process_count)
@@ -273,15 +321,22 @@ def make_train_iter(data_cfg, batch_size: int, seed: int, process_index: int | N
     return DataStream(iter(ds), class_names, len(source), local_batch, counter)
 
 
-def make_eval_iter(data_cfg, batch_size: int, process_index: int | None = None, process_count: int | None = None,
-                   drop_remainder: bool = True) -> DataStream:
-    """One ordered pass of centre-cropped (or ten-cropped) batches; ``drop_remainder=False`` keeps a short last
-    batch (the same size on every process)."""
+def make_eval_iter(
+    data_cfg,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+) -> DataStream:
+    """One ordered pass of centre-cropped (or ten-cropped) batches; ``drop_remainder=False`` keeps a
+    short last batch (the same size on every process)."""
     cfg = complete_config(data_cfg)
     process_index, process_count = _process_slot(process_index, process_count)
     local_batch = _per_process_batch(batch_size, process_count)
     split = cfg.eval_split or DEFAULT_EVAL_SPLIT[cfg.name]
     source, class_names = open_source(cfg, split)
     counter = SkipCounter()
-    ds = eval_dataset(source, cfg, local_batch, process_index, process_count, counter, drop_remainder)
+    ds = eval_dataset(
+        source, cfg, local_batch, process_index, process_count, counter, drop_remainder
+    )
     return DataStream(iter(ds), class_names, len(source), local_batch, counter)

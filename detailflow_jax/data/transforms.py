@@ -1,11 +1,13 @@
-"""Per-image transforms of the official pipelines (docs/model.md#data-transforms), on PIL images and uint8
-numpy arrays.
+"""Per-image transforms of the official pipelines (docs/model.md#data-transforms), on PIL images and
+uint8 numpy arrays.
 
-* ``random_crop_arr`` / ``center_crop_arr``: the ADM (guided-diffusion ``image_datasets.py``) crops, step for step:
-  BOX halving while the short side is at least twice the target, BICUBIC resize of the short side, then a crop.
-  The official code draws with Python's ``random``; we draw from the ``np.random.Generator`` grain hands to each
-  element, so the distribution is the same and the draw is deterministic per (seed, epoch, index).
-* ``ten_crop``: torchvision ``TenCrop`` (4 corners + centre of the image, then the same of its mirror image).
+* ``random_crop_arr`` / ``center_crop_arr``: the ADM (guided-diffusion ``image_datasets.py``) crops,
+  step for step: BOX halving while the short side is at least twice the target, BICUBIC resize of
+  the short side, then a crop. The official code draws with Python's ``random``; we draw from the
+  ``np.random.Generator`` grain hands to each element, so the distribution is the same and the draw
+  is deterministic per (seed, epoch, index).
+* ``ten_crop``: torchvision ``TenCrop`` (4 corners + centre of the image, then the same of its
+  mirror image).
 * ``to_float``: ``ToTensor`` + ``Normalize(0.5, 0.5)``, i.e. uint8 -> float32 in [-1, 1], kept NHWC.
 """
 
@@ -22,13 +24,16 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def decode_image(image: bytes | np.ndarray) -> Image.Image:
-    """Encoded bytes (JPEG/PNG/...) -> a fully loaded RGB PIL image; a uint8 (H, W, 1|3) array -> "L"/"RGB" image.
+    """Encoded bytes (JPEG/PNG/...) -> a fully loaded RGB PIL image; a uint8 (H, W, 1|3) array ->
+    "L"/"RGB" image.
 
     Raises one of ``DECODE_ERRORS`` for corrupt data; the caller decides to skip and count.
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-            raise ValueError(f"expected a uint8 (H, W, 1|3) image array, got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"expected a uint8 (H, W, 1|3) image array, got {image.dtype} {image.shape}"
+            )
         return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     pil = Image.open(io.BytesIO(image))
     pil.load()  # decode now, so a truncated file fails here and not inside a crop
@@ -45,13 +50,16 @@ def _box_halve(pil_image: Image.Image, target_short_side: int) -> Image.Image:
 def _resize_short_side(pil_image: Image.Image, short_side: int) -> np.ndarray:
     pil_image = _box_halve(pil_image, short_side)
     scale = short_side / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    pil_image = pil_image.resize(
+        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
+    )
     arr = np.asarray(pil_image)
     return arr[..., None] if arr.ndim == 2 else arr  # gray images keep a channel axis
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM ``center_crop_arr``: short side -> ``image_size``, then the central square (floor offsets)."""
+    """ADM ``center_crop_arr``: short side -> ``image_size``, then the central square (floor
+    offsets)."""
     arr = _resize_short_side(pil_image, image_size)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
@@ -60,7 +68,8 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Generator,
                     min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> np.ndarray:
-    """ADM ``random_crop_arr``: short side ~ U{ceil(s/max_frac) .. ceil(s/min_frac)}, then a uniform random crop."""
+    """ADM ``random_crop_arr``: short side ~ U{ceil(s/max_frac) .. ceil(s/min_frac)}, then a uniform
+    random crop."""
     smallest = math.ceil(image_size / max_crop_frac)
     largest = math.ceil(image_size / min_crop_frac)
     arr = _resize_short_side(pil_image, int(rng.integers(smallest, largest + 1)))
@@ -86,7 +95,8 @@ def five_crop(arr: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def ten_crop(arr: np.ndarray, size: int) -> np.ndarray:
-    """torchvision ``TenCrop(size)``: five crops of the image, then five of its mirror image -> (10, size, size, C)."""
+    """torchvision ``TenCrop(size)``: five crops of the image, then five of its mirror image -> (10,
+    size, size, C)."""
     return np.stack(five_crop(arr, size) + five_crop(arr[:, ::-1], size))
 
 

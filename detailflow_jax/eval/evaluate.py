@@ -1,5 +1,5 @@
-r"""Generation evaluation: sample K images, pack them as an ADM ``.npz`` and score them (IS, FID, sFID, precision,
-recall) against an ADM reference batch, in one resumable run.
+r"""Generation evaluation: sample K images, pack them as an ADM ``.npz`` and score them (IS, FID,
+sFID, precision, recall) against an ADM reference batch, in one resumable run.
 
     python -m detailflow_jax.eval.evaluate --gpt workdir/ar --inception INCEPTION \
         --reference VIRTUAL_imagenet256_labeled.npz --out DIR [--num_samples 50000] [--labels random|per_class] \
@@ -8,28 +8,31 @@ recall) against an ADM reference batch, in one resumable run.
         --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 --inception INCEPTION \
         --reference VIRTUAL_imagenet256_labeled.npz --out DIR --cfg_scale 1.45
 
-``--gpt`` / ``--tokenizer`` take training work directories or converted parameter directories, loaded as
-``eval/sample.py`` does (``load_generator``; sampling settings default to the GPT config's ``sampling`` section).
-``INCEPTION`` is the orbax directory of ``python -m detailflow_jax.convert.inception`` or the pytorch-fid ``.pth``.
+``--gpt`` / ``--tokenizer`` take training work directories or converted parameter directories,
+loaded as ``eval/sample.py`` does (``load_generator``; sampling settings default to the GPT config's
+``sampling`` section). ``INCEPTION`` is the orbax directory of ``python -m
+detailflow_jax.convert.inception`` or the pytorch-fid ``.pth``.
 
 Labels: ``random`` draws K labels uniformly (the official DetailFlow/LlamaGen protocol,
-docs/fidelity.md#evaluation); ``per_class`` gives every class K / num_classes samples (VAR, MAR, TiTok; 50 per class
-at K = 50,000), interleaved (0, 1, ..., 999, 0, 1, ...) so that each Inception-Score split of 5,000 sees every class
-equally often.
+docs/fidelity.md#evaluation); ``per_class`` gives every class K / num_classes samples (VAR, MAR,
+TiTok; 50 per class at K = 50,000), interleaved (0, 1, ..., 999, 0, 1, ...) so that each
+Inception-Score split of 5,000 sees every class equally often.
 
-Resumable: images are generated in chunks of ``--chunk_size``; each finished chunk is written atomically to
-``DIR/chunks/chunk_{i:05d}.npz`` (images + labels). Rerunning the command skips finished chunks. The label list comes
-from the seed alone and chunk i samples with ``fold_in(key(seed), i)`` (batch j inside it with a further
-``fold_in(., j)``), so a resumed run writes exactly the images of an uninterrupted one. Generation settings are
-recorded in ``DIR/settings.json``; a rerun with different ones is refused rather than mixing two sample sets.
+Resumable: images are generated in chunks of ``--chunk_size``; each finished chunk is written
+atomically to ``DIR/chunks/chunk_{i:05d}.npz`` (images + labels). Rerunning the command skips
+finished chunks. The label list comes from the seed alone and chunk i samples with
+``fold_in(key(seed), i)`` (batch j inside it with a further ``fold_in(., j)``), so a resumed run
+writes exactly the images of an uninterrupted one. Generation settings are recorded in
+``DIR/settings.json``; a rerun with different ones is refused rather than mixing two sample sets.
 
-Outputs: ``DIR/samples_<K>.npz`` (``arr_0``: uint8 (K, R, R, 3), the ADM evaluator's input; ``labels``: (K,)) and
-``DIR/results.json`` (settings, metrics, throughput). Several processes (``jax.distributed``) each feed their devices'
-share of every batch; process 0 writes chunks and computes the metrics on its local devices.
+Outputs: ``DIR/samples_<K>.npz`` (``arr_0``: uint8 (K, R, R, 3), the ADM evaluator's input;
+``labels``: (K,)) and ``DIR/results.json`` (settings, metrics, throughput). Several processes
+(``jax.distributed``) each feed their devices' share of every batch; process 0 writes chunks and
+computes the metrics on its local devices.
 
-The numbers use our JAX port of the FID Inception with the ADM preprocessing; publish numbers from the TF ADM
-evaluator run on ``samples_<K>.npz`` (docs/recipes.md#reproducing-the-tables).
-"""
+The numbers use our JAX port of the FID Inception with the ADM preprocessing; publish numbers from
+the TF ADM evaluator run on ``samples_<K>.npz`` (docs/recipes.md#reproducing-the-tables).
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -61,11 +64,14 @@ GenerateFn = Callable[[np.ndarray, jax.Array], np.ndarray]
 def make_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
     """The run's full label list; depends only on its arguments.
 
-    ``per_class``: class c at positions c, c + C, c + 2C, ... (exactly K / C each when C divides K, otherwise the
-    counts differ by at most one). ``random``: uniform i.i.d. draws seeded by ``seed``.
+    ``per_class``: class c at positions c, c + C, c + 2C, ... (exactly K / C each when C divides K,
+    otherwise the counts differ by at most one). ``random``: uniform i.i.d. draws seeded by
+    ``seed``.
     """
     if num_samples < 1 or num_classes < 1:
-        raise ValueError(f"need num_samples >= 1 and num_classes >= 1, got {num_samples} and {num_classes}")
+        raise ValueError(
+            f"need num_samples >= 1 and num_classes >= 1, got {num_samples} and {num_classes}"
+        )
     if mode == "per_class":
         return (np.arange(num_samples) % num_classes).astype(np.int32)
     if mode == "random":
@@ -75,7 +81,8 @@ def make_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np.
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
-    """How the K samples split into chunks (the unit of resumption) and batches (the unit of generation)."""
+    """How the K samples split into chunks (the unit of resumption) and batches (the unit of
+    generation)."""
 
     num_samples: int
     chunk_size: int
@@ -84,8 +91,10 @@ class ChunkPlan:
 
     def __post_init__(self):
         if self.batch_size < 1 or self.chunk_size < 1 or self.chunk_size % self.batch_size:
-            raise ValueError(f"chunk_size={self.chunk_size} must be a positive multiple of batch_size="
-                             f"{self.batch_size}")
+            raise ValueError(
+                f"chunk_size={self.chunk_size} must be a positive multiple of batch_size="
+                f"{self.batch_size}"
+            )
 
     @property
     def num_chunks(self) -> int:
@@ -109,8 +118,8 @@ def _atomic_savez(path: epath.Path, **arrays) -> None:
 
 
 def _chunk_is_done(path: str, labels: np.ndarray) -> bool:
-    """A chunk counts as done when its file holds exactly the expected labels (else it is regenerated). Chunks are
-    written whole and atomically, so the images need not be read here."""
+    """A chunk counts as done when its file holds exactly the expected labels (else it is
+    regenerated). Chunks are written whole and atomically, so the images need not be read here."""
     if not path.exists():
         return False
     try:
@@ -120,7 +129,8 @@ def _chunk_is_done(path: str, labels: np.ndarray) -> bool:
 
 
 def _same_on_all_processes(marks: np.ndarray) -> np.ndarray:
-    """Process 0's view (it owns DIR) for everybody, so all processes run the same collective batches."""
+    """Process 0's view (it owns DIR) for everybody, so all processes run the same collective
+    batches."""
     if jax.process_count() == 1:
         return marks
     from jax.experimental import multihost_utils
@@ -129,9 +139,11 @@ def _same_on_all_processes(marks: np.ndarray) -> np.ndarray:
 
 def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, out_dir: str,
                     stop_after_chunks: int | None = None) -> dict:
-    """Generates every missing chunk; returns {"generated": images made now, "seconds": wall time, "complete"}.
+    """Generates every missing chunk; returns {"generated": images made now, "seconds": wall time,
+    "complete"}.
 
-    ``stop_after_chunks`` stops after that many newly generated chunks, as an interruption would (for tests).
+    ``stop_after_chunks`` stops after that many newly generated chunks, as an interruption would
+    (for tests).
     """
     (storage.prepare_dir(out_dir) / "chunks").mkdir(exist_ok=True)
     expected = [labels[slice(*plan.bounds(i))] for i in range(plan.num_chunks)]
@@ -139,8 +151,14 @@ def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, o
                                             for i in range(plan.num_chunks)]))
     initial = sum(len(expected[i]) for i in range(plan.num_chunks) if done[i])
     main = distributed.is_main_process()
-    bar = tqdm(total=plan.num_samples, initial=initial, desc="sampling", unit="img", disable=not main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.num_samples,
+        initial=initial,
+        desc="sampling",
+        unit="img",
+        disable=not main,
+        dynamic_ncols=True,
+    )
     generated, new_chunks, stopped, start_time = 0, 0, False, time.perf_counter()
     for chunk in range(plan.num_chunks):
         if done[chunk]:
@@ -158,12 +176,20 @@ def generate_chunks(generate: GenerateFn, plan: ChunkPlan, labels: np.ndarray, o
             images.append(np.asarray(generate(padded, plan.key(chunk, b)))[:n])
             generated += n
             bar.update(n)
-            bar.set_postfix(images_per_s=f"{generated / (time.perf_counter() - start_time):.2f}", refresh=False)
+            bar.set_postfix(
+                images_per_s=f"{generated / (time.perf_counter() - start_time):.2f}", refresh=False
+            )
         if main:
-            _atomic_savez(chunk_path(out_dir, chunk), images=np.concatenate(images), labels=chunk_labels)
+            _atomic_savez(
+                chunk_path(out_dir, chunk), images=np.concatenate(images), labels=chunk_labels
+            )
         new_chunks += 1
     bar.close()
-    return {"generated": generated, "seconds": time.perf_counter() - start_time, "complete": not stopped}
+    return {
+        "generated": generated,
+        "seconds": time.perf_counter() - start_time,
+        "complete": not stopped,
+    }
 
 
 def iter_chunk_images(out_dir: str, plan: ChunkPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -174,23 +200,32 @@ def iter_chunk_images(out_dir: str, plan: ChunkPlan) -> Iterator[tuple[np.ndarra
 
 
 def _write_npy_header(f, shape: tuple[int, ...], dtype) -> None:
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": shape,
+    }
     np.lib.format.write_array_header_1_0(f, header)
 
 
 def write_adm_npz(path: str, out_dir: str, plan: ChunkPlan) -> tuple[int, ...]:
-    """Packs the chunks into one ADM-format npz (``arr_0`` uint8 (K, R, R, 3), ``labels`` (K,)), streamed chunk by
-    chunk (50k images at 256 px are 9.8 GB) and written atomically. Returns the shape of ``arr_0``."""
+    """Packs the chunks into one ADM-format npz (``arr_0`` uint8 (K, R, R, 3), ``labels`` (K,)),
+    streamed chunk by chunk (50k images at 256 px are 9.8 GB) and written atomically. Returns the
+    shape of ``arr_0``."""
     image_shape = storage.load_npz(chunk_path(out_dir, 0))["images"].shape[1:]
     shape = (plan.num_samples, *image_shape)
     labels = []
     with storage.written_whole(path) as tmp, tmp.open("wb") as out, \
             zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:  # zip64: the size is unknown up front
+        # zip64: the size is unknown up front
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             _write_npy_header(f, shape, np.uint8)
             for images, chunk_labels in iter_chunk_images(out_dir, plan):
                 if images.shape[1:] != image_shape or images.dtype != np.uint8:
-                    raise ValueError(f"chunk images {images.dtype} {images.shape} differ from {image_shape} uint8")
+                    raise ValueError(
+                        f"chunk images {images.dtype} {images.shape} differ from {image_shape} "
+                        "uint8"
+                    )
                 f.write(np.ascontiguousarray(images).tobytes())
                 labels.append(chunk_labels)
         with zf.open("labels.npy", "w") as f:
@@ -203,35 +238,68 @@ class ResumeError(ValueError):
 
 
 # Settings that decide which images are generated: a resumed run must match them exactly.
-GENERATION_KEYS = ("tokenizer", "gpt", "ema", "dtype", "num_samples", "label_mode", "num_classes", "seed",
-                   "batch_size", "chunk_size", "cfg_scale", "cfg_schedule", "cfg_interval", "top_k", "top_p",
-                   "temperature")
+GENERATION_KEYS = (
+    "tokenizer",
+    "gpt",
+    "ema",
+    "dtype",
+    "num_samples",
+    "label_mode",
+    "num_classes",
+    "seed",
+    "batch_size",
+    "chunk_size",
+    "cfg_scale",
+    "cfg_schedule",
+    "cfg_interval",
+    "top_k",
+    "top_p",
+    "temperature",
+)
 
 
 def check_settings(out_dir: str, settings: dict) -> None:
-    """Writes DIR/settings.json on the first run; refuses to resume when a generation setting changed."""
+    """Writes DIR/settings.json on the first run; refuses to resume when a generation setting
+    changed."""
     path = storage.path(out_dir) / "settings.json"
     if path.exists():
         previous = storage.read_json(path)
-        changed = {k: (previous.get(k), settings.get(k)) for k in GENERATION_KEYS if previous.get(k) != settings.get(k)}
+        changed = {
+            k: (previous.get(k), settings.get(k))
+            for k in GENERATION_KEYS
+            if previous.get(k) != settings.get(k)
+        }
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ResumeError(f"{out_dir} holds samples generated with other settings ({details}); use another --out "
-                             "or delete its chunks/ and settings.json to start over")
+            raise ResumeError(
+                f"{out_dir} holds samples generated with other settings ({details}); use another "
+                "--out "
+                "or delete its chunks/ and settings.json to start over"
+            )
     elif distributed.is_main_process():
         storage.prepare_dir(out_dir)
         storage.write_json(path, {k: settings[k] for k in GENERATION_KEYS})
 
 
-def run_evaluation(generate: GenerateFn, extractor: Callable | None, settings: dict, out_dir: str,
-                   stop_after_chunks: int | None = None, log: Callable[[str], None] = print) -> dict | None:
-    """Generates (or resumes) the samples, writes the ADM npz and ``results.json``; returns the results (None when
-    stopped early, and on processes other than 0). ``settings`` holds the GENERATION_KEYS plus ``reference`` and
-    ``inception_batch_size`` (and anything else worth recording). Without an ``extractor`` only the npz is written
-    (e.g. for the TF ADM evaluator)."""
+def run_evaluation(
+    generate: GenerateFn,
+    extractor: Callable | None,
+    settings: dict,
+    out_dir: str,
+    stop_after_chunks: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict | None:
+    """Generates (or resumes) the samples, writes the ADM npz and ``results.json``; returns the
+    results (None when stopped early, and on processes other than 0). ``settings`` holds the
+    GENERATION_KEYS plus ``reference`` and ``inception_batch_size`` (and anything else worth
+    recording). Without an ``extractor`` only the npz is written (e.g. for the TF ADM evaluator)."""
     check_settings(out_dir, settings)
-    plan = ChunkPlan(settings["num_samples"], settings["chunk_size"], settings["batch_size"], settings["seed"])
-    labels = make_labels(settings["num_samples"], settings["num_classes"], settings["label_mode"], settings["seed"])
+    plan = ChunkPlan(
+        settings["num_samples"], settings["chunk_size"], settings["batch_size"], settings["seed"]
+    )
+    labels = make_labels(
+        settings["num_samples"], settings["num_classes"], settings["label_mode"], settings["seed"]
+    )
     gen = generate_chunks(generate, plan, labels, out_dir, stop_after_chunks)
     if not gen["complete"]:
         log(f"stopped after {stop_after_chunks} new chunk(s); rerun the same command to continue")
@@ -242,18 +310,36 @@ def run_evaluation(generate: GenerateFn, extractor: Callable | None, settings: d
 
     npz_path = os.fspath(storage.path(out_dir) / f"samples_{plan.num_samples}.npz")
     shape = write_adm_npz(npz_path, out_dir, plan)
-    results = {"settings": settings, "samples_npz": npz_path, "samples_shape": list(shape), "metrics": None,
-               "throughput": {  # wall clock including compilation; sampling counts only the chunks made by this run
-                   "sampled_this_run": gen["generated"],
-                   "sampling_images_per_s": gen["generated"] / gen["seconds"] if gen["generated"] else None}}
+    results = {
+        "settings": settings,
+        "samples_npz": npz_path,
+        "samples_shape": list(shape),
+        "metrics": None,
+        # wall clock including compilation; sampling counts only the chunks made by this run
+        "throughput": {
+            "sampled_this_run": gen["generated"],
+            "sampling_images_per_s": gen["generated"] / gen["seconds"]
+            if gen["generated"]
+            else None,
+        },
+    }
     if extractor is not None:
         batch = settings["inception_batch_size"]
         timings: dict = {}
         start = time.perf_counter()
-        results["metrics"] = evaluate_samples(iter_images(npz_path, batch), extractor, settings["reference"], batch,
-                                              total=plan.num_samples, log=log, timings=timings)
-        results["throughput"].update(inception_images_per_s=plan.num_samples / timings["samples_seconds"],
-                                     metrics_seconds=time.perf_counter() - start)
+        results["metrics"] = evaluate_samples(
+            iter_images(npz_path, batch),
+            extractor,
+            settings["reference"],
+            batch,
+            total=plan.num_samples,
+            log=log,
+            timings=timings,
+        )
+        results["throughput"].update(
+            inception_images_per_s=plan.num_samples / timings["samples_seconds"],
+            metrics_seconds=time.perf_counter() - start,
+        )
     storage.write_json(storage.path(out_dir) / "results.json", results)
     log(format_results(results))
     if jax.process_count() > 1:
@@ -262,7 +348,8 @@ def run_evaluation(generate: GenerateFn, extractor: Callable | None, settings: d
 
 
 def _wait_for_main() -> None:
-    """Keeps the other processes alive until process 0 has computed the metrics on its own devices."""
+    """Keeps the other processes alive until process 0 has computed the metrics on its own
+    devices."""
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("detailflow_jax.eval.evaluate: metrics done")
 
@@ -273,13 +360,19 @@ def format_results(results: dict) -> str:
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"
 
-    mode = "uniform random, the official DetailFlow protocol" if s["label_mode"] == "random" else "balanced per class"
+    mode = (
+        "uniform random, the official DetailFlow protocol"
+        if s["label_mode"] == "random"
+        else "balanced per class"
+    )
     lines = [
-        f"{s['num_samples']} samples -> {results['samples_npz']}; labels: {s['label_mode']} ({mode}); "
+        f"{s['num_samples']} samples -> {results['samples_npz']}; labels: {s['label_mode']} ({mode}"
+        "); "
         f"CFG {s['cfg_scale']} ({s['cfg_schedule']}), top-k {s['top_k']}, top-p {s['top_p']}, "
         f"temperature {s['temperature']}, seed {s['seed']}",
-        "metrics skipped (--no_metrics)" if m is None else
-        f"IS {fmt(m['inception_score'])}  FID {fmt(m['fid'])}  sFID {fmt(m['sfid'])}  "
+        "metrics skipped (--no_metrics)"
+        if m is None
+        else f"IS {fmt(m['inception_score'])}  FID {fmt(m['fid'])}  sFID {fmt(m['sfid'])}  "
         f"precision {fmt(m['precision'])}  recall {fmt(m['recall'])}",
     ]
     if t["sampling_images_per_s"]:
@@ -334,19 +427,43 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
-    generator, _ = load_generator(args.gpt, mesh, args.tokenizer, args.gpt_config, args.tokenizer_config,
-                                  not args.no_ema, args.dtype, **cli_flags.sampling_overrides(args))
+    generator, _ = load_generator(
+        args.gpt,
+        mesh,
+        args.tokenizer,
+        args.gpt_config,
+        args.tokenizer_config,
+        not args.no_ema,
+        args.dtype,
+        **cli_flags.sampling_overrides(args),
+    )
     batch_size = sharding.round_up(args.batch_size, generator.data_parallelism)
     chunk_size = sharding.round_up(args.chunk_size or 1000, batch_size)
-    sampling = {k: getattr(generator.settings, k) for k in ("cfg_scale", "cfg_schedule", "cfg_interval", "top_k",
-                                                           "top_p", "temperature")}
+    sampling = {
+        k: getattr(generator.settings, k)
+        for k in ("cfg_scale", "cfg_schedule", "cfg_interval", "top_k", "top_p", "temperature")
+    }
     settings = dict(
-        tokenizer=args.tokenizer or "(the GPT work directory's)", tokenizer_config=args.tokenizer_config,
-        gpt=args.gpt, gpt_config=args.gpt_config, ema=not args.no_ema, dtype=args.dtype,
-        num_samples=args.num_samples, label_mode=args.labels, num_classes=generator.gpt_cfg.num_classes,
-        seed=args.seed, batch_size=batch_size, chunk_size=chunk_size, **sampling,
-        inception=args.inception, preprocess=args.preprocess, reference=args.reference,
-        inception_batch_size=args.inception_batch_size, devices=jax.device_count(), processes=jax.process_count())
+        tokenizer=args.tokenizer or "(the GPT work directory's)",
+        tokenizer_config=args.tokenizer_config,
+        gpt=args.gpt,
+        gpt_config=args.gpt_config,
+        ema=not args.no_ema,
+        dtype=args.dtype,
+        num_samples=args.num_samples,
+        label_mode=args.labels,
+        num_classes=generator.gpt_cfg.num_classes,
+        seed=args.seed,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        **sampling,
+        inception=args.inception,
+        preprocess=args.preprocess,
+        reference=args.reference,
+        inception_batch_size=args.inception_batch_size,
+        devices=jax.device_count(),
+        processes=jax.process_count(),
+    )
     check_settings(args.out, settings)  # before loading the Inception: a refused resume fails fast
     with_metrics = not args.no_metrics and distributed.is_main_process()
     extractor = inception_extractor(args.inception, args.preprocess) if with_metrics else None

@@ -1,9 +1,11 @@
-"""Generation metrics of one sample set against an ADM reference batch: IS, FID, sFID, precision and recall.
+"""Generation metrics of one sample set against an ADM reference batch: IS, FID, sFID, precision and
+recall.
 
-Built from the streaming pieces of ``metrics`` and ``reference_stats``: the samples' Inception features are reduced
-batch by batch (``collect_features``); only the pool features needed for precision/recall are kept. The reference
-side is an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``): ``mu``/``sigma`` and ``mu_s``/``sigma_s`` for
-FID/sFID, and the ``arr_0`` images (streamed, never loaded whole) for precision/recall.
+Built from the streaming pieces of ``metrics`` and ``reference_stats``: the samples' Inception
+features are reduced batch by batch (``collect_features``); only the pool features needed for
+precision/recall are kept. The reference side is an ADM reference batch
+(``VIRTUAL_imagenet256_labeled.npz``): ``mu``/``sigma`` and ``mu_s``/``sigma_s`` for FID/sFID, and
+the ``arr_0`` images (streamed, never loaded whole) for precision/recall.
 """
 
 from __future__ import annotations
@@ -17,23 +19,38 @@ import numpy as np
 
 from detailflow_jax import storage
 from detailflow_jax.eval.metrics import RunningStats, frechet_distance, precision_recall
-from detailflow_jax.eval.reference_stats import (FeatureSummary, ReferenceBatch, collect_features, count_images,
-                                                 iter_images, load_reference_batch)
+from detailflow_jax.eval.reference_stats import (
+    FeatureSummary,
+    ReferenceBatch,
+    collect_features,
+    count_images,
+    iter_images,
+    load_reference_batch,
+)
 
 PR_NEIGHBOURS = 3  # ADM's ManifoldEstimator nhood_sizes=(3,)
 
 
 def reference_has_images(path: str | os.PathLike) -> bool:
-    """Whether an ADM reference npz stores ``arr_0`` images (needed for precision/recall); reads only the index."""
+    """Whether an ADM reference npz stores ``arr_0`` images (needed for precision/recall); reads
+    only the index."""
     with storage.path(path).open("rb") as raw, zipfile.ZipFile(raw) as zf:
         return "arr_0.npy" in zf.namelist()
 
 
-def reference_pool_features(path: str | os.PathLike, extractor: Callable, batch_size: int) -> np.ndarray:
+def reference_pool_features(
+    path: str | os.PathLike, extractor: Callable, batch_size: int
+) -> np.ndarray:
     """Pool features (N, 2048) of the reference batch's ``arr_0`` images, streamed from the npz."""
     path = os.fspath(path)
-    summary = collect_features(iter_images(path, batch_size), extractor, batch_size, keep_pool_features=True,
-                               total=count_images(path), desc="reference images (precision/recall)")
+    summary = collect_features(
+        iter_images(path, batch_size),
+        extractor,
+        batch_size,
+        keep_pool_features=True,
+        total=count_images(path),
+        desc="reference images (precision/recall)",
+    )
     return summary.pool_features
 
 
@@ -44,19 +61,27 @@ def fid_between(a: RunningStats, b: RunningStats) -> float:
 
 def evaluate_features(samples: FeatureSummary, reference: ReferenceBatch,
                       reference_pool: np.ndarray | None = None) -> dict:
-    """{inception_score, fid, sfid, precision, recall, num_samples} of streamed sample features vs a reference.
+    """{inception_score, fid, sfid, precision, recall, num_samples} of streamed sample features vs a
+    reference.
 
-    ``reference_pool`` are the reference images' pool features; without them precision and recall are None. With
-    them, ``samples.pool_features`` must have been kept (``collect_features(keep_pool_features=True)``).
+    ``reference_pool`` are the reference images' pool features; without them precision and recall
+    are None. With them, ``samples.pool_features`` must have been kept
+    (``collect_features(keep_pool_features=True)``).
     """
     if samples.pool.count < 2:
         raise ValueError(f"need at least 2 samples for FID, got {samples.pool.count}")
     out = {
         "num_samples": samples.pool.count,
         "inception_score": samples.inception_score.result(),
-        "fid": frechet_distance(samples.pool.mean(), samples.pool.cov(), reference.pool.mu, reference.pool.sigma),
-        "sfid": frechet_distance(samples.spatial.mean(), samples.spatial.cov(), reference.spatial.mu,
-                                 reference.spatial.sigma),
+        "fid": frechet_distance(
+            samples.pool.mean(), samples.pool.cov(), reference.pool.mu, reference.pool.sigma
+        ),
+        "sfid": frechet_distance(
+            samples.spatial.mean(),
+            samples.spatial.cov(),
+            reference.spatial.mu,
+            reference.spatial.sigma,
+        ),
         "precision": None,
         "recall": None,
     }
@@ -64,22 +89,38 @@ def evaluate_features(samples: FeatureSummary, reference: ReferenceBatch,
         if samples.pool_features is None:
             raise ValueError("precision/recall need the samples' pool features: collect them with "
                              "keep_pool_features=True")
-        out["precision"], out["recall"] = precision_recall(reference_pool, samples.pool_features, k=PR_NEIGHBOURS)
+        out["precision"], out["recall"] = precision_recall(
+            reference_pool, samples.pool_features, k=PR_NEIGHBOURS
+        )
     return out
 
 
-def evaluate_samples(batches: Iterable[np.ndarray], extractor: Callable, reference_path: str | os.PathLike,
-                     batch_size: int, total: int | None = None, log: Callable[[str], None] = print,
-                     timings: dict | None = None) -> dict:
-    """Streams uint8 sample batches through ``extractor`` and scores them against the ADM reference batch.
+def evaluate_samples(
+    batches: Iterable[np.ndarray],
+    extractor: Callable,
+    reference_path: str | os.PathLike,
+    batch_size: int,
+    total: int | None = None,
+    log: Callable[[str], None] = print,
+    timings: dict | None = None,
+) -> dict:
+    """Streams uint8 sample batches through ``extractor`` and scores them against the ADM reference
+    batch.
 
-    Precision/recall are skipped (None, with a printed note) when the reference npz has no ``arr_0`` images.
-    ``timings``, when given, receives ``samples_seconds`` (the samples' feature pass, including compilation).
+    Precision/recall are skipped (None, with a printed note) when the reference npz has no ``arr_0``
+    images. ``timings``, when given, receives ``samples_seconds`` (the samples' feature pass,
+    including compilation).
     """
     with_images = reference_has_images(reference_path)
     start = time.perf_counter()
-    samples = collect_features(batches, extractor, batch_size, keep_pool_features=with_images, total=total,
-                               desc="inception features (samples)")
+    samples = collect_features(
+        batches,
+        extractor,
+        batch_size,
+        keep_pool_features=with_images,
+        total=total,
+        desc="inception features (samples)",
+    )
     if timings is not None:
         timings["samples_seconds"] = time.perf_counter() - start
     reference = load_reference_batch(reference_path)

@@ -1,8 +1,9 @@
 """FID / sFID, Inception Score and k-NN precision/recall with the ADM evaluator's conventions.
 
-All statistics are streamed: ``RunningStats`` (mean/covariance) and ``InceptionScoreAccumulator`` take one batch of
-features at a time in float64, so 50k samples never need to sit in memory as a whole except for precision/recall,
-which needs the pool features themselves (50k x 2048 float32 = 400 MB) and computes distances block by block.
+All statistics are streamed: ``RunningStats`` (mean/covariance) and ``InceptionScoreAccumulator``
+take one batch of features at a time in float64, so 50k samples never need to sit in memory as a
+whole except for precision/recall, which needs the pool features themselves (50k x 2048 float32 =
+400 MB) and computes distances block by block.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import numpy as np
 
 
 class RunningStats:
-    """Streaming mean and unbiased covariance (as ``np.mean`` / ``np.cov(rowvar=False)``) in float64.
+    """Streaming mean and unbiased covariance (as ``np.mean`` / ``np.cov(rowvar=False)``) in
+    float64.
 
-    Sums are taken around a shift (the first batch's mean) so that ``sum(x x^T) - n mu mu^T`` does not cancel
-    catastrophically when the features' mean is large compared to their spread.
+    Sums are taken around a shift (the first batch's mean) so that ``sum(x x^T) - n mu mu^T`` does
+    not cancel catastrophically when the features' mean is large compared to their spread.
     """
 
     def __init__(self, dim: int):
@@ -32,7 +34,9 @@ class RunningStats:
         x = np.asarray(features, np.float64)
         x = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
         if x.shape[1] != self.dim:
-            raise ValueError(f"RunningStats({self.dim}) got features with {x.shape[1]} dims (shape {x.shape})")
+            raise ValueError(
+                f"RunningStats({self.dim}) got features with {x.shape[1]} dims (shape {x.shape})"
+            )
         if x.shape[0] == 0:
             return
         if self._shift is None:
@@ -62,15 +66,24 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
 
-    tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)): both square roots are of symmetric PSD matrices, so two
-    symmetric eigendecompositions replace scipy's ``sqrtm`` of the non-symmetric product (no complex parts, no
-    ``eps`` retry for singular covariances; negative round-off eigenvalues are clipped to 0).
+    tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)): both square roots are of symmetric PSD
+    matrices, so two symmetric eigendecompositions replace scipy's ``sqrtm`` of the non-symmetric
+    product (no complex parts, no ``eps`` retry for singular covariances; negative round-off
+    eigenvalues are clipped to 0).
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"incompatible statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                         f"{sigma2.shape}; both sides must come from the same feature (pool vs spatial)")
+        raise ValueError(
+            f"incompatible statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+            f"{sigma2.shape}; both sides must come from the same feature (pool vs spatial)"
+        )
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     middle = (middle + middle.T) / 2  # exact symmetry for eigvalsh
@@ -80,10 +93,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 class InceptionScoreAccumulator:
-    """Streaming Inception Score over consecutive splits of ``split_size`` samples (ADM: 5000, 10 splits at 50k).
+    """Streaming Inception Score over consecutive splits of ``split_size`` samples (ADM: 5000, 10
+    splits at 50k).
 
-    Per split it keeps sum_x p(y|x) and sum_x sum_y p log p, which is all that exp(E_x KL(p(y|x) || p(y))) needs.
-    Feed it ``logits_unbiased`` (pool @ fc.kernel, no bias), as the ADM evaluator does.
+    Per split it keeps sum_x p(y|x) and sum_x sum_y p log p, which is all that exp(E_x KL(p(y|x) ||
+    p(y))) needs. Feed it ``logits_unbiased`` (pool @ fc.kernel, no bias), as the ADM evaluator
+    does.
     """
 
     def __init__(self, split_size: int = 5000):
@@ -115,7 +130,9 @@ class InceptionScoreAccumulator:
     def split_scores(self) -> np.ndarray:
         if self.count == 0:
             raise ValueError("InceptionScoreAccumulator: no logits were added")
-        sizes = [min(self.split_size, self.count - i * self.split_size) for i in range(len(self._sum_p))]
+        sizes = [
+            min(self.split_size, self.count - i * self.split_size) for i in range(len(self._sum_p))
+        ]
         scores = []
         for n, sum_p, sum_plogp in zip(sizes, self._sum_p, self._sum_plogp):
             p_y = sum_p / n
@@ -134,7 +151,7 @@ def inception_score(logits, split_size: int = 5000) -> float:
     return acc.result()
 
 
-# ---- k-NN precision / recall (Kynkäänniemi et al. 2019, as in ADM's ManifoldEstimator) ----------------------------
+# ---- k-NN precision / recall (Kynkäänniemi et al. 2019, as in ADM's ManifoldEstimator) -----------
 
 def _squared_distances(a, b):
     # Same expansion as ADM's _batch_pairwise_distances, clamped at 0 against round-off.
@@ -152,13 +169,15 @@ def _block_smallest(rows, cols, col_valid, count: int):
 
 @jax.jit
 def _block_inside(rows, row_radii, cols, col_radii):
-    """(rows inside any column ball, columns inside any row ball); padded entries carry radius -1 (never inside)."""
+    """(rows inside any column ball, columns inside any row ball); padded entries carry radius -1
+    (never inside)."""
     d = _squared_distances(rows, cols)
     return jnp.any(d <= col_radii[None, :], axis=1), jnp.any(d <= row_radii[:, None], axis=0)
 
 
 def _blocks(features: np.ndarray, block_size: int):
-    """Yields (start, block padded to block_size, number of real rows) so every jitted call has one shape."""
+    """Yields (start, block padded to block_size, number of real rows) so every jitted call has one
+    shape."""
     for start in range(0, len(features), block_size):
         block = features[start:start + block_size]
         n = len(block)
@@ -170,12 +189,15 @@ def _blocks(features: np.ndarray, block_size: int):
 def _as_features(x, name: str) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"{name}: expected a (N, D) feature matrix with N >= 2, got shape {x.shape}")
+        raise ValueError(
+            f"{name}: expected a (N, D) feature matrix with N >= 2, got shape {x.shape}"
+        )
     return x
 
 
 def manifold_radii(features, k: int = 3, block_size: int = 4096) -> np.ndarray:
-    """Squared distance of every feature to its k-th nearest neighbour in the same set (itself excluded)."""
+    """Squared distance of every feature to its k-th nearest neighbour in the same set (itself
+    excluded)."""
     features = _as_features(features, "manifold_radii")
     if len(features) <= k:
         raise ValueError(f"manifold_radii: k={k} needs more than k features, got {len(features)}")
@@ -187,16 +209,21 @@ def manifold_radii(features, k: int = 3, block_size: int = 4096) -> np.ndarray:
         for _, cols, m in _blocks(features, block_size):
             valid = np.arange(block_size) < m
             candidates.append(np.asarray(_block_smallest(rows, cols, valid, count)))
-        # The k+1 smallest over all columns are among the union of each block's k+1 smallest; index 0 is self.
+        # The k+1 smallest over all columns are among the union of each block's k+1 smallest; index
+        # 0 is self.
         radii[start:start + n] = np.sort(np.concatenate(candidates, axis=1), axis=1)[:n, k]
     return radii
 
 
-def precision_recall(real_features, fake_features, k: int = 3, block_size: int = 4096) -> tuple[float, float]:
-    """(precision, recall): the fraction of fake samples inside some real sample's k-NN ball, and vice versa.
+def precision_recall(
+    real_features, fake_features, k: int = 3, block_size: int = 4096
+) -> tuple[float, float]:
+    """(precision, recall): the fraction of fake samples inside some real sample's k-NN ball, and
+    vice versa.
 
-    A point is inside a ball when its squared distance is <= the ball's squared radius (ADM uses ``<=``). ADM
-    computes distances in float16 with a float32 fallback; here they are float32 throughout.
+    A point is inside a ball when its squared distance is <= the ball's squared radius (ADM uses
+    ``<=``). ADM computes distances in float16 with a float32 fallback; here they are float32
+    throughout.
     """
     real = _as_features(real_features, "real_features")
     fake = _as_features(fake_features, "fake_features")

@@ -1,15 +1,17 @@
 """SSIM (Wang et al. 2004) in JAX, per image, for NHWC batches.
 
 Two settings:
-  * ``STANDARD``: Gaussian window 11 / sigma 1.5, K1 = 0.01, K2 = 0.03, population (co)variances, data range 1 on
-    [0, 1] images — the definition of the paper, ``tf.image.ssim`` and pytorch-msssim.
-  * ``OFFICIAL``: what DetailFlow's ``inference/reconstruct_vq.py`` computes: ``skimage.metrics.structural_similarity(
-    restored, gt, channel_axis=-1, data_range=2.0)`` on [0, 1] images, i.e. skimage's defaults (7x7 uniform window,
-    sample covariance N/(N-1)) with a data range of 2, which makes C1, C2 four times too large and SSIM too high
+  * ``STANDARD``: Gaussian window 11 / sigma 1.5, K1 = 0.01, K2 = 0.03, population (co)variances,
+    data range 1 on [0, 1] images — the definition of the paper, ``tf.image.ssim`` and
+    pytorch-msssim.
+  * ``OFFICIAL``: what DetailFlow's ``inference/reconstruct_vq.py`` computes:
+    ``skimage.metrics.structural_similarity( restored, gt, channel_axis=-1, data_range=2.0)`` on [0,
+    1] images, i.e. skimage's defaults (7x7 uniform window, sample covariance N/(N-1)) with a data
+    range of 2, which makes C1, C2 four times too large and SSIM too high
     (docs/fidelity.md#evaluation). Use it only to compare with the paper's numbers.
 
-Like skimage, statistics are only taken where the whole window fits in the image (valid filtering, equivalent to
-skimage's filter-then-crop), and the map is averaged over positions and channels.
+Like skimage, statistics are only taken where the whole window fits in the image (valid filtering,
+equivalent to skimage's filter-then-crop), and the map is averaged over positions and channels.
 """
 
 from __future__ import annotations
@@ -59,19 +61,26 @@ def _valid_filter_matrix(size: int, window: np.ndarray) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=2)
 def ssim(a: jax.Array, b: jax.Array, settings: SSIMSettings = STANDARD) -> jax.Array:
-    """Per-image SSIM (B,) of two (B, H, W, C) float batches on the scale ``settings.data_range`` refers to."""
+    """Per-image SSIM (B,) of two (B, H, W, C) float batches on the scale ``settings.data_range``
+    refers to."""
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"ssim needs two (B, H, W, C) batches of one shape, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"ssim needs two (B, H, W, C) batches of one shape, got {a.shape} and {b.shape}"
+        )
     _, h, w, _ = a.shape
     if min(h, w) < settings.win_size:
-        raise ValueError(f"images of {h}x{w} are smaller than the SSIM window ({settings.win_size})")
+        raise ValueError(
+            f"images of {h}x{w} are smaller than the SSIM window ({settings.win_size})"
+        )
     window = _window(settings)
     rows = jnp.asarray(_valid_filter_matrix(h, window))
     cols = jnp.asarray(_valid_filter_matrix(w, window))
     hp = jax.lax.Precision.HIGHEST
 
     def local_mean(x):
-        return jnp.einsum("pw,bowc->bopc", cols, jnp.einsum("oh,bhwc->bowc", rows, x, precision=hp), precision=hp)
+        return jnp.einsum(
+            "pw,bowc->bopc", cols, jnp.einsum("oh,bhwc->bowc", rows, x, precision=hp), precision=hp
+        )
 
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     n = settings.win_size ** 2
@@ -82,5 +91,7 @@ def ssim(a: jax.Array, b: jax.Array, settings: SSIMSettings = STANDARD) -> jax.A
     cov = cov_norm * (local_mean(a * b) - mu_a * mu_b)
     c1 = (settings.k1 * settings.data_range) ** 2
     c2 = (settings.k2 * settings.data_range) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
     return jnp.mean(ssim_map, axis=(1, 2, 3))

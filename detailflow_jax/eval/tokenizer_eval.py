@@ -1,5 +1,5 @@
-r"""Tokenizer evaluation along the coarse-to-fine axis: rFID, PSNR and SSIM from the first t tokens, for every
-admissible t, on the validation split.
+r"""Tokenizer evaluation along the coarse-to-fine axis: rFID, PSNR and SSIM from the first t tokens,
+for every admissible t, on the validation split.
 
     python -m detailflow_jax.eval.tokenizer_eval --tokenizer workdir/tok --inception INCEPTION --out DIR
     python -m detailflow_jax.eval.tokenizer_eval --tokenizer /ckpt/df16 --tokenizer_config configs/tokenizer.py:DF-16 \
@@ -9,19 +9,20 @@ admissible t, on the validation split.
 
 Data: ``--data_config FILE.py:ARG`` (its ``data`` section; ``--data_config.data.key=value``
 overrides a field as in the trainers), else the tokenizer work directory's own config; the
-``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are ADM
-centre-cropped (docs/fidelity.md#evaluation).
+``--data``/``--data_dir``/``--eval_split``/``--image_size`` flags override single fields. Images are
+ADM centre-cropped (docs/fidelity.md#evaluation).
 
-Per t, every image is encoded once, decoded from its first t tokens at the canvas of t, bicubic-upsampled to the
-full size R (``ReconstructionEvaluator``) and scored:
-  * PSNR (dB): ``inference/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the official script
-    quantises it to uint8 first, a difference of about 1e-3 dB);
-  * SSIM: the standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1 on [0, 1]) of the
-    uint8 reconstruction against the original. The official script uses skimage with ``data_range=2.0``
-    (docs/fidelity.md#evaluation), which inflates SSIM; ``--official_ssim`` reproduces that number instead;
-  * rFID: Fréchet distance between the Inception pool features of the uint8 reconstructions and of the real
-    centre-cropped images (the ImageNet-val convention of peer tokenizers; the official script uses torchmetrics,
-    whose Inception input matches ``--preprocess adm``).
+Per t, every image is encoded once, decoded from its first t tokens at the canvas of t,
+bicubic-upsampled to the full size R (``ReconstructionEvaluator``) and scored:
+  * PSNR (dB): ``inference/reconstruction.psnr`` on [0, 1] (the float reconstruction, clipped; the
+    official script quantises it to uint8 first, a difference of about 1e-3 dB);
+  * SSIM: the standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1 on
+    [0, 1]) of the uint8 reconstruction against the original. The official script uses skimage with
+    ``data_range=2.0`` (docs/fidelity.md#evaluation), which inflates SSIM; ``--official_ssim``
+    reproduces that number instead;
+  * rFID: Fréchet distance between the Inception pool features of the uint8 reconstructions and of
+    the real centre-cropped images (the ImageNet-val convention of peer tokenizers; the official
+    script uses torchmetrics, whose Inception input matches ``--preprocess adm``).
 
 ``--noisy_eval`` adds the official robustness sweep (``reconstruct_vq.py --noisy-eval``): all N
 tokens decoded after the self-correction encode with the codes at one noise index replaced by random
@@ -36,7 +37,7 @@ Writes DIR/tokenizer_eval.json (settings, one row per t under "curve", one per n
 DIR/tokenizer_noisy.png (against the noise index), and prints the tables.
 Each t keeps a 2048x2048 float64 covariance (32 MiB): all 71 counts of N = 512 need 2.3 GiB;
 pass ``--token_counts`` to evaluate fewer.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -66,16 +67,21 @@ from detailflow_jax.pixels import to_uint8
 from detailflow_jax.tokenizer.degradation import noise_span_at
 
 METRICS = ("psnr", "ssim", "rfid")
-STANDARD_SSIM_NOTE = ("SSIM: standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1] images "
-                      "with data_range 1. The official DetailFlow script calls skimage with data_range=2.0 on [0, 1] "
-                      "images (docs/fidelity.md#evaluation), which inflates SSIM; --official_ssim reproduces it.")
-OFFICIAL_SSIM_NOTE = ("SSIM: the official DetailFlow number, skimage.metrics.structural_similarity defaults (7x7 "
-                      "uniform window, sample covariance) with data_range=2.0 on [0, 1] images "
-                      "(docs/fidelity.md#evaluation); higher than the standard definition.")
+STANDARD_SSIM_NOTE = (
+    "SSIM: standard definition (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) on [0, 1] images "
+    "with data_range 1. The official DetailFlow script calls skimage with data_range=2.0 on [0, 1] "
+    "images (docs/fidelity.md#evaluation), which inflates SSIM; --official_ssim reproduces it."
+)
+OFFICIAL_SSIM_NOTE = (
+    "SSIM: the official DetailFlow number, skimage.metrics.structural_similarity defaults (7x7 "
+    "uniform window, sample covariance) with data_range=2.0 on [0, 1] images "
+    "(docs/fidelity.md#evaluation); higher than the standard definition."
+)
 
 
-# On device: the result feeds the Inception, so it stays a sharded global array. The official evaluation converts
-# its float32 inputs in float32 and the bf16 decoder's reconstructions in bfloat16 (``detailflow_jax.pixels``).
+# On device: the result feeds the Inception, so it stays a sharded global array. The official
+# evaluation converts its float32 inputs in float32 and the bf16 decoder's reconstructions in
+# bfloat16 (``detailflow_jax.pixels``).
 _real_to_uint8 = jax.jit(functools.partial(to_uint8, arithmetic="float32"))
 _recon_to_uint8 = jax.jit(functools.partial(to_uint8, arithmetic="bfloat16"))
 
@@ -131,18 +137,26 @@ def _score(evaluator: ReconstructionEvaluator, params, quant, images, t: int, ex
     return distributed.to_host(psnr), distributed.to_host(ssim), pool
 
 
-def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches: Iterable[tuple[jax.Array, Any]],
-                       extractor: Callable | None = None, counts: Sequence[int] | None = None,
-                       ssim_settings: ssim_lib.SSIMSettings = ssim_lib.STANDARD, total: int | None = None,
-                       progress: bool = True, noise_idxs: Sequence[int] = (),
-                       seed: int = 0) -> tuple[list[dict], list[dict]]:
+def evaluate_tokenizer(
+    evaluator: ReconstructionEvaluator,
+    params: Any,
+    batches: Iterable[tuple[jax.Array, Any]],
+    extractor: Callable | None = None,
+    counts: Sequence[int] | None = None,
+    ssim_settings: ssim_lib.SSIMSettings = ssim_lib.STANDARD,
+    total: int | None = None,
+    progress: bool = True,
+    noise_idxs: Sequence[int] = (),
+    seed: int = 0,
+) -> tuple[list[dict], list[dict]]:
     """(curve, noisy): one row {tokens, canvas, psnr, ssim, rfid} per token count (default: every
     admissible count), and one row {noise_idx, noise_end, tokens, canvas, psnr, ssim, rfid} per
     ``noise_idxs`` entry: all N tokens decoded after the official self-correction encode with noise
     at that index (-1: clean; see ``noisy_eval_indices``), the noisy codes drawn from ``seed``.
 
-    ``batches`` yields (images, keep): global (B, R, R, 3) arrays in [-1, 1] and a (B,) bool mask of the real rows
-    (padding is dropped from every statistic); see ``padded_global_batches``. Without an ``extractor`` rFID is None.
+    ``batches`` yields (images, keep): global (B, R, R, 3) arrays in [-1, 1] and a (B,) bool mask of
+    the real rows (padding is dropped from every statistic); see ``padded_global_batches``. Without
+    an ``extractor`` rFID is None.
     """
     tables = evaluator.tables
     cfg = evaluator.model.cfg
@@ -150,7 +164,9 @@ def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches:
     counts = list(tables.token_counts if counts is None else counts)
     bad = [t for t in counts if t not in tables.canvas]
     if bad:
-        raise ConfigError(f"token counts {bad} are not admissible; choose from {tables.token_counts}")
+        raise ConfigError(
+            f"token counts {bad} are not admissible; choose from {tables.token_counts}"
+        )
     bad = [i for i in noise_idxs if not -1 <= i < n]
     if bad:
         raise ConfigError(f"noise indices {bad} are outside [-1, {n}): -1 is clean, else a token "
@@ -193,13 +209,16 @@ def evaluate_tokenizer(evaluator: ReconstructionEvaluator, params: Any, batches:
     return curve_rows, noisy_rows
 
 
-# ---- data --------------------------------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------
 
-def padded_global_batches(stream: Iterable[dict], batch_size: int, mesh, num_images: int | None = None):
+def padded_global_batches(
+    stream: Iterable[dict], batch_size: int, mesh, num_images: int | None = None
+):
     """(global images, keep mask) from per-process pipeline batches, for ``evaluate_tokenizer``.
 
-    A short last batch is zero-padded to the full batch on every process (one compiled shape); ``keep`` marks the
-    real rows (each process's padding sits at the end of its own block) and at most ``num_images`` of them.
+    A short last batch is zero-padded to the full batch on every process (one compiled shape);
+    ``keep`` marks the real rows (each process's padding sits at the end of its own block) and at
+    most ``num_images`` of them.
     """
     from detailflow_jax.data.global_batch import to_global
 
@@ -210,7 +229,9 @@ def padded_global_batches(stream: Iterable[dict], batch_size: int, mesh, num_ima
         images = np.asarray(batch["image"])
         n_local = len(images)
         if n_local < local:
-            images = np.concatenate([images, np.zeros((local - n_local, *images.shape[1:]), images.dtype)])
+            images = np.concatenate(
+                [images, np.zeros((local - n_local, *images.shape[1:]), images.dtype)]
+            )
         keep = np.tile(np.arange(local) < n_local, processes)
         if remaining is not None:
             keep &= np.cumsum(keep) <= remaining
@@ -236,14 +257,16 @@ def resolve_data_config(tokenizer: str, data_config: str | ml_collections.Config
     elif overrides.get("name"):
         data = default_data_config()
     else:
-        raise ConfigError("say which images to evaluate on: --data_config FILE.py:ARG, or --data NAME (with "
-                          "--data_dir), or pass a tokenizer training work directory")
+        raise ConfigError(
+            "say which images to evaluate on: --data_config FILE.py:ARG, or --data NAME (with "
+            "--data_dir), or pass a tokenizer training work directory"
+        )
     data = ml_collections.ConfigDict(data.to_dict())
     data.update({k: v for k, v in overrides.items() if v is not None})
     return data
 
 
-# ---- outputs -----------------------------------------------------------------------------------------------------
+# ---- outputs -------------------------------------------------------------------------------------
 
 def format_table(rows: list[dict], key: str = "tokens") -> str:
     """The curve (key "tokens") or the noisy sweep (key "noise_idx", -1 = clean) as a text table."""
@@ -321,7 +344,8 @@ def plot_curves(rows: list[dict], path: str, title: str = "", x_key: str = "toke
         draw.text(((x0 + x1) / 2, y1 + 22), x_name, fill="black", font=font, anchor="mt")
         heading = f"{names[metric]} vs {x_name.split(' (')[0]}"
         draw.text(((x0 + x1) / 2, y0 - 8), heading, fill="black", font=font, anchor="mb")
-        draw.rectangle([x0, y0, x1, y1], outline="black")  # after the grid lines, which would cover it
+        # after the grid lines, which would cover it
+        draw.rectangle([x0, y0, x1, y1], outline="black")
         pixels = [to_px(t, v) for t, v in points]
         if len(pixels) > 1:
             draw.line(pixels, fill=colours[metric], width=2)
@@ -335,8 +359,14 @@ def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str,
     """tokenizer_eval.json (settings, curve, noisy), tokenizer_curve.png and, with a sweep,
     tokenizer_noisy.png."""
     out = storage.prepare_dir(out_dir)
-    paths = {"json": os.fspath(out / "tokenizer_eval.json"), "png": os.fspath(out / "tokenizer_curve.png")}
-    storage.write_json(paths["json"], {"settings": settings, "ssim_note": note, "curve": rows, "noisy": list(noisy)})
+    paths = {
+        "json": os.fspath(out / "tokenizer_eval.json"),
+        "png": os.fspath(out / "tokenizer_curve.png"),
+    }
+    storage.write_json(
+        paths["json"],
+        {"settings": settings, "ssim_note": note, "curve": rows, "noisy": list(noisy)},
+    )
     title = f"{settings.get('tokenizer', '')}  ({settings.get('num_images')} images)"
     plot_curves(rows, paths["png"], title=title)
     if noisy:
@@ -346,7 +376,7 @@ def write_outputs(out_dir: str, rows: list[dict], settings: dict, note: str,
     return paths
 
 
-# ---- command -----------------------------------------------------------------------------------------------------
+# ---- command -------------------------------------------------------------------------------------
 
 def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("tokenizer", None, "tokenizer training work directory or converted "
@@ -402,14 +432,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     distributed.maybe_initialize()
     mesh = sharding.make_mesh((-1, 1, 1))
     model_cfg, params = load_tokenizer(args.tokenizer, mesh, args.tokenizer_config)
-    data_cfg = resolve_data_config(args.tokenizer, cli.loaded_config(args, "data_config"), dict(
-        name=args.data, data_dir=args.data_dir, eval_split=args.eval_split, image_size=args.image_size))
+    data_cfg = resolve_data_config(
+        args.tokenizer,
+        cli.loaded_config(args, "data_config"),
+        dict(
+            name=args.data,
+            data_dir=args.data_dir,
+            eval_split=args.eval_split,
+            image_size=args.image_size,
+        ),
+    )
     if data_cfg.image_size != model_cfg.image_size:
-        raise ConfigError(f"data.image_size={data_cfg.image_size} differs from the tokenizer's image_size="
-                          f"{model_cfg.image_size}; pass --image_size {model_cfg.image_size}")
+        raise ConfigError(
+            f"data.image_size={data_cfg.image_size} differs from the tokenizer's image_size="
+            f"{model_cfg.image_size}; pass --image_size {model_cfg.image_size}"
+        )
     rounding = args.rounding or (workdir_config(args.tokenizer).get("rounding", "ceil")
                                  if is_training_workdir(args.tokenizer) else "ceil")
-    evaluator = ReconstructionEvaluator(model_cfg, ResolutionTables.from_model_config(model_cfg, rounding))
+    evaluator = ReconstructionEvaluator(
+        model_cfg, ResolutionTables.from_model_config(model_cfg, rounding)
+    )
     counts = [int(t) for t in args.token_counts.split(",")] if args.token_counts else None
     noise_idxs = []
     if args.noisy_eval:
@@ -421,23 +463,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
         noise_idxs = []
     extractor = None
     if args.inception:
-        extractor = InceptionFeatures(load_inception_params(args.inception), mesh=mesh, preprocess=args.preprocess)
+        extractor = InceptionFeatures(
+            load_inception_params(args.inception), mesh=mesh, preprocess=args.preprocess
+        )
     ssim_settings = ssim_lib.OFFICIAL if args.official_ssim else ssim_lib.STANDARD
     note = OFFICIAL_SSIM_NOTE if args.official_ssim else STANDARD_SSIM_NOTE
 
     stream = make_eval_iter(data_cfg, args.batch_size, drop_remainder=False)
-    total = stream.num_examples if args.num_images is None else min(args.num_images, stream.num_examples)
+    total = (
+        stream.num_examples
+        if args.num_images is None
+        else min(args.num_images, stream.num_examples)
+    )
     start = time.perf_counter()
     batches = padded_global_batches(stream, args.batch_size, mesh, args.num_images)
     rows, noisy = evaluate_tokenizer(evaluator, params, batches, extractor, counts, ssim_settings,
                                      total=total, noise_idxs=noise_idxs, seed=args.seed)
     seconds = time.perf_counter() - start
     stream.close()
-    settings = dict(tokenizer=args.tokenizer, tokenizer_config=args.tokenizer_config, rounding=rounding,
-                    data=data_cfg.to_dict(), num_images=total, batch_size=args.batch_size,
-                    inception=args.inception, preprocess=args.preprocess, official_ssim=args.official_ssim,
-                    noisy_eval=bool(noise_idxs), seed=args.seed, seconds=seconds,
-                    devices=jax.device_count())
+    settings = dict(
+        tokenizer=args.tokenizer,
+        tokenizer_config=args.tokenizer_config,
+        rounding=rounding,
+        data=data_cfg.to_dict(),
+        num_images=total,
+        batch_size=args.batch_size,
+        inception=args.inception,
+        preprocess=args.preprocess,
+        official_ssim=args.official_ssim,
+        noisy_eval=bool(noise_idxs),
+        seed=args.seed,
+        seconds=seconds,
+        devices=jax.device_count(),
+    )
     if distributed.is_main_process():
         paths = write_outputs(args.out, rows, settings, note, noisy)
         print(format_table(rows))

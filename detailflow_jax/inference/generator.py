@@ -26,15 +26,17 @@ SETTING_KEYS = ("cfg_scale", "cfg_schedule", "cfg_interval", "temperature", "top
 
 
 def sampling_settings(section: Any, **overrides) -> SamplingSettings:
-    """SamplingSettings from a config ``sampling`` section, with the non-None ``overrides`` applied."""
+    """SamplingSettings from a config ``sampling`` section, with the non-None ``overrides``
+    applied."""
     values = {k: section[k] for k in SETTING_KEYS if k in section}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingSettings.create(**values)
 
 
 class ImageGenerator:
-    """GPT sampling then tokenizer decoding. ``generate(labels, key)`` -> uint8 (B, R, R, 3), the same on every
-    process (B must divide over the mesh's data axes); one compilation per batch size."""
+    """GPT sampling then tokenizer decoding. ``generate(labels, key)`` -> uint8 (B, R, R, 3), the
+    same on every process (B must divide over the mesh's data axes); one compilation per batch
+    size."""
 
     def __init__(self, gpt_cfg: GPTConfig, gpt_params: Any, gpt_shardings: Any, tokenizer_cfg: Any,
                  tokenizer_params: Any, mesh: jax.sharding.Mesh, settings: SamplingSettings):
@@ -47,22 +49,31 @@ class ImageGenerator:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def tokens(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
-        """(B,) labels -> (B, N) token ids; ``params`` defaults to the loaded weights (the trainer passes its EMA)."""
+        """(B,) labels -> (B, N) token ids; ``params`` defaults to the loaded weights (the trainer
+        passes its EMA)."""
         labels = jax.device_put(np.asarray(labels, np.int32), sharding.batch_sharding(self.mesh, 1))
-        return distributed.to_host(self.sampler(self.params if params is None else params, labels, key, self.settings))
+        return distributed.to_host(
+            self.sampler(self.params if params is None else params, labels, key, self.settings)
+        )
 
     def decode(self, tokens: np.ndarray, t: int | None = None) -> np.ndarray:
-        """(B, N) tokens -> uint8 images from their first t tokens (default all) at the canvas of t; any B."""
+        """(B, N) tokens -> uint8 images from their first t tokens (default all) at the canvas of t;
+        any B."""
         pad = (-len(tokens)) % self.data_parallelism
         padded = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
         codes = jax.device_put(padded.astype(np.int32), sharding.batch_sharding(self.mesh, 2))
-        return np.asarray(to_uint8(distributed.to_host(self.decoder.decode(codes, t))))[:len(tokens)]
+        return np.asarray(to_uint8(distributed.to_host(self.decoder.decode(codes, t))))[
+            : len(tokens)
+        ]
 
     def generate(self, labels: np.ndarray, key: jax.Array, params: Any = None) -> np.ndarray:
         return self.decode(self.tokens(labels, key, params))
 
-    def in_batches(self, labels: np.ndarray, batch_size: int, fn, progress: bool = False) -> np.ndarray:
-        """``fn(padded labels, i)`` over batches of ``batch_size`` (the last padded with class 0), concatenated."""
+    def in_batches(
+        self, labels: np.ndarray, batch_size: int, fn, progress: bool = False
+    ) -> np.ndarray:
+        """``fn(padded labels, i)`` over batches of ``batch_size`` (the last padded with class 0),
+        concatenated."""
         out = []
         bar = tqdm(total=len(labels), desc="sampling", unit="img", dynamic_ncols=True,
                    disable=not (progress and distributed.is_main_process()))
@@ -73,22 +84,40 @@ class ImageGenerator:
         bar.close()
         return np.concatenate(out)
 
-    def class_grid(self, classes: Sequence[int], per_class: int, key: jax.Array, batch_size: int,
-                   params: Any = None, class_names: Sequence[str] | None = None) -> pictures.SamplePictures:
-        """Samples of each class (a row each, labelled with ``class_names`` or "class k"), decoded from their
-        first t tokens for up to ``pictures.MAX_GIF_FRAMES`` token counts: the grid (all tokens), the strip and
-        the GIF frames. Batch i samples with ``fold_in(key, i)``."""
+    def class_grid(
+        self,
+        classes: Sequence[int],
+        per_class: int,
+        key: jax.Array,
+        batch_size: int,
+        params: Any = None,
+        class_names: Sequence[str] | None = None,
+    ) -> pictures.SamplePictures:
+        """Samples of each class (a row each, labelled with ``class_names`` or "class k"), decoded
+        from their first t tokens for up to ``pictures.MAX_GIF_FRAMES`` token counts: the grid (all
+        tokens), the strip and the GIF frames. Batch i samples with ``fold_in(key, i)``."""
         labels = np.repeat(np.asarray(classes, np.int32), per_class)
-        tokens = self.in_batches(labels, batch_size,
-                                 lambda batch, i: self.tokens(batch, jax.random.fold_in(key, i), params))
+        tokens = self.in_batches(
+            labels,
+            batch_size,
+            lambda batch, i: self.tokens(batch, jax.random.fold_in(key, i), params),
+        )
         counts = pictures.spread(self.decoder.tables.token_counts, pictures.MAX_GIF_FRAMES)
         previews = [(t, self.decode(tokens, t)) for t in counts]
-        return pictures.sample_pictures(previews, per_class, pictures.class_labels(classes, class_names))
+        return pictures.sample_pictures(
+            previews, per_class, pictures.class_labels(classes, class_names)
+        )
 
-    def many(self, labels: np.ndarray, key: jax.Array, batch_size: int, progress: bool = True) -> np.ndarray:
+    def many(
+        self, labels: np.ndarray, key: jax.Array, batch_size: int, progress: bool = True
+    ) -> np.ndarray:
         """uint8 images for any number of labels; batch i samples with ``fold_in(key, i)``."""
-        return self.in_batches(labels, batch_size, lambda batch, i: self.generate(batch, jax.random.fold_in(key, i)),
-                               progress)
+        return self.in_batches(
+            labels,
+            batch_size,
+            lambda batch, i: self.generate(batch, jax.random.fold_in(key, i)),
+            progress,
+        )
 
 
 def default_classes(num_classes: int, config: Any) -> list[int]:

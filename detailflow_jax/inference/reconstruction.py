@@ -1,4 +1,5 @@
-"""Tokenizer reconstruction quality along the coarse-to-fine axis: PSNR from the first t tokens, for every t."""
+"""Tokenizer reconstruction quality along the coarse-to-fine axis: PSNR from the first t tokens, for
+every t."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from detailflow_jax.tokenizer.resolution import ResolutionTables
 
 
 def psnr(reference: jax.Array, image: jax.Array) -> jax.Array:
-    """Per-image PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale, reconstructions clipped)."""
+    """Per-image PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale, reconstructions
+    clipped)."""
     ref = (reference.astype(jnp.float32) + 1) / 2
     img = (jnp.clip(image.astype(jnp.float32), -1, 1) + 1) / 2
     mse = jnp.mean((ref - img) ** 2, axis=(1, 2, 3))
@@ -24,8 +26,9 @@ def psnr(reference: jax.Array, image: jax.Array) -> jax.Array:
 
 
 class ReconstructionEvaluator:
-    """Encodes once, then decodes from the first t tokens at the canvas of t and scores the result after bicubic
-    up-sampling to the full image size (what a viewer of a progressive decode sees)."""
+    """Encodes once, then decodes from the first t tokens at the canvas of t and scores the result
+    after bicubic up-sampling to the full image size (what a viewer of a progressive decode
+    sees)."""
 
     def __init__(self, model_cfg: Any, tables: ResolutionTables | None = None):
         self.model = DetailFlowTokenizer(model_cfg)
@@ -58,7 +61,9 @@ class ReconstructionEvaluator:
         quant = self.encode(params, images)
         return self.decode_and_score(params, quant, images, self.tables.canvas[t], t)[1]
 
-    def psnr_curve(self, params, batches: Sequence[jax.Array], counts: Sequence[int] | None = None) -> dict[int, float]:
+    def psnr_curve(
+        self, params, batches: Sequence[jax.Array], counts: Sequence[int] | None = None
+    ) -> dict[int, float]:
         """{t: mean PSNR over all images of ``batches``} for every admissible t (or ``counts``)."""
         counts = list(self.tables.token_counts if counts is None else counts)
         totals = {t: [] for t in counts}

@@ -1,13 +1,14 @@
 """Inference weights from either a training work directory or a converted orbax parameter directory.
 
-A *training work directory* (``python -m detailflow_jax.train.tokenizer`` / ``...train.ar``) holds ``config.json``
-and ``checkpoints/<step>/state``; only the wanted entry of the latest state (``params``, or ``ema`` for the GPT) is
-read — the optimiser state is never loaded. A *converted directory* (``python -m detailflow_jax.convert.*``) is a
-bare parameter tree; its model config comes from a config file (``FILE.py:ARG``).
+A *training work directory* (``python -m detailflow_jax.train.tokenizer`` / ``...train.ar``) holds
+``config.json`` and ``checkpoints/<step>/state``; only the wanted entry of the latest state
+(``params``, or ``ema`` for the GPT) is read — the optimiser state is never loaded. A *converted
+directory* (``python -m detailflow_jax.convert.*``) is a bare parameter tree; its model config comes
+from a config file (``FILE.py:ARG``).
 
     model_cfg, params = load_tokenizer("workdir/tok", mesh)
     gpt_cfg, params, shardings = load_gpt("/ckpt/gpt_l_128", mesh, config_spec="configs/gpt.py:L/128")
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -41,15 +42,20 @@ def workdir_config(path: str) -> ml_collections.ConfigDict:
     """The ``config.json`` a trainer wrote into its work directory."""
     file = storage.path(path) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: {path} does not look like a training work directory")
+        raise FileNotFoundError(
+            f"{file} is missing: {path} does not look like a training work directory"
+        )
     return ml_collections.ConfigDict(storage.read_json(file))
 
 
 def model_section(path: str, config_spec: str | None, what: str) -> ml_collections.ConfigDict:
-    """The ``model`` section from ``config_spec`` (FILE.py:ARG) when given, else from the work directory."""
+    """The ``model`` section from ``config_spec`` (FILE.py:ARG) when given, else from the work
+    directory."""
     if not storage.path(path).is_dir():
-        raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
-                                f"{what} parameter directory)")
+        raise FileNotFoundError(
+            f"{path} does not exist (expected a training work directory or a converted "
+            f"{what} parameter directory)"
+        )
     if config_spec:
         return load_config_file(config_spec).model
     if is_training_workdir(path):
@@ -65,8 +71,8 @@ def model_section(path: str, config_spec: str | None, what: str) -> ml_collectio
 
 
 def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = None) -> Any:
-    """``state[entry]`` of a trainer checkpoint (default: the newest intact one), restored onto ``abstract``'s
-    shardings."""
+    """``state[entry]`` of a trainer checkpoint (default: the newest intact one), restored onto
+    ``abstract``'s shardings."""
     target = {entry: jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
 
     def read(candidate: int) -> Any:
@@ -80,20 +86,22 @@ def restore_entry(workdir: str, entry: str, abstract: Any, step: int | None = No
     try:
         return checkpointer.restore_newest(read, step)[1]
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first or pass a converted "
-                                "directory") from None
+        raise FileNotFoundError(
+            f"no checkpoint in {workdir}/checkpoints: train first or pass a converted directory"
+        ) from None
     finally:
         checkpointer.close()
 
 
 def checkpoint_step(path: str) -> int | None:
-    """The step ``load_params(path)`` reads from a training work directory: its newest step whose checksums
-    match (None for a converted directory)."""
+    """The step ``load_params(path)`` reads from a training work directory: its newest step whose
+    checksums match (None for a converted directory)."""
     if not is_training_workdir(path):
         return None
     checkpointer = Checkpointer(storage.path(path) / "checkpoints")
 
-    def has_state(step: int) -> None:  # checksums are checked by restore_newest; a stray empty folder fails here
+    # checksums are checked by restore_newest; a stray empty folder fails here
+    def has_state(step: int) -> None:
         if not (checkpointer.step_dir(step) / "state").exists():
             raise FileNotFoundError(f"{checkpointer.step_dir(step)} holds no state")
 
@@ -104,27 +112,33 @@ def checkpoint_step(path: str) -> int | None:
 
 
 def load_params(path: str, abstract: Any, entry: str = "params", step: int | None = None) -> Any:
-    """Parameters from a training work directory (``state[entry]``, of ``step`` or the newest intact one) or a
-    converted orbax directory."""
+    """Parameters from a training work directory (``state[entry]``, of ``step`` or the newest intact
+    one) or a converted orbax directory."""
     path = storage.path(path)
     if is_training_workdir(path):
         return restore_entry(path, entry, abstract, step)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist (expected a training work directory or a converted "
-                                "orbax parameter directory)")
+        raise FileNotFoundError(
+            f"{path} does not exist (expected a training work directory or a converted "
+            "orbax parameter directory)"
+        )
     return restore_params(path, abstract)
 
 
 def _sharded_abstract(boxed: Any, mesh: Mesh) -> tuple[Any, Any]:
     shardings = sharding.logical_to_shardings(boxed, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-                            shardings)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
     return abstract, shardings
 
 
 def abstract_gpt_params(cfg: GPTConfig, mesh: Mesh) -> tuple[Any, Any]:
-    """(ShapeDtypeStructs of the GPT's parameters placed by their logical axes on ``mesh``, their shardings)."""
-    return _sharded_abstract(jax.eval_shape(lambda k: init_params(GPT(cfg), k), jax.random.key(0)), mesh)
+    """(ShapeDtypeStructs of the GPT's parameters placed by their logical axes on ``mesh``, their
+    shardings)."""
+    return _sharded_abstract(
+        jax.eval_shape(lambda k: init_params(GPT(cfg), k), jax.random.key(0)), mesh
+    )
 
 
 def abstract_tokenizer_params(model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
@@ -134,9 +148,9 @@ def abstract_tokenizer_params(model_cfg: ml_collections.ConfigDict, mesh: Mesh) 
 
 def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None, model_cfg: Any = None,
                    step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
-    """(tokenizer model config, params placed on ``mesh`` by their logical axes). The model config is
-    ``model_cfg`` when given, else read from ``config_spec`` or the work directory; ``step``: of a work
-    directory, that checkpoint (default: the newest intact one)."""
+    """(tokenizer model config, params placed on ``mesh`` by their logical axes). The model config
+    is ``model_cfg`` when given, else read from ``config_spec`` or the work directory; ``step``: of
+    a work directory, that checkpoint (default: the newest intact one)."""
     if model_cfg is None:
         model_cfg = model_section(path, config_spec, "tokenizer")
     model_cfg = ml_collections.ConfigDict(dict(model_cfg))
@@ -146,9 +160,12 @@ def load_tokenizer(path: str, mesh: Mesh, config_spec: str | None = None, model_
 
 def load_gpt(path: str, mesh: Mesh, config_spec: str | None = None, ema: bool = True,
              **model_overrides) -> tuple[GPTConfig, Any, Any]:
-    """(GPTConfig, params, their shardings). From a work directory the EMA weights by default (``ema=False``:
-    the raw weights); ``model_overrides`` change compute settings such as ``dtype``."""
-    cfg = GPTConfig(**{**model_section(path, config_spec, "gpt").to_dict(), **model_overrides}).validate()
+    """(GPTConfig, params, their shardings). From a work directory the EMA weights by default
+    (``ema=False``: the raw weights); ``model_overrides`` change compute settings such as
+    ``dtype``."""
+    cfg = GPTConfig(
+        **{**model_section(path, config_spec, "gpt").to_dict(), **model_overrides}
+    ).validate()
     abstract, shardings = abstract_gpt_params(cfg, mesh)
     entry = "ema" if ema else "params"
     return cfg, load_params(path, abstract, entry), shardings

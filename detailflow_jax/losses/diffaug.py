@@ -1,15 +1,19 @@
-"""DiffAugment (Zhao et al. 2020) as used by DetailFlow's discriminator (official ``utils/diff_aug.py``), in pure JAX.
+"""DiffAugment (Zhao et al. 2020) as used by DetailFlow's discriminator (official
+``utils/diff_aug.py``), in pure JAX.
 
-``diff_augment(key, x, "color,translation,cutout_0.2", p=0.5)`` applies each comma-separated policy group with
-probability ``p``, decided once per call for the whole batch; the group's random parameters are drawn per sample:
+``diff_augment(key, x, "color,translation,cutout_0.2", p=0.5)`` applies each comma-separated policy
+group with probability ``p``, decided once per call for the whole batch; the group's random
+parameters are drawn per sample:
 
-* ``color``: brightness + U(-0.5, 0.5), then saturation x U(0, 2) around the channel mean, then contrast
-  x U(0.5, 1.5) around the image mean;
-* ``translation[_r]``: shift by an integer in [-round(r*size), round(r*size)] per axis (default r = 1/8), zero fill;
-* ``cutout[_r]``: zero a square of side round(r*size) (default r = 0.5) whose centre is uniform over the image
-  (clipped at the borders).
+* ``color``: brightness + U(-0.5, 0.5), then saturation x U(0, 2) around the channel mean, then
+  contrast x U(0.5, 1.5) around the image mean;
+* ``translation[_r]``: shift by an integer in [-round(r*size), round(r*size)] per axis (default r =
+  1/8), zero fill;
+* ``cutout[_r]``: zero a square of side round(r*size) (default r = 0.5) whose centre is uniform over
+  the image (clipped at the borders).
 
-Images are NHWC. Shapes are static and every decision is a traced value, so it jits once per image size.
+Images are NHWC. Shapes are static and every decision is a traced value, so it jits once per image
+size.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ _DEFAULT_RATIO = {"translation": 0.125, "cutout": 0.5}
 
 
 def parse_policy(policy: str) -> list[tuple[str, float | None]]:
-    """"color,translation,cutout_0.2" -> [("color", None), ("translation", 0.125), ("cutout", 0.2)]."""
+    """"color,translation,cutout_0.2" -> [("color", None), ("translation", 0.125), ("cutout",
+    0.2)]."""
     groups = []
     for part in filter(None, (p.strip() for p in policy.split(","))):
         name, _, ratio = part.partition("_")
@@ -31,10 +36,14 @@ def parse_policy(policy: str) -> list[tuple[str, float | None]]:
             try:
                 groups.append((name, float(ratio) if ratio else _DEFAULT_RATIO[name]))
             except ValueError:
-                raise ValueError(f"DiffAugment policy {part!r}: ratio {ratio!r} is not a number") from None
+                raise ValueError(
+                    f"DiffAugment policy {part!r}: ratio {ratio!r} is not a number"
+                ) from None
         else:
-            raise ValueError(f"unknown DiffAugment policy {part!r} in {policy!r}; use color, translation[_r], "
-                             "cutout[_r] separated by commas")
+            raise ValueError(
+                f"unknown DiffAugment policy {part!r} in {policy!r}; use color, translation[_r], "
+                "cutout[_r] separated by commas"
+            )
     return groups
 
 
@@ -57,7 +66,8 @@ def _side(size: int, ratio: float) -> int:
 
 
 def _shift_axis(x: jax.Array, shift: jax.Array, axis: int) -> jax.Array:
-    """out[b, i] = x[b, i + shift[b]] along ``axis`` (1 or 2), zero where the source is outside the image."""
+    """out[b, i] = x[b, i + shift[b]] along ``axis`` (1 or 2), zero where the source is outside the
+    image."""
     size = x.shape[axis]
     src = jnp.arange(size)[None, :] + shift[:, None]  # (B, size)
     valid = (src >= 0) & (src < size)
@@ -78,7 +88,8 @@ def cutout(key: jax.Array, x: jax.Array, ratio: float = 0.5) -> jax.Array:
     b, h, w, _ = x.shape
     kh, kw = jax.random.split(key)
     ch, cw = _side(h, ratio), _side(w, ratio)
-    # Centre offsets as in the reference: randint(0, size + 1 - side % 2); the square starts side // 2 before it.
+    # Centre offsets as in the reference: randint(0, size + 1 - side % 2); the square starts side //
+    # 2 before it.
     top = jax.random.randint(kh, (b, 1), 0, h + 1 - ch % 2) - ch // 2
     left = jax.random.randint(kw, (b, 1), 0, w + 1 - cw % 2) - cw // 2
     rows = jnp.arange(h)[None, :]
@@ -96,7 +107,8 @@ def diff_augment(key: jax.Array, x: jax.Array, policy: str = "color,translation,
                  p: float = 0.5) -> jax.Array:
     """Augments the NHWC batch ``x``.
 
-    ``p`` (a Python float, static) is the per-call probability of each policy group; p = 0 returns ``x``.
+    ``p`` (a Python float, static) is the per-call probability of each policy group; p = 0 returns
+    ``x``.
     """
     if x.ndim != 4:
         raise ValueError(f"DiffAugment expects NHWC images, got shape {x.shape}")

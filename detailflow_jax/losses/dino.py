@@ -1,9 +1,11 @@
-"""Frozen DINO ViT-S/16 feature extractor of the DINO discriminator (official / VAR ``FrozenDINOSmallNoDrop``).
+"""Frozen DINO ViT-S/16 feature extractor of the DINO discriminator (official / VAR
+``FrozenDINOSmallNoDrop``).
 
-``dino_preprocess`` brings [-1, 1] NHWC images to ImageNet normalisation at 224² in float32; ``DinoViT`` returns
-the read-outs ``patch_tokens + cls_token`` (B, 196, 384) after the patch + position embedding and after blocks
-``key_depths`` (2, 5, 8, 11). The blocks are the project's ``ViTBlock`` (timm's fused qkv is split at conversion,
-its k-bias zeroed). There is no final norm. Weights: ``python -m detailflow_jax.convert.dino``.
+``dino_preprocess`` brings [-1, 1] NHWC images to ImageNet normalisation at 224² in float32;
+``DinoViT`` returns the read-outs ``patch_tokens + cls_token`` (B, 196, 384) after the patch +
+position embedding and after blocks ``key_depths`` (2, 5, 8, 11). The blocks are the project's
+``ViTBlock`` (timm's fused qkv is split at conversion, its k-bias zeroed). There is no final norm.
+Weights: ``python -m detailflow_jax.convert.dino``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from detailflow_jax.nn.vit import ViTBlock
 
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _STD = np.array([0.229, 0.224, 0.225], np.float32)
-# [-1, 1] -> ImageNet normalisation as one affine map: x_scale * x + x_shift == ((x + 1) / 2 - mean) / std.
+# [-1, 1] -> ImageNet normalisation as one affine map: x_scale * x + x_shift == ((x + 1) / 2 - mean)
+# / std.
 X_SCALE = tuple(float(v) for v in 0.5 / _STD)
 X_SHIFT = tuple(float(v) for v in (0.5 - _MEAN) / _STD)
 
@@ -43,8 +46,9 @@ def dino_preprocess(x: jax.Array, img_size: int = 224, crop_key: jax.Array | Non
                     x_shift: Sequence[float] = X_SHIFT) -> jax.Array:
     """[-1, 1] NHWC -> ImageNet-normalised (B, img_size, img_size, 3) float32.
 
-    Larger images: with ``crop_key`` given, one random ``img_size`` crop for the whole batch with probability
-    ``crop_prob``, else (or without a key) torch 'area' resizing. Smaller or equal images: torch 'bicubic'.
+    Larger images: with ``crop_key`` given, one random ``img_size`` crop for the whole batch with
+    probability ``crop_prob``, else (or without a key) torch 'area' resizing. Smaller or equal
+    images: torch 'bicubic'.
     """
     x = x.astype(jnp.float32)
     x = x * jnp.asarray(x_scale, jnp.float32) + jnp.asarray(x_shift, jnp.float32)
@@ -65,10 +69,11 @@ def readout(h: jax.Array) -> jax.Array:
 
 
 class DinoViT(nn.Module):
-    """Normalised (B, S, S, 3) images -> list of 1 + len(key_depths) read-outs, each (B, (S/patch)², width).
+    """Normalised (B, S, S, 3) images -> list of 1 + len(key_depths) read-outs, each (B, (S/patch)²,
+    width).
 
-    Parameters: ``patch_embed`` (Conv), ``cls_token`` (1, 1, width), ``pos_embed`` (1, 1 + L, width) and
-    ``layers_{i}`` ViTBlocks. Blocks after the last key depth are not built.
+    Parameters: ``patch_embed`` (Conv), ``cls_token`` (1, 1, width), ``pos_embed`` (1, 1 + L, width)
+    and ``layers_{i}`` ViTBlocks. Blocks after the last key depth are not built.
     """
 
     width: int = 384
@@ -84,14 +89,23 @@ class DinoViT(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         if x.shape[1:3] != (self.img_size, self.img_size):
-            raise ValueError(f"DinoViT expects {self.img_size}² inputs (use dino_preprocess), got {x.shape}")
+            raise ValueError(
+                f"DinoViT expects {self.img_size}² inputs (use dino_preprocess), got {x.shape}"
+            )
         grid = self.img_size // self.patch
-        h = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="patch_embed",
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                             (None, None, None, "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(
-                        x.astype(self.dtype))
+        h = nn.Conv(
+            self.width,
+            (self.patch, self.patch),
+            strides=self.patch,
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="patch_embed",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        )(x.astype(self.dtype))
         h = h.reshape(x.shape[0], grid * grid, self.width).astype(jnp.float32)
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
         cls = self.param("cls_token", init, (1, 1, self.width), self.param_dtype)

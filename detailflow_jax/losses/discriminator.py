@@ -1,4 +1,5 @@
-"""DINO discriminator (official, from VAR / Infinity: ``DinoDisc``): trainable heads on a frozen DINO ViT-S/16.
+"""DINO discriminator (official, from VAR / Infinity: ``DinoDisc``): trainable heads on a frozen
+DINO ViT-S/16.
 
 One head per backbone read-out (5 of them), each on (B, L=196, C=384) tokens:
 
@@ -6,15 +7,17 @@ One head per backbone read-out (5 of them), each on (B, L=196, C=384) tokens:
     (x + [SNConv1d(C, C, k=9, circular pad 4) -> BN -> LReLU(0.2)](x)) / sqrt(2)
     SNConv1d(C, 1, k=1)
 
-giving logits (B, 5·L = 980). The frozen backbone's parameters are a call *argument*, not variables of this module,
-so the optimiser only ever sees the heads; gradients still flow through the backbone to the images.
+giving logits (B, 5·L = 980). The frozen backbone's parameters are a call *argument*, not variables
+of this module, so the optimiser only ever sees the heads; gradients still flow through the backbone
+to the images.
 
-Variables: ``params`` (head weights) and ``batch_stats`` (BatchNorm running statistics and the spectral-norm u, v
-vectors). ``train=True`` uses batch statistics and runs one power iteration, both of which update ``batch_stats``
-(apply with ``mutable=["batch_stats"]``); ``train=False`` uses the running statistics and the stored u, v (PyTorch
-eval semantics). Under ``jit`` with a globally sharded batch the BatchNorm reduction is already over the global
-batch (what SyncBatchNorm does), so no ``axis_name`` is needed. Running variances are updated with the biased batch
-variance (Flax) where PyTorch uses the unbiased one: a factor n/(n-1) with n = B·196, immaterial.
+Variables: ``params`` (head weights) and ``batch_stats`` (BatchNorm running statistics and the
+spectral-norm u, v vectors). ``train=True`` uses batch statistics and runs one power iteration, both
+of which update ``batch_stats`` (apply with ``mutable=["batch_stats"]``); ``train=False`` uses the
+running statistics and the stored u, v (PyTorch eval semantics). Under ``jit`` with a globally
+sharded batch the BatchNorm reduction is already over the global batch (what SyncBatchNorm does), so
+no ``axis_name`` is needed. Running variances are updated with the biased batch variance (Flax)
+where PyTorch uses the unbiased one: a factor n/(n-1) with n = B·196, immaterial.
 """
 
 from __future__ import annotations
@@ -45,14 +48,17 @@ def _unit_normal(key, shape, dtype=jnp.float32):
 
 def _torch_bias_init(fan_in: int):
     bound = 1.0 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 class SNConv1d(nn.Module):
     """Conv1d over (B, L, C_in) with circular padding k//2 and a spectrally normalised kernel.
 
-    As ``torch.nn.utils.spectral_norm(dim=0, eps=1e-12)``: sigma = u^T W v with W the kernel as (out, in·k) and
-    u, v persistent; train mode first runs one power iteration (v <- norm(W^T u), u <- norm(W v)) and stores u, v.
+    As ``torch.nn.utils.spectral_norm(dim=0, eps=1e-12)``: sigma = u^T W v with W the kernel as
+    (out, in·k) and u, v persistent; train mode first runs one power iteration (v <- norm(W^T u), u
+    <- norm(W v)) and stores u, v.
     """
 
     features: int
@@ -66,14 +72,25 @@ class SNConv1d(nn.Module):
         k, c_in = self.kernel_size, x.shape[-1]
         fan_in = k * c_in
         kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), _REPLICATED3),  # torch Conv1d default
+            # torch Conv1d default
+            nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), _REPLICATED3),
             (k, c_in, self.features), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(_torch_bias_init(fan_in), (None,)),
                           (self.features,), self.param_dtype)
-        u = self.variable("batch_stats", "u", _unit_normal, self.make_rng("params") if self.is_initializing()
-                          else None, (self.features,))
-        v = self.variable("batch_stats", "v", _unit_normal, self.make_rng("params") if self.is_initializing()
-                          else None, (fan_in,))
+        u = self.variable(
+            "batch_stats",
+            "u",
+            _unit_normal,
+            self.make_rng("params") if self.is_initializing() else None,
+            (self.features,),
+        )
+        v = self.variable(
+            "batch_stats",
+            "v",
+            _unit_normal,
+            self.make_rng("params") if self.is_initializing() else None,
+            (fan_in,),
+        )
         w_mat = jnp.transpose(kernel, (2, 1, 0)).reshape(self.features, fan_in).astype(jnp.float32)
         u_vec, v_vec = u.value, v.value
         if train:
@@ -84,13 +101,20 @@ class SNConv1d(nn.Module):
         sigma = u_vec @ (w_mat @ v_vec)
         w = (kernel.astype(jnp.float32) / sigma).astype(self.dtype)
         pad = k // 2
-        h = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (0, 0)), mode="wrap") if pad else x.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(h, w, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+        h = (
+            jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (0, 0)), mode="wrap")
+            if pad
+            else x.astype(self.dtype)
+        )
+        y = jax.lax.conv_general_dilated(
+            h, w, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+        )
         return y + bias.astype(self.dtype)
 
 
 class DiscHead(nn.Module):
-    """SN-conv block, residual SN-conv block, SN-conv to one logit per token: (B, L, C) -> (B, L)."""
+    """SN-conv block, residual SN-conv block, SN-conv to one logit per token: (B, L, C) -> (B,
+    L)."""
 
     kernel_size: int = 9
     norm_eps: float = 1e-6
@@ -98,13 +122,24 @@ class DiscHead(nn.Module):
     param_dtype: Any = jnp.float32
 
     def _block(self, x, train, kernel_size, name, mask):
-        h = SNConv1d(x.shape[-1], kernel_size, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_conv")(
-            x, train)
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.norm_eps, dtype=jnp.float32,
-                         param_dtype=self.param_dtype, use_fast_variance=False, name=f"{name}_norm",
-                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(
-                             h, mask=mask)
+        h = SNConv1d(
+            x.shape[-1],
+            kernel_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=f"{name}_conv",
+        )(x, train)
+        h = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=self.norm_eps,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            use_fast_variance=False,
+            name=f"{name}_norm",
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+        )(h, mask=mask)
         return nn.leaky_relu(h, 0.2)
 
     @nn.compact
@@ -118,12 +153,14 @@ class DiscHead(nn.Module):
 
 
 class DinoDiscriminator(nn.Module):
-    """``D.apply(vars, x, backbone_params, train, crop_key)`` -> (B, (1 + len(key_depths))·L) float32 logits.
+    """``D.apply(vars, x, backbone_params, train, crop_key)`` -> (B, (1 + len(key_depths))·L)
+    float32 logits.
 
-    x: NHWC images in [-1, 1] of any size (resized / cropped to ``img_size`` by ``dino_preprocess``; pass
-    ``crop_key`` to allow the random crop of larger images). ``backbone_params``: the frozen ``DinoViT`` parameters
-    (from ``load_dino_params``). ``sample_mask`` (B,) bool: only those samples enter the train-mode BatchNorm
-    statistics (the others are still scored), as if the batch held them alone.
+    x: NHWC images in [-1, 1] of any size (resized / cropped to ``img_size`` by ``dino_preprocess``;
+    pass ``crop_key`` to allow the random crop of larger images). ``backbone_params``: the frozen
+    ``DinoViT`` parameters (from ``load_dino_params``). ``sample_mask`` (B,) bool: only those
+    samples enter the train-mode BatchNorm statistics (the others are still scored), as if the batch
+    held them alone.
     """
 
     width: int = 384
@@ -140,7 +177,8 @@ class DinoDiscriminator(nn.Module):
     param_dtype: Any = jnp.float32
 
     def backbone(self) -> DinoViT:
-        # parent=None: an unbound module applied with the given (frozen) parameters, not a child of this one.
+        # parent=None: an unbound module applied with the given (frozen) parameters, not a child of
+        # this one.
         return DinoViT(width=self.width, heads=self.heads, patch=self.patch, img_size=self.img_size,
                        key_depths=tuple(self.key_depths), ln_eps=self.norm_eps, dtype=self.dtype,
                        param_dtype=self.param_dtype, parent=None)
@@ -149,7 +187,9 @@ class DinoDiscriminator(nn.Module):
     def __call__(self, x: jax.Array, backbone_params: Any, train: bool,
                  crop_key: jax.Array | None = None,
                  sample_mask: jax.Array | None = None) -> jax.Array:
-        images = dino_preprocess(x, self.img_size, crop_key, self.crop_prob, self.x_scale, self.x_shift)
+        images = dino_preprocess(
+            x, self.img_size, crop_key, self.crop_prob, self.x_scale, self.x_shift
+        )
         acts = self.backbone().apply({"params": backbone_params}, images)
         heads = [DiscHead(self.kernel_size, self.norm_eps, self.dtype, self.param_dtype,
                           name=f"head_{i}") for i in range(len(acts))]
@@ -158,6 +198,7 @@ class DinoDiscriminator(nn.Module):
 
 
 def load_dino_params(path) -> tuple[Any, dict | None]:
-    """(frozen backbone params, head variables or None) from a ``convert.dino`` directory, or a clear error."""
+    """(frozen backbone params, head variables or None) from a ``convert.dino`` directory, or a
+    clear error."""
     tree = load_required_params("DINO discriminator", path, WEIGHTS_FLAG, CONVERTER)
     return tree["backbone"], tree.get("heads")

@@ -1,17 +1,20 @@
-"""PatchGAN discriminator (pix2pix / taming-transformers ``NLayerDiscriminator``), trained from scratch.
+"""PatchGAN discriminator (pix2pix / taming-transformers ``NLayerDiscriminator``), trained from
+scratch.
 
-For runs without the pretrained DINO weights. Layout with ``ndf`` = 64, ``n_layers`` = 3 (2.77M parameters):
+For runs without the pretrained DINO weights. Layout with ``ndf`` = 64, ``n_layers`` = 3 (2.77M
+parameters):
 
     conv4x4/2 (bias) -> LReLU(0.2)
     [conv4x4/2 (no bias) -> BN -> LReLU(0.2)] x (n_layers - 1)     channels ndf * min(2^n, 8)
     conv4x4/1 (no bias) -> BN -> LReLU(0.2)                          channels ndf * min(2^n_layers, 8)
     conv4x4/1 (bias) -> 1 channel
 
-All convs pad 1. A 256² input gives 30x30 patch logits; ``__call__`` returns them flattened to (B, P).
-Init as taming's ``weights_init``: conv kernels N(0, 0.02), BN scale N(1, 0.02), biases 0.
-BatchNorm uses the statistics of the whole batch in train mode: under ``jit`` with a globally sharded batch the
-reduction is already global, so no ``axis_name`` is needed. Parameters are replicated (small).
-"""
+All convs pad 1. A 256² input gives 30x30 patch logits; ``__call__`` returns them flattened to (B,
+P). Init as taming's ``weights_init``: conv kernels N(0, 0.02), BN scale N(1, 0.02), biases 0.
+BatchNorm uses the statistics of the whole batch in train mode: under ``jit`` with a globally
+sharded batch the reduction is already global, so no ``axis_name`` is needed. Parameters are
+replicated (small).
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -35,16 +38,31 @@ class PatchGANDiscriminator(nn.Module):
     param_dtype: Any = jnp.float32
 
     def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> nn.Conv:
-        return nn.Conv(features, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=use_bias,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None,) * 4),
-                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+        return nn.Conv(
+            features,
+            (4, 4),
+            strides=stride,
+            padding=((1, 1), (1, 1)),
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None,) * 4),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+        )
 
     def _norm(self, train: bool, name: str) -> nn.BatchNorm:
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
-                            param_dtype=self.param_dtype, use_fast_variance=False, name=name,
-                            scale_init=nn.with_logical_partitioning(_scale_init, (None,)),
-                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            use_fast_variance=False,
+            name=name,
+            scale_init=nn.with_logical_partitioning(_scale_init, (None,)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True,

@@ -1,7 +1,8 @@
 """The convolution stack of torchvision's VGG16 (``features[0:30]``), returning the five LPIPS taps.
 
-Layer names ``conv{block}_{i}`` follow the VGG paper; ``TORCHVISION_INDEX`` maps each to its index in
-torchvision's ``vgg16().features`` (used by the weight converter). Parameters are replicated (14.7M, frozen).
+Layer names ``conv{block}_{i}`` follow the VGG paper; ``TORCHVISION_INDEX`` maps each to its index
+in torchvision's ``vgg16().features`` (used by the weight converter). Parameters are replicated
+(14.7M, frozen).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 
 
 def _torchvision_indices() -> dict[str, int]:
-    """conv name -> index in ``vgg16().features`` (conv, relu pairs, plus one max-pool between blocks)."""
+    """conv name -> index in ``vgg16().features`` (conv, relu pairs, plus one max-pool between
+    blocks)."""
     out, idx = {}, 0
     for b, n, _ in VGG16_BLOCKS:
         if b > 1:
@@ -46,11 +48,18 @@ class VGG16Features(nn.Module):
             if b > 1:
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
             for i in range(n):
-                h = nn.Conv(channels, (3, 3), padding=1, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                     (None, None, None, None)),
-                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-                            name=f"conv{b}_{i + 1}")(h)
+                h = nn.Conv(
+                    channels,
+                    (3, 3),
+                    padding=1,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(
+                        nn.initializers.lecun_normal(), (None, None, None, None)
+                    ),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+                    name=f"conv{b}_{i + 1}",
+                )(h)
                 h = nn.relu(h)
             feats[f"relu{b}_{n}"] = h.astype(jnp.float32)
         return feats

@@ -1,4 +1,5 @@
-"""Start-up checks for losses that need pretrained weights the user must supply (nothing is downloaded)."""
+"""Start-up checks for losses that need pretrained weights the user must supply (nothing is
+downloaded)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from detailflow_jax.params_io import restore_params
 
 
 class MissingWeightsError(ValueError):
-    """A loss is enabled but its converted weights were not given (or the path is not a converted directory)."""
+    """A loss is enabled but its converted weights were not given (or the path is not a converted
+    directory)."""
 
 
 def require_weights(name: str, path: str | os.PathLike | None, flag: str, converter: str) -> str:
-    """Returns ``path`` as an absolute directory, or raises a MissingWeightsError saying what to pass.
+    """Returns ``path`` as an absolute directory, or raises a MissingWeightsError saying what to
+    pass.
 
     Args:
       name: what needs the weights, e.g. "perceptual loss LPIPS".
@@ -27,8 +30,10 @@ def require_weights(name: str, path: str | os.PathLike | None, flag: str, conver
     path = storage.path(path)
     if path.is_file():
         raise MissingWeightsError(
-            f"{name}: {path} is a file, but {flag} takes the directory written by `python -m {converter}`; "
-            f"convert the file first (see `python -m {converter} --help`)")
+            f"{name}: {path} is a file, but {flag} takes the directory written by `python -m "
+            f"{converter}`; "
+            f"convert the file first (see `python -m {converter} --help`)"
+        )
     if not path.is_dir():
         raise MissingWeightsError(f"{name}: {flag}={path} does not exist; pass {how}")
     return str(path)

@@ -1,17 +1,20 @@
-"""The FID Inception-v3 ("inception-2015-12-05", 1008 classes) in Flax Linen, and a jitted feature extractor.
+"""The FID Inception-v3 ("inception-2015-12-05", 1008 classes) in Flax Linen, and a jitted feature
+extractor.
 
-The network is pytorch-fid's ``fid_inception_v3()``: torchvision's Inception3 with the blocks that differ from the
-TensorFlow graph replaced (``FIDInceptionA/C/E_1`` average-pool without counting the padding, ``FIDInceptionE_2``
-max-pools), BatchNorm eps 1e-3 in inference mode. Parameter names mirror the PyTorch state dict (``Mixed_5b/
-branch1x1/conv/kernel`` <- ``Mixed_5b.branch1x1.conv.weight``), so ``convert/inception.py`` is a direct mapping.
+The network is pytorch-fid's ``fid_inception_v3()``: torchvision's Inception3 with the blocks that
+differ from the TensorFlow graph replaced (``FIDInceptionA/C/E_1`` average-pool without counting the
+padding, ``FIDInceptionE_2`` max-pools), BatchNorm eps 1e-3 in inference mode. Parameter names
+mirror the PyTorch state dict (``Mixed_5b/ branch1x1/conv/kernel`` <-
+``Mixed_5b.branch1x1.conv.weight``), so ``convert/inception.py`` is a direct mapping.
 
 Outputs, as used by the ADM evaluator (``guided-diffusion/evaluations/evaluator.py``):
   * ``pool``: the 2048-d ``pool_3`` features (FID, precision/recall);
-  * ``spatial``: ``mixed_6/conv:0`` (= ``Mixed_6d.branch1x1`` after BN+ReLU, the first 192 channels of the Mixed_6d
-    output), first 7 channels, flattened in (H, W, C) order: 17 * 17 * 7 = 2023 dims (sFID);
+  * ``spatial``: ``mixed_6/conv:0`` (= ``Mixed_6d.branch1x1`` after BN+ReLU, the first 192 channels
+    of the Mixed_6d output), first 7 channels, flattened in (H, W, C) order: 17 * 17 * 7 = 2023 dims
+    (sFID);
   * ``logits``: ``fc(pool)`` with bias (pytorch-fid / torchvision convention);
-  * ``logits_unbiased``: ``pool @ fc.kernel`` without bias, which is what the ADM evaluator (and the original
-    improved-GAN Inception Score) feeds to the softmax for the Inception Score.
+  * ``logits_unbiased``: ``pool @ fc.kernel`` without bias, which is what the ADM evaluator (and the
+    original improved-GAN Inception Score) feeds to the softmax for the Inception Score.
 """
 
 from __future__ import annotations
@@ -35,29 +38,41 @@ SPATIAL_SIZE = 17
 SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023
 BN_EPS = 1e-3
 
-# "pytorch_fid": x/255, half-pixel bilinear resize (torch F.interpolate, align_corners=False), 2x-1 (parity-tested).
-# "adm": the TF graph used by the ADM evaluator: legacy TF1 bilinear resize (align_corners=False,
-#        half_pixel_centers=False) on [0, 255] values, then (x - 128) / 128 (as torch-fidelity reproduces it).
+# "pytorch_fid": x/255, half-pixel bilinear resize (torch F.interpolate, align_corners=False), 2x-1
+# (parity-tested). "adm": the TF graph used by the ADM evaluator: legacy TF1 bilinear resize
+# (align_corners=False,
+#        half_pixel_centers=False) on [0, 255] values, then (x - 128) / 128 (as torch-fidelity
+#        reproduces it).
 Preprocess = Literal["pytorch_fid", "adm"]
 PREPROCESS_MODES = ("pytorch_fid", "adm")
 
 
-# Every parameter is replicated (logical names all None): the network is small (24M parameters) and is evaluated on
-# a data-sharded batch, so sharding its weights would only add collectives.
+# Every parameter is replicated (logical names all None): the network is small (24M parameters) and
+# is evaluated on a data-sharded batch, so sharding its weights would only add collectives.
 
 
 class FrozenBatchNorm(nn.Module):
-    """BatchNorm in inference mode with the running statistics stored as parameters (the network is never trained)."""
+    """BatchNorm in inference mode with the running statistics stored as parameters (the network is
+    never trained)."""
 
     @nn.compact
     def __call__(self, x):
         n = x.shape[-1]
         names = (None,)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, names), (n,), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, names), (n,), jnp.float32)
-        mean = self.param("mean", nn.with_logical_partitioning(nn.initializers.zeros, names), (n,), jnp.float32)
-        var = self.param("var", nn.with_logical_partitioning(nn.initializers.ones, names), (n,), jnp.float32)
-        # Same folding as PyTorch's eval-mode batch_norm: x * (g / sqrt(v + eps)) + (b - m * g / sqrt(v + eps)).
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, names), (n,), jnp.float32
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, names), (n,), jnp.float32
+        )
+        mean = self.param(
+            "mean", nn.with_logical_partitioning(nn.initializers.zeros, names), (n,), jnp.float32
+        )
+        var = self.param(
+            "var", nn.with_logical_partitioning(nn.initializers.ones, names), (n,), jnp.float32
+        )
+        # Same folding as PyTorch's eval-mode batch_norm: x * (g / sqrt(v + eps)) + (b - m * g /
+        # sqrt(v + eps)).
         alpha = scale * jax.lax.rsqrt(var + BN_EPS)
         return x.astype(jnp.float32) * alpha + (bias - mean * alpha)
 
@@ -76,10 +91,18 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         ph, pw = self.padding
-        y = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None,) * 4),
-                    name="conv")(x)
+        y = nn.Conv(
+            self.features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None,) * 4),
+            name="conv",
+        )(x)
         return nn.relu(FrozenBatchNorm(name="bn")(y)).astype(self.dtype)
 
 
@@ -188,14 +211,23 @@ class InceptionE(nn.Module):
 
 
 class Classifier(nn.Module):
-    """The 1008-way ``fc`` layer; returns (pool @ W, pool @ W + b) because IS (ADM) uses the former."""
+    """The 1008-way ``fc`` layer; returns (pool @ W, pool @ W + b) because IS (ADM) uses the
+    former."""
 
     @nn.compact
     def __call__(self, pool):
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None)),
-                            (pool.shape[-1], NUM_CLASSES), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (NUM_CLASSES,),
-                          jnp.float32)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None)),
+            (pool.shape[-1], NUM_CLASSES),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            (NUM_CLASSES,),
+            jnp.float32,
+        )
         unbiased = jnp.dot(pool, kernel, precision=jax.lax.Precision.HIGHEST)
         return unbiased, unbiased + bias
 
@@ -203,8 +235,9 @@ class Classifier(nn.Module):
 class InceptionV3(nn.Module):
     """FID Inception-v3 on preprocessed images ``(B, 299, 299, 3)`` in [-1, 1]; see ``preprocess``.
 
-    ``dtype`` is the conv compute dtype (bf16 for speed; fp32 for parity); BatchNorm, pooling of the final features
-    and the classifier run in fp32. ``precision`` defaults to HIGHEST so fp32 means fp32 on TPU too.
+    ``dtype`` is the conv compute dtype (bf16 for speed; fp32 for parity); BatchNorm, pooling of the
+    final features and the classifier run in fp32. ``precision`` defaults to HIGHEST so fp32 means
+    fp32 on TPU too.
     """
 
     dtype: Any = jnp.float32
@@ -213,7 +246,9 @@ class InceptionV3(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(ConvBN, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        conv = functools.partial(
+            ConvBN, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision
+        )
         x = x.astype(self.dtype)
         x = conv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
         x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x)
@@ -237,15 +272,20 @@ class InceptionV3(nn.Module):
         x = InceptionE(True, conv, name="Mixed_7c")(x)
         pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         logits_unbiased, logits = Classifier(name="fc")(pool)
-        return {"pool": pool, "spatial": spatial, "logits": logits, "logits_unbiased": logits_unbiased}
+        return {
+            "pool": pool,
+            "spatial": spatial,
+            "logits": logits,
+            "logits_unbiased": logits_unbiased,
+        }
 
 
 def _bilinear_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.ndarray:
     """(out, in) interpolation weights of a 1-D bilinear resize without antialiasing.
 
-    half_pixel=True is PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``: src = (dst + 0.5) * s - 0.5,
-    clamped at 0. half_pixel=False is TF1's legacy ``resize_bilinear`` (align_corners=False): src = dst * s.
-    Both clamp the upper neighbour to the last pixel.
+    half_pixel=True is PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``: src = (dst
+    + 0.5) * s - 0.5, clamped at 0. half_pixel=False is TF1's legacy ``resize_bilinear``
+    (align_corners=False): src = dst * s. Both clamp the upper neighbour to the last pixel.
     """
     scale = in_size / out_size
     dst = np.arange(out_size, dtype=np.float64)
@@ -260,7 +300,8 @@ def _bilinear_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.ndarra
 
 
 def resize_bilinear(x: jax.Array, size: int, half_pixel: bool = True) -> jax.Array:
-    """Separable bilinear resize of ``(B, H, W, C)`` float images to ``size x size`` (two small matmuls)."""
+    """Separable bilinear resize of ``(B, H, W, C)`` float images to ``size x size`` (two small
+    matmuls)."""
     _, h, w, _ = x.shape
     rows = jnp.asarray(_bilinear_matrix(h, size, half_pixel))
     cols = jnp.asarray(_bilinear_matrix(w, size, half_pixel))
@@ -288,23 +329,34 @@ def abstract_params(model: InceptionV3 | None = None) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _extract_fn(dtype, mode: str):
-    """One jitted function per configuration, shared by all extractors (so a new extractor does not recompile)."""
+    """One jitted function per configuration, shared by all extractors (so a new extractor does not
+    recompile)."""
     model = InceptionV3(dtype=dtype)
     return jax.jit(lambda params, images: model.apply({"params": params}, preprocess(images, mode)))
 
 
 class InceptionFeatures:
-    """Jitted feature extractor: uint8 ``(B, H, W, 3)`` images -> dict(pool, spatial, logits, logits_unbiased).
+    """Jitted feature extractor: uint8 ``(B, H, W, 3)`` images -> dict(pool, spatial, logits,
+    logits_unbiased).
 
-    With a ``mesh`` the parameters are replicated on it and each batch is sharded over the mesh's data axes
-    (``BATCH_AXES``); a batch whose size the data axes do not divide is zero-padded and the padding dropped from the
-    outputs. Keep the batch size fixed across calls (pad the last batch) so the function compiles once.
+    With a ``mesh`` the parameters are replicated on it and each batch is sharded over the mesh's
+    data axes (``BATCH_AXES``); a batch whose size the data axes do not divide is zero-padded and
+    the padding dropped from the outputs. Keep the batch size fixed across calls (pad the last
+    batch) so the function compiles once.
     """
 
-    def __init__(self, params: Any, *, mesh: Mesh | None = None, preprocess: Preprocess = "pytorch_fid",
-                 dtype: Any = jnp.float32):
+    def __init__(
+        self,
+        params: Any,
+        *,
+        mesh: Mesh | None = None,
+        preprocess: Preprocess = "pytorch_fid",
+        dtype: Any = jnp.float32,
+    ):
         if preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"unknown preprocess mode {preprocess!r}; use one of {PREPROCESS_MODES}")
+            raise ValueError(
+                f"unknown preprocess mode {preprocess!r}; use one of {PREPROCESS_MODES}"
+            )
         self.mesh = mesh
         params = nn.unbox(params)
         self.params = jax.device_put(params, replicated(mesh)) if mesh is not None else params
@@ -316,14 +368,21 @@ class InceptionFeatures:
 
     def __call__(self, images) -> dict[str, jax.Array]:
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images of shape (B, H, W, 3) (NHWC, RGB), got {tuple(images.shape)}")
+            raise ValueError(
+                f"expected images of shape (B, H, W, 3) (NHWC, RGB), got {tuple(images.shape)}"
+            )
         if images.dtype != jnp.uint8:
-            raise ValueError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert float images in "
-                             "[0, 1] with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) first")
+            raise ValueError(
+                f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert float "
+                "images in "
+                "[0, 1] with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) first"
+            )
         n = images.shape[0]
         pad = -n % self.data_parallelism
         if pad:
-            images = jnp.concatenate([jnp.asarray(images), jnp.zeros((pad, *images.shape[1:]), jnp.uint8)])
+            images = jnp.concatenate(
+                [jnp.asarray(images), jnp.zeros((pad, *images.shape[1:]), jnp.uint8)]
+            )
         if self.mesh is not None:
             images = jax.device_put(images, batch_sharding(self.mesh, 4))
         out = self._fn(self.params, images)

@@ -30,10 +30,15 @@ from detailflow_jax.preflight import topology as topo_lib
 from detailflow_jax.train import cli
 
 _PROGRAM = flags.DEFINE_enum(
-    "program", "train", ["train", "sample", "sample_reference", "decode"],
-    "train: the trainer's step; sample: the KV-cache sampler's call (AR config, config.batch_size labels, "
-    "config.sampling); sample_reference: the no-cache reference sampler (its step x the steps); decode: the "
-    "tokenizer's image decoder (tokenizer config)")
+    "program",
+    "train",
+    ["train", "sample", "sample_reference", "decode"],
+    "train: the trainer's step; sample: the KV-cache sampler's call (AR config, config.batch_size "
+    "labels, "
+    "config.sampling); sample_reference: the no-cache reference sampler (its step x the steps); "
+    "decode: the "
+    "tokenizer's image decoder (tokenizer config)",
+)
 _TOPOLOGY = flags.DEFINE_string("topology", "cpu:8",
                                 "v5e:4x4, v4:2x2x1, v5p:4x4x4, v6e:8x8, cpu:N, ...")
 _RECIPE = flags.DEFINE_string("recipe", None,
@@ -72,7 +77,9 @@ def run(config, topology_name: str, program: str = "train", recipe: str | None =
     if recipe:
         from configs import common
         if recipe not in common.MESH_RECIPES:  # mesh_config's KeyError would be a traceback
-            raise topo_lib.TopologyError(f"--recipe={recipe!r}: choose one of {sorted(common.MESH_RECIPES)}")
+            raise topo_lib.TopologyError(
+                f"--recipe={recipe!r}: choose one of {sorted(common.MESH_RECIPES)}"
+            )
         config.mesh = common.mesh_config(recipe)
     topo = topo_lib.get(topology_name)
     shape = sharding.resolve_mesh_shape((config.mesh.data, config.mesh.fsdp, config.mesh.tensor),
@@ -156,7 +163,8 @@ def main(argv) -> None:
         print(__doc__.strip() + "\n", file=sys.stderr)
         cli_errors.fail("--config is required")
     cli.maybe_print_config(config)
-    report = run(config, _TOPOLOGY.value, _PROGRAM.value, _RECIPE.value)  # bad input: cli.run's boundary
+    # bad input: cli.run's boundary
+    report = run(config, _TOPOLOGY.value, _PROGRAM.value, _RECIPE.value)
     print(table(report))
     print(json.dumps(report), flush=True)
     reason = verdict(report)

@@ -12,15 +12,18 @@ from detailflow_jax.tokenizer.model import count_params
 
 
 def block_forward(width: int, mlp: int, queries: int, keys: int) -> float:
-    """Forward FLOPs per sequence of one ViT block whose ``queries`` rows are updated and whose ``keys`` rows give
-    keys and values: q, out and MLP per query row, k and v per key row, then attention."""
+    """Forward FLOPs per sequence of one ViT block whose ``queries`` rows are updated and whose
+    ``keys`` rows give keys and values: q, out and MLP per query row, k and v per key row, then
+    attention."""
     return (2 * (2 * width * width + 2 * width * mlp) * queries + 2 * 2 * width * width * keys
             + 4 * queries * keys * width)
 
 
-def vit_forward(width: int, depth: int, mlp: int, seq: int, last_queries: int | None = None) -> float:
-    """Forward FLOPs per sequence of a ViT stack over ``seq`` rows; the last block updates ``last_queries`` rows
-    (default all: the rows the output keeps)."""
+def vit_forward(
+    width: int, depth: int, mlp: int, seq: int, last_queries: int | None = None
+) -> float:
+    """Forward FLOPs per sequence of a ViT stack over ``seq`` rows; the last block updates
+    ``last_queries`` rows (default all: the rows the output keeps)."""
     last = seq if last_queries is None else last_queries
     return (depth - 1) * block_forward(width, mlp, seq, seq) + block_forward(width, mlp, last, seq)
 
@@ -41,15 +44,19 @@ DINO_VIT = dict(width=384, depth=12, mlp=1536, seq=197)
 def tokenizer_step(config, frozen, canvas: int, batch: int) -> float:
     """Approximate FLOPs of one tokenizer step.
 
-    Generator fwd+bwd (encoder twice on the B images: the clean pass, whose last block updates only the
-    latents, and the self-correction re-encode, which updates only the latents over the clean pass's patch
-    states, both trained; decoder on the clean + self-corrected 2B, its last block updating only the canvas); the
-    frozen
-    nets the generator loss differentiates through (LPIPS, DINO: 3x forward on 2B); the
-    discriminator's real/fake (+ consistency) forwards; SigLIP2 forward once on B. Left out: patch
-    embedding, VQ, discriminator heads. ``frozen``: the step's FrozenNets (the SigLIP2 tower's size)."""
+    Generator fwd+bwd (encoder twice on the B images: the clean pass, whose last block updates only
+    the latents, and the self-correction re-encode, which updates only the latents over the clean
+    pass's patch states, both trained; decoder on the clean + self-corrected 2B, its last block
+    updating only the canvas); the frozen nets the generator loss differentiates through (LPIPS,
+    DINO: 3x forward on 2B); the discriminator's real/fake (+ consistency) forwards; SigLIP2 forward
+    once on B. Left out: patch embedding, VQ, discriminator heads. ``frozen``: the step's FrozenNets
+    (the SigLIP2 tower's size)."""
     m, losses = validate(config.model), config.losses
-    n, patches, positions = m.num_latent_tokens, (m.image_size // m.patch_size) ** 2, (canvas // m.patch_size) ** 2
+    n, patches, positions = (
+        m.num_latent_tokens,
+        (m.image_size // m.patch_size) ** 2,
+        (canvas // m.patch_size) ** 2,
+    )
     e, d = m.encoder, m.decoder
     clean = vit_forward(e.width, e.depth, e.mlp_dim, patches + n, last_queries=n)
     re_encode = e.depth * block_forward(e.width, e.mlp_dim, n, patches + n)
@@ -69,17 +76,28 @@ def tokenizer_step(config, frozen, canvas: int, batch: int) -> float:
 
 
 def gpt_sample(model_cfg, params, batch: int, guidance: bool) -> float:
-    """One sampling call: every token (and the class token) through the forward once, with CFG on a doubled
-    batch: 2 · params per token, plus 4 · d per visible key per layer (a triangle of N² / 2 keys)."""
+    """One sampling call: every token (and the class token) through the forward once, with CFG on a
+    doubled batch: 2 · params per token, plus 4 · d per visible key per layer (a triangle of N² / 2
+    keys)."""
     rows = batch * (2 if guidance else 1)
     seq = model_cfg.num_tokens + 1
-    return float(rows * (2 * count_params(params) * seq + 2 * model_cfg.n_layer * seq * seq * model_cfg.dim))
+    return float(
+        rows * (2 * count_params(params) * seq + 2 * model_cfg.n_layer * seq * seq * model_cfg.dim)
+    )
 
 
 def tokenizer_decode(model_cfg, canvas: int, batch: int) -> float:
-    """The decoder forward on ``batch`` code sequences at ``canvas``, its last block updating only the canvas
-    (patch embedding and quantizer left out)."""
+    """The decoder forward on ``batch`` code sequences at ``canvas``, its last block updating only
+    the canvas (patch embedding and quantizer left out)."""
     d = model_cfg.decoder
     positions = (canvas // model_cfg.patch_size) ** 2
-    return float(batch * vit_forward(d.width, d.depth, d.mlp_dim, positions + model_cfg.num_latent_tokens,
-                                     last_queries=positions))
+    return float(
+        batch
+        * vit_forward(
+            d.width,
+            d.depth,
+            d.mlp_dim,
+            positions + model_cfg.num_latent_tokens,
+            last_queries=positions,
+        )
+    )

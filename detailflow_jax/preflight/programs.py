@@ -19,9 +19,10 @@ class Program:
     args: tuple               # ShapeDtypeStructs with shardings
     global_batch: int
     model_flops: float
-    calls: int = 1            # calls of ``jitted`` per run (the reference sampler's step runs once per step)
-    # XLA's cost analysis counts a loop body once, whatever its trip count. (probe, weight): ``jitted`` with one
-    # loop unrolled twice, whose extra cost (one or two iterations) counts ``weight`` times more per run.
+    calls: int = 1  # calls of ``jitted`` per run (the reference sampler's step runs once per step)
+    # XLA's cost analysis counts a loop body once, whatever its trip count. (probe, weight):
+    # ``jitted`` with one loop unrolled twice, whose extra cost (one or two iterations) counts
+    # ``weight`` times more per run.
     loop_probes: tuple = ()
 
 
@@ -34,15 +35,19 @@ def is_ar_config(config) -> bool:
 
 
 def stand_in_schedule(resolve, config):
-    """The trainer's lr schedule without a dataset: its step counts are constants of the program that change no
-    shape and no cost, so one step per epoch stands in for the data the preflight does not read."""
+    """The trainer's lr schedule without a dataset: its step counts are constants of the program
+    that change no shape and no cost, so one step per epoch stands in for the data the preflight
+    does not read."""
     return resolve(config, dataset_size=config.batch_size)
 
 
 def ar_train(config, mesh) -> Program:
     from detailflow_jax import optim
     from detailflow_jax.train import ar_step
-    program = ar_step.make_ar_step(config, mesh, stand_in_schedule(optim.resolve_ar_schedule, config))
+
+    program = ar_step.make_ar_step(
+        config, mesh, stand_in_schedule(optim.resolve_ar_schedule, config)
+    )
     state = program.abstract_state
     b, n = config.batch_size, program.model_cfg.num_tokens
     batch = {"codes": _sds((b, n, 3), jnp.int16, sharding.batch_sharding(mesh, 3)),
@@ -78,9 +83,10 @@ def _sampling_inputs(config, mesh):
 
 
 def gpt_sample(config, mesh) -> Program:
-    """The KV-cache sampler's jitted call, with the shardings inference/generator.py gives it. Each loop of more than one
-    iteration gets a probe: the same sampler with that loop unrolled twice, one more iteration (two with an odd
-    trip count, where the remainder runs as its own loop) in the cost analysis."""
+    """The KV-cache sampler's jitted call, with the shardings inference/generator.py gives it. Each
+    loop of more than one iteration gets a probe: the same sampler with that loop unrolled twice,
+    one more iteration (two with an odd trip count, where the remainder runs as its own loop) in the
+    cost analysis."""
     from detailflow_jax.ar.model import GPT
     from detailflow_jax.ar.sampling import Sampler
     cfg, params, shardings, labels, key, settings = _sampling_inputs(config, mesh)
@@ -91,27 +97,40 @@ def gpt_sample(config, mesh) -> Program:
         trips = stop - start
         if trips > 1:
             probe = Sampler(GPT(cfg), mesh, shardings, loop_unroll={i: 2})
-            probes.append((Program(probe.jitted, args, config.batch_size, 0.0), (trips - 1) / (1 + trips % 2)))
+            probes.append(
+                (Program(probe.jitted, args, config.batch_size, 0.0), (trips - 1) / (1 + trips % 2))
+            )
     flops = model_flops.gpt_sample(cfg, params, config.batch_size, settings.guidance)
     return Program(sampler.jitted, args, config.batch_size, flops, loop_probes=tuple(probes))
 
 
 def gpt_sample_reference(config, mesh) -> Program:
-    """The no-cache reference sampler at its fixed length: one jitted group step over the N - g token prefix,
-    run once per sampling step (an upper bound for the true-length steps, which grow from 1 to N - g tokens)."""
+    """The no-cache reference sampler at its fixed length: one jitted group step over the N - g
+    token prefix, run once per sampling step (an upper bound for the true-length steps, which grow
+    from 1 to N - g tokens)."""
     from detailflow_jax.ar.model import GPT
     from detailflow_jax.ar.reference import ReferenceSampler
     cfg, params, _, labels, key, settings = _sampling_inputs(config, mesh)
     sampler = ReferenceSampler(GPT(cfg), fixed_length=True)
-    prefix = _sds((config.batch_size, cfg.num_tokens - cfg.group_size), jnp.int32, sharding.batch_sharding(mesh, 2))
+    prefix = _sds(
+        (config.batch_size, cfg.num_tokens - cfg.group_size),
+        jnp.int32,
+        sharding.batch_sharding(mesh, 2),
+    )
     step = _sds((), jnp.int32, sharding.replicated(mesh))
     flops = model_flops.gpt_sample(cfg, params, config.batch_size, settings.guidance)
-    return Program(sampler.jitted_step, (params, prefix, labels, key, settings, step, cfg.group_size),
-                   config.batch_size, flops, calls=cfg.num_steps)
+    return Program(
+        sampler.jitted_step,
+        (params, prefix, labels, key, settings, step, cfg.group_size),
+        config.batch_size,
+        flops,
+        calls=cfg.num_steps,
+    )
 
 
 def tokenizer_decode(config, mesh) -> Program:
-    """The sampler's image decoder (inference/images.py TokenDecoder): all N codes at the full canvas."""
+    """The sampler's image decoder (inference/images.py TokenDecoder): all N codes at the full
+    canvas."""
     from detailflow_jax.inference.images import TokenDecoder
     from detailflow_jax.inference.weights import abstract_tokenizer_params
     params = abstract_tokenizer_params(config.model, mesh)
@@ -120,7 +139,9 @@ def tokenizer_decode(config, mesh) -> Program:
     canvas = decoder.tables.canvas[t]
     codes = _sds((config.batch_size, t), jnp.int32, sharding.batch_sharding(mesh, 2))
     flops = model_flops.tokenizer_decode(decoder.model.cfg, canvas, config.batch_size)
-    return Program(TokenDecoder._decode, (decoder, params, codes, t, canvas), config.batch_size, flops)
+    return Program(
+        TokenDecoder._decode, (decoder, params, codes, t, canvas), config.batch_size, flops
+    )
 
 
 PROGRAMS = {"sample": gpt_sample, "sample_reference": gpt_sample_reference}
@@ -131,7 +152,9 @@ def build(config, mesh, program: str) -> Program:
         return (ar_train if is_ar_config(config) else tokenizer_train)(config, mesh)
     if program in PROGRAMS:
         if not is_ar_config(config):
-            raise ConfigError(f"--program={program} samples a GPT: pass an AR config (configs/ar_*.py)")
+            raise ConfigError(
+                f"--program={program} samples a GPT: pass an AR config (configs/ar_*.py)"
+            )
         return PROGRAMS[program](config, mesh)
     if program == "decode":
         if is_ar_config(config):
@@ -146,8 +169,8 @@ def compile_program(prog: Program) -> Any:
 
 
 def cost_per_run(prog: Program, compiled) -> dict:
-    """XLA's flops and bytes of one run: the compiled program's x ``calls``, plus the loop iterations that its
-    ``loop_probes`` measure."""
+    """XLA's flops and bytes of one run: the compiled program's x ``calls``, plus the loop
+    iterations that its ``loop_probes`` measure."""
     from detailflow_jax.preflight import analysis
     once = analysis.cost(compiled)
     cost = {k: v * prog.calls for k, v in once.items()}

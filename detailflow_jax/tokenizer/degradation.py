@@ -1,8 +1,9 @@
 """Per-step random choices of coarse-to-fine training (official ``ResolutionDegradation``;
 docs/model.md#degradation, docs/model.md#self-correction), drawn on the host.
 
-The token count t picks the decoder canvas, which is a static shape, so it is drawn on the host and selects one of
-the compiled train steps; the noise position is passed into that step as a traced integer.
+The token count t picks the decoder canvas, which is a static shape, so it is drawn on the host and
+selects one of the compiled train steps; the noise position is passed into that step as a traced
+integer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from detailflow_jax.tokenizer.resolution import ResolutionTables
 
 
 class NoiseSpan(NamedTuple):
-    """Positions [noise_idx, noise_end) are replaced by random top-k codes in the self-correction pass."""
+    """Positions [noise_idx, noise_end) are replaced by random top-k codes in the self-correction
+    pass."""
 
     noise_idx: int
     noise_end: int
@@ -26,7 +28,8 @@ class NoiseSpan(NamedTuple):
 
 def sample_token_count(rng: np.random.Generator, num_tokens: int, group_size: int, causal_num: int,
                        degradation_prob: float) -> int:
-    """t = N with probability 1 - p; otherwise t ~ U{1..N-g}, rounded up to a whole group past the causal prefix."""
+    """t = N with probability 1 - p; otherwise t ~ U{1..N-g}, rounded up to a whole group past the
+    causal prefix."""
     if rng.random() >= degradation_prob:
         return num_tokens
     t = int(rng.integers(1, num_tokens - group_size + 1))
@@ -35,9 +38,11 @@ def sample_token_count(rng: np.random.Generator, num_tokens: int, group_size: in
     return t
 
 
-def sample_noise_span(rng: np.random.Generator, t: int, group_size: int, causal_num: int) -> NoiseSpan | None:
-    """The official ``get_noise_token_idx``: one token inside the causal prefix, else one whole group that is
-    never the last group the decoder sees. None for t = 1 (nothing to perturb)."""
+def sample_noise_span(
+    rng: np.random.Generator, t: int, group_size: int, causal_num: int
+) -> NoiseSpan | None:
+    """The official ``get_noise_token_idx``: one token inside the causal prefix, else one whole
+    group that is never the last group the decoder sees. None for t = 1 (nothing to perturb)."""
     if t <= 1:
         return None
     if t <= causal_num:
@@ -55,10 +60,11 @@ def noise_span_at(noise_idx: int, group_size: int, causal_num: int) -> NoiseSpan
 
 
 def degradation_matrix(t: int, tables: ResolutionTables) -> np.ndarray:
-    """(canvas[t], R) weights of the official target: area down-sampling to R(t), then bicubic up to the canvas.
+    """(canvas[t], R) weights of the official target: area down-sampling to R(t), then bicubic up to
+    the canvas.
 
-    Both steps are linear along each axis, so their product is one static matrix per t; all t that share a canvas
-    share its shape, which keeps one compiled train step per canvas.
+    Both steps are linear along each axis, so their product is one static matrix per t; all t that
+    share a canvas share its shape, which keeps one compiled train step per canvas.
     """
     s, c = tables.content_res[t], tables.canvas[t]
     return (resample.bicubic_matrix(s, c).astype(np.float64) @

@@ -1,9 +1,11 @@
-"""l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True; docs/model.md#quantizer).
+"""l2-normalised vector quantizer (official `VectorQuantizer` with codebook_l2_norm=True;
+docs/model.md#quantizer).
 
-Everything here runs in float32, except, with ``distance_dtype="bfloat16"``, the code-distance einsum, which is
-then rounded as the official one is under bf16 autocast (its inputs and its output to bfloat16). The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts).
-The official entropy loss (`entropy_loss`) has weight 0 in every released config; it is computed only when a
-config gives it a weight.
+Everything here runs in float32, except, with ``distance_dtype="bfloat16"``, the code-distance
+einsum, which is then rounded as the official one is under bf16 autocast (its inputs and its output
+to bfloat16). The codebook is learned by gradient through ``vq_loss`` (no EMA, no restarts). The
+official entropy loss (`entropy_loss`) has weight 0 in every released config; it is computed only
+when a config gives it a weight.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ class VectorQuantizer(nn.Module):
         return l2_normalize(self.codebook.astype(jnp.float32))
 
     def _similarities(self, z: jax.Array, book: jax.Array) -> jax.Array:
-        """(B, N, K) dot products of tokens and codes. In bf16 autocast torch rounds the einsum's inputs to bf16,
-        accumulates in float32 and rounds the output to bf16; the products of bf16 values are exact in float32, so
-        HIGHEST precision plus explicit roundings reproduce it on every backend."""
+        """(B, N, K) dot products of tokens and codes. In bf16 autocast torch rounds the einsum's
+        inputs to bf16, accumulates in float32 and rounds the output to bf16; the products of bf16
+        values are exact in float32, so HIGHEST precision plus explicit roundings reproduce it on
+        every backend."""
         if self.distance_dtype == "float32":
             return jnp.einsum("bnd,kd->bnk", z, book)
         dots = jnp.einsum("bnd,kd->bnk", round_to_bfloat16(z), round_to_bfloat16(book),
@@ -78,17 +81,20 @@ class VectorQuantizer(nn.Module):
 
 
 def sample_near_codes(rng: jax.Array, distances: jax.Array, top_k: int) -> jax.Array:
-    """For every token, a code drawn uniformly from its ``top_k`` nearest (the nearest included): (B, N) int32."""
+    """For every token, a code drawn uniformly from its ``top_k`` nearest (the nearest included):
+    (B, N) int32."""
     _, nearest = jax.lax.top_k(-distances, top_k)
     pick = jax.random.randint(rng, distances.shape[:-1] + (1,), 0, top_k)
     return jnp.take_along_axis(nearest, pick, axis=-1)[..., 0].astype(jnp.int32)
 
 
-def codebook_losses(q: Quantized, valid: jax.Array, beta: float, vq_ratio: float) -> tuple[jax.Array, jax.Array]:
+def codebook_losses(
+    q: Quantized, valid: jax.Array, beta: float, vq_ratio: float
+) -> tuple[jax.Array, jax.Array]:
     """(vq_loss, commit_loss) averaged over the token positions where ``valid`` (N,) is True.
 
-    vq = ratio·mean((hard − sg(z))²) trains the codebook, commit = β·mean((sg(hard) − z)²) trains the encoder
-    (official: taken over positions [noise_end:]).
+    vq = ratio·mean((hard − sg(z))²) trains the codebook, commit = β·mean((sg(hard) − z)²) trains
+    the encoder (official: taken over positions [noise_end:]).
     """
     weight = valid.astype(jnp.float32)[None, :, None]
     count = jnp.maximum(jnp.sum(weight) * q.z.shape[0] * q.z.shape[-1], 1.0)
@@ -98,11 +104,12 @@ def codebook_losses(q: Quantized, valid: jax.Array, beta: float, vq_ratio: float
 
 
 def entropy_loss(distances: jax.Array, valid: jax.Array, temperature: float = 0.01) -> jax.Array:
-    """Official `compute_entropy_loss(-d)` (LlamaGen), over the token positions where ``valid`` (N,) is True.
+    """Official `compute_entropy_loss(-d)` (LlamaGen), over the token positions where ``valid`` (N,)
+    is True.
 
-    With p = softmax(-d / temperature) per token: mean per-token entropy of p minus the entropy of the mean p. It is
-    lowest (−log K) when every token is sure of its code and the codes are used evenly, and 0 when all tokens are
-    sure of the same code.
+    With p = softmax(-d / temperature) per token: mean per-token entropy of p minus the entropy of
+    the mean p. It is lowest (−log K) when every token is sure of its code and the codes are used
+    evenly, and 0 when all tokens are sure of the same code.
     """
     logits = -distances.astype(jnp.float32) / temperature
     probs = jax.nn.softmax(logits, axis=-1)
@@ -122,16 +129,21 @@ def code_histogram(codes: jax.Array, codebook_size: int) -> jax.Array:
 def batch_usage(codes: jax.Array, codebook_size: int) -> jax.Array:
     """Fraction of the codebook used by ``codes``.
 
-    The official logs the unique codes among the last 65,536 assigned; a trainer can reproduce that by summing
-    `code_histogram` over recent steps.
+    The official logs the unique codes among the last 65,536 assigned; a trainer can reproduce that
+    by summing `code_histogram` over recent steps.
     """
     return jnp.mean((code_histogram(codes, codebook_size) > 0).astype(jnp.float32))
 
 
 def group_cosine_similarity(quant: jax.Array, group_size: int) -> jax.Array:
-    """Mean pairwise cosine between distinct tokens of each group (official `fea_cosine_sim`, monitoring only)."""
+    """Mean pairwise cosine between distinct tokens of each group (official `fea_cosine_sim`,
+    monitoring only)."""
     b, n, d = quant.shape
     x = l2_normalize(jax.lax.stop_gradient(quant).reshape(b * n // group_size, group_size, d))
     sims = jnp.einsum("gid,gjd->gij", x, x)
     off_diagonal = jnp.sum(sims, axis=(1, 2)) - jnp.trace(sims, axis1=1, axis2=2)
-    return jnp.mean(off_diagonal / (group_size * (group_size - 1))) if group_size > 1 else jnp.float32(-100.0)
+    return (
+        jnp.mean(off_diagonal / (group_size * (group_size - 1)))
+        if group_size > 1
+        else jnp.float32(-100.0)
+    )

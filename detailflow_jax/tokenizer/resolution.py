@@ -1,8 +1,8 @@
 """Token count <-> resolution mapping of DetailFlow (official ``ResolutionDegradation``;
 docs/model.md#resolution-mapping).
 
-R(t) = R - b (N - t)^alpha with b = (R - 1) / (N - 1)^alpha, so R(1) = 1 and R(N) = R. The first ``causal_num``
-prefix lengths are admissible one by one, after that only whole groups.
+R(t) = R - b (N - t)^alpha with b = (R - 1) / (N - 1)^alpha, so R(1) = 1 and R(N) = R. The first
+``causal_num`` prefix lengths are admissible one by one, after that only whole groups.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ Rounding = Literal["ceil", "nearest"]
 
 def admissible_token_counts(num_tokens: int, group_size: int, causal_num: int) -> list[int]:
     """[1, ..., C] followed by the group ends C + g, C + 2g, ..., N."""
-    return list(range(1, causal_num + 1)) + list(range(causal_num + group_size, num_tokens + 1, group_size))
+    return list(range(1, causal_num + 1)) + list(
+        range(causal_num + group_size, num_tokens + 1, group_size)
+    )
 
 
 def content_resolution(t: int, image_size: int, num_tokens: int, alpha: float = 1.5) -> int:
@@ -32,7 +34,8 @@ def canvas_size(s: int, image_size: int, patch_size: int = 16, min_canvas: int =
                 rounding: Rounding = "ceil") -> int:
     """Decoder canvas for content size ``s``: a multiple of the patch size, at least ``min_canvas``.
 
-    ``ceil`` is the official code (``smart_resize`` with math.ceil); ``nearest`` is the paper's wording.
+    ``ceil`` is the official code (``smart_resize`` with math.ceil); ``nearest`` is the paper's
+    wording.
     """
     if rounding == "ceil":
         c = patch_size * math.ceil(s / patch_size)
@@ -45,7 +48,8 @@ def canvas_size(s: int, image_size: int, patch_size: int = 16, min_canvas: int =
 
 @dataclasses.dataclass(frozen=True)
 class ResolutionTables:
-    """The official ``token2res``, ``token2dec_out_res`` and ``decres2besttoken`` tables for one setting."""
+    """The official ``token2res``, ``token2dec_out_res`` and ``decres2besttoken`` tables for one
+    setting."""
 
     image_size: int
     num_tokens: int
@@ -63,7 +67,10 @@ class ResolutionTables:
     @property
     def content_res(self) -> dict[int, int]:
         """token2res: t -> content resolution R(t)."""
-        return {t: content_resolution(t, self.image_size, self.num_tokens, self.alpha) for t in self.token_counts}
+        return {
+            t: content_resolution(t, self.image_size, self.num_tokens, self.alpha)
+            for t in self.token_counts
+        }
 
     @property
     def canvas(self) -> dict[int, int]:
@@ -79,7 +86,8 @@ class ResolutionTables:
 
     @property
     def best_token(self) -> dict[int, int]:
-        """decres2besttoken: canvas -> the t decoding at that canvas whose R(t) is closest (ties: larger t)."""
+        """decres2besttoken: canvas -> the t decoding at that canvas whose R(t) is closest (ties:
+        larger t)."""
         best: dict[int, int] = {}
         res = self.content_res
         for t, c in self.canvas.items():
@@ -89,5 +97,11 @@ class ResolutionTables:
 
     @classmethod
     def from_model_config(cls, cfg, rounding: Rounding = "ceil") -> "ResolutionTables":
-        return cls(image_size=cfg.image_size, num_tokens=cfg.num_latent_tokens, group_size=cfg.group_size,
-                   causal_num=cfg.causal_num, patch_size=cfg.patch_size, rounding=rounding)
+        return cls(
+            image_size=cfg.image_size,
+            num_tokens=cfg.num_latent_tokens,
+            group_size=cfg.group_size,
+            causal_num=cfg.causal_num,
+            patch_size=cfg.patch_size,
+            rounding=rounding,
+        )

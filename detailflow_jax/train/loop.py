@@ -1,8 +1,10 @@
-"""The run shared by the tokenizer and AR trainers: init or restore the state, the host loop, closing.
+"""The run shared by the tokenizer and AR trainers: init or restore the state, the host loop,
+closing.
 
-Per step: next batch -> jitted step. Metrics are fetched one step late so the host never waits on the step it just
-dispatched; they are checked for NaN/inf before every checkpoint, so a diverged state is never saved. SIGTERM or
-SIGINT (preemption, scancel, Ctrl-C) saves a checkpoint at the next step boundary and returns.
+Per step: next batch -> jitted step. Metrics are fetched one step late so the host never waits on
+the step it just dispatched; they are checked for NaN/inf before every checkpoint, so a diverged
+state is never saved. SIGTERM or SIGINT (preemption, scancel, Ctrl-C) saves a checkpoint at the next
+step boundary and returns.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from detailflow_jax.train.metrics import MetricWriter, check_finite
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, step) -> (state, device metrics)
+# (state, batch, step) -> (state, device metrics)
+StepFn = Callable[[Any, Any, int], tuple[Any, dict]]
 Hook = Callable[[int, Any], None]  # (step, state) -> None, e.g. image grids
 
 
@@ -44,8 +47,13 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
     """Runs steps ``start_step .. total_steps``; returns (state, last step reached)."""
     last_saved = checkpointer.latest_step()
     pending: tuple[int, dict] | None = None
-    bar = tqdm(total=cfg.total_steps, initial=start_step, desc=cfg.desc, disable=not is_main_process(),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.total_steps,
+        initial=start_step,
+        desc=cfg.desc,
+        disable=not is_main_process(),
+        dynamic_ncols=True,
+    )
     tick, tick_step = time.perf_counter(), start_step
 
     def flush(entry):
@@ -61,8 +69,11 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
         tick, tick_step = now, step
         values = {**values, "steps_per_s": rate, "images_per_s": rate * cfg.batch_size}
         writer.write(step, values)
-        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "rec_loss", "mse", "lpips", "ce",
-                                                                    "steps_per_s", "images_per_s")}
+        shown = {
+            k: f"{v:.4g}"
+            for k, v in values.items()
+            if k in ("loss", "rec_loss", "mse", "lpips", "ce", "steps_per_s", "images_per_s")
+        }
         bar.set_postfix(shown, refresh=False)
 
     step = start_step
@@ -112,8 +123,9 @@ def run_loop(cfg: LoopConfig, state: Any, data_iter: Iterator, step_fn: StepFn, 
 def init_or_restore(config, workdir: str, init: Callable[[int], Any], abstract_state: Any,
                     data_iter: Iterator) -> tuple[Checkpointer, Any, int]:
     """(checkpointer, state, first step): the latest intact checkpoint of ``workdir`` restored onto
-    ``abstract_state`` (the data iterator with it), else ``init(config.seed)``. A resume with other model
-    settings is refused before anything is written; the config is saved as the run's config.json."""
+    ``abstract_state`` (the data iterator with it), else ``init(config.seed)``. A resume with other
+    model settings is refused before anything is written; the config is saved as the run's
+    config.json."""
     run_config.check_resume(config, workdir)
     storage.prepare_dir(workdir)
     checkpointer = Checkpointer(storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints)
@@ -128,13 +140,24 @@ def init_or_restore(config, workdir: str, init: Callable[[int], Any], abstract_s
     return checkpointer, state, start
 
 
-def run_and_close(cfg: LoopConfig, state: Any, data, step_fn: StepFn, start_step: int,
-                  checkpointer: Checkpointer, workdir: str, hooks: tuple[Hook, ...] = ()) -> tuple[Any, int]:
+def run_and_close(
+    cfg: LoopConfig,
+    state: Any,
+    data,
+    step_fn: StepFn,
+    start_step: int,
+    checkpointer: Checkpointer,
+    workdir: str,
+    hooks: tuple[Hook, ...] = (),
+) -> tuple[Any, int]:
     """``run_loop`` with the run's metric writer; then closes the data stream (``data.iterator``,
-    ``data.close()``), the checkpointer (waiting for its last save) and the writer, also when a step fails."""
+    ``data.close()``), the checkpointer (waiting for its last save) and the writer, also when a step
+    fails."""
     writer = MetricWriter(workdir)
     try:
-        return run_loop(cfg, state, data.iterator, step_fn, start_step, checkpointer, writer, hooks=hooks)
+        return run_loop(
+            cfg, state, data.iterator, step_fn, start_step, checkpointer, writer, hooks=hooks
+        )
     finally:
         data.close()
         checkpointer.close()

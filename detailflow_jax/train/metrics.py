@@ -1,4 +1,5 @@
-"""Metrics on process 0: one JSON line per logged step, TensorBoard event files, and a non-finite guard."""
+"""Metrics on process 0: one JSON line per logged step, TensorBoard event files, and a non-finite
+guard."""
 
 from __future__ import annotations
 
@@ -19,16 +20,22 @@ class NonFiniteLossError(FloatingPointError):
 def check_finite(step: int, metrics: Mapping[str, float], last_good_step: int | None) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
-        where = f"the last good checkpoint (step {last_good_step}) is intact" if last_good_step is not None \
+        where = (
+            f"the last good checkpoint (step {last_good_step}) is intact"
+            if last_good_step is not None
             else "no checkpoint had been written yet"
+        )
         raise NonFiniteLossError(
-            f"non-finite values at step {step}: {bad}; stopping. {where}. Lower the learning rate or check the data.")
+            f"non-finite values at step {step}: {bad}; stopping. {where}. Lower the learning rate "
+            "or check the data."
+        )
 
 
 class _BucketEventFile:
-    """A TensorBoard event file on a bucket, through epath: kept in memory and written whole at each flush (a bucket
-    object cannot be appended to). tensorboardX's own gs:// writer does the same through another client, and
-    uploads once more whenever a closed writer is collected, even at interpreter exit."""
+    """A TensorBoard event file on a bucket, through epath: kept in memory and written whole at each
+    flush (a bucket object cannot be appended to). tensorboardX's own gs:// writer does the same
+    through another client, and uploads once more whenever a closed writer is collected, even at
+    interpreter exit."""
 
     def __init__(self, path: str):
         self.path = storage.path(path)
@@ -48,7 +55,8 @@ class _BucketEventFile:
 
 
 class _BucketEventFiles:
-    """tensorboardX's writer factory for a URI scheme (``record_writer.register_writer_factory``)."""
+    """tensorboardX's writer factory for a URI scheme
+    (``record_writer.register_writer_factory``)."""
 
     def open(self, path: str) -> _BucketEventFile:
         return _BucketEventFile(path)
@@ -65,17 +73,21 @@ def _tensorboard_writer(logdir: str):
 
 
 class MetricWriter:
-    """Appends ``{"step": s, **metrics}`` to ``workdir/metrics.jsonl`` and TensorBoard scalars (process 0 only).
+    """Appends ``{"step": s, **metrics}`` to ``workdir/metrics.jsonl`` and TensorBoard scalars
+    (process 0 only).
 
-    A bucket object cannot be appended to: there the file is rewritten whole, at most every ``flush_secs``, at each
-    checkpoint and at ``close``; so are the TensorBoard event files (at tensorboardX's flushes)."""
+    A bucket object cannot be appended to: there the file is rewritten whole, at most every
+    ``flush_secs``, at each checkpoint and at ``close``; so are the TensorBoard event files (at
+    tensorboardX's flushes)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True, flush_secs: float = 60.0):
         self.enabled = jax.process_index() == 0
         self.path = storage.path(workdir) / "metrics.jsonl"
         self._rewrite = storage.is_uri(self.path)
         self._flush_secs = flush_secs if self._rewrite else 0.0
-        self._written = self.path.read_text() if self.enabled and self._rewrite and self.path.exists() else ""
+        self._written = (
+            self.path.read_text() if self.enabled and self._rewrite and self.path.exists() else ""
+        )
         self._pending: list[str] = []
         self._flushed_at = time.monotonic()
         self._tb = None

@@ -1,12 +1,14 @@
-"""One run per work directory: ``<workdir>/.lock`` names the run that holds it (host, process id, start time).
+"""One run per work directory: ``<workdir>/.lock`` names the run that holds it (host, process id,
+start time).
 
-A second run in the same directory stops with one line naming the holder. A lock left by a run that died (its
-process id is not alive on this host) is taken over with a warning. The lock is released when the trainer returns
-or raises, a SIGTERM/SIGINT stop included (the loop saves, then returns); a ``kill -9`` leaves it for the next run
-on the same host to take over. Limitation: a lock written from another host cannot be checked for liveness (the
-message says to delete the file when that run is gone), and on object stores (gs://) there is no atomic create, so
-two runs starting within the same second may both proceed; the read-back after writing catches most such races.
-Only process 0 of a multi-process run takes the lock.
+A second run in the same directory stops with one line naming the holder. A lock left by a run that
+died (its process id is not alive on this host) is taken over with a warning. The lock is released
+when the trainer returns or raises, a SIGTERM/SIGINT stop included (the loop saves, then returns); a
+``kill -9`` leaves it for the next run on the same host to take over. Limitation: a lock written
+from another host cannot be checked for liveness (the message says to delete the file when that run
+is gone), and on object stores (gs://) there is no atomic create, so two runs starting within the
+same second may both proceed; the read-back after writing catches most such races. Only process 0 of
+a multi-process run takes the lock.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def _describe(holder: dict) -> str:
 
 
 class WorkdirLock:
-    """``with WorkdirLock(workdir):`` holds ``workdir/.lock`` (created with the directory when needed)."""
+    """``with WorkdirLock(workdir):`` holds ``workdir/.lock`` (created with the directory when
+    needed)."""
 
     def __init__(self, workdir: str):
         self.path = epath.Path(workdir) / LOCK_FILE
@@ -70,28 +73,39 @@ class WorkdirLock:
         host, pid = socket.gethostname(), os.getpid()
         if self.path.exists():
             holder = _holder(self.path)
-            if holder is not None and not (holder["host"] == host and not _alive(int(holder["pid"]))):
+            if holder is not None and not (
+                holder["host"] == host and not _alive(int(holder["pid"]))
+            ):
                 raise WorkdirBusyError(
-                    f"{self.path.parent} is in use by another run (lock {self.path}: {_describe(holder)}); wait "
-                    f"for it to end, use another --workdir, or delete {self.path} if that run is gone")
+                    f"{self.path.parent} is in use by another run (lock {self.path}: "
+                    f"{_describe(holder)}); wait "
+                    f"for it to end, use another --workdir, or delete {self.path} if that run is "
+                    "gone"
+                )
             log.warning("taking over the lock %s left by a run that is gone (%s)", self.path,
                         _describe(holder) if holder else "unreadable")
         elif not self.path.parent.exists():
             self.path.parent.mkdir(parents=True)
             self._created_dir = True
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.path.write_text(json.dumps({"host": host, "pid": pid, "since": since, "token": self.token}))
+        self.path.write_text(
+            json.dumps({"host": host, "pid": pid, "since": since, "token": self.token})
+        )
         holder = _holder(self.path)
-        if holder is None or holder.get("token") != self.token:  # another run wrote it at the same moment
-            raise WorkdirBusyError(f"{self.path.parent} is in use by another run that started at the same time "
-                                   f"(lock {self.path}: {_describe(holder) if holder else 'unreadable'})")
+        # another run wrote it at the same moment
+        if holder is None or holder.get("token") != self.token:
+            raise WorkdirBusyError(
+                f"{self.path.parent} is in use by another run that started at the same time "
+                f"(lock {self.path}: {_describe(holder) if holder else 'unreadable'})"
+            )
 
     def release(self) -> None:
         holder = _holder(self.path) if self.path.exists() else None
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink()
             if self._created_dir and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()  # a run that failed before writing anything leaves no trace
+                # a run that failed before writing anything leaves no trace
+                self.path.parent.rmdir()
 
     def __enter__(self) -> "WorkdirLock":
         self.acquire()
@@ -106,7 +120,8 @@ def holds_workdir(train: Callable) -> Callable:
 
     @functools.wraps(train)
     def locked(config, workdir: str, *args, **kwargs):
-        distributed.maybe_initialize()  # before jax.process_index(), which would start a one-process backend
+        # before jax.process_index(), which would start a one-process backend
+        distributed.maybe_initialize()
         if jax.process_index() != 0:
             return train(config, workdir, *args, **kwargs)
         with WorkdirLock(workdir):
