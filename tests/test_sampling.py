@@ -22,23 +22,14 @@ from detailflow_jax.ar.model import GPT, GPTConfig, init_params, stack_layers
 from detailflow_jax.ar.reference import ReferenceSampler
 from detailflow_jax.ar.sampling import Sampler, default_cache_chunks
 from detailflow_jax.config_lib import ConfigError
+from test_gpt_model import TINY
 
 
 
 def random_model(seed=0, noise=0.3, **sizes):
     """GPT with N(0, noise) added to every initialised parameter (so logits are far from
     uniform)."""
-    base = dict(
-        dim=32,
-        n_layer=2,
-        n_head=2,
-        num_tokens=16,
-        group_size=4,
-        causal_num=4,
-        vocab_size=32,
-        num_classes=5,
-        multiple_of=16,
-    )
+    base = TINY
     cfg = GPTConfig(**{**base, **sizes}).validate()
     model = GPT(cfg)
     params = nn.unbox(init_params(model, jax.random.key(seed)))

@@ -13,6 +13,7 @@ from detailflow_jax import optim, sharding
 from detailflow_jax.ar.model import GPT, GPTConfig, init_params, unstack_layers
 from detailflow_jax.checkpoint import Checkpointer
 from detailflow_jax.train.metrics import NonFiniteLossError, check_finite
+from test_gpt_model import TINY
 
 
 def _iterator():
@@ -95,17 +96,7 @@ def test_adamw_decays_only_matrices():
 def test_adamw_decays_the_same_parameters_with_scanned_layers():
     """A scan_layers GPT stacks each layer's RMSNorm scale to (L, D): it must stay undecayed, as
     unrolled."""
-    tiny = dict(
-        dim=32,
-        n_layer=2,
-        n_head=2,
-        num_tokens=16,
-        group_size=4,
-        causal_num=4,
-        vocab_size=32,
-        num_classes=5,
-        multiple_of=16,
-    )
+    tiny = TINY
     tx = optim.adamw(lambda _: 1.0, weight_decay=0.5, clip_norm=None)
 
     def decayed(scan_layers):
